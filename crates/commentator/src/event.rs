@@ -1,0 +1,44 @@
+//! What the commentary loop tells the outside world, and what it can be told.
+//! These are the wire format of `/api/stream` and `/api/ws` (one JSON object per event,
+//! tagged by `type`), so fields are only ever added.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A cycle began: these frames (media seconds) were sent to the engine.
+    CycleStart { cycle: u64, frames: Vec<f64> },
+    /// A streamed piece of the answer.
+    Token { cycle: u64, text: String },
+    CycleEnd(CycleEnd),
+    /// A cycle failed; the loop goes on.
+    Error { cycle: Option<u64>, message: String },
+    /// The source changed state (`connecting`, `live`, `reconnecting`, `ended`, `failed`).
+    Source { state: String, detail: Option<String> },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CycleEnd {
+    pub cycle: u64,
+    /// The whole answer, trimmed. Empty when skipped.
+    pub text: String,
+    /// The model said nothing changed ("..." or nothing at all): not shown, not spoken.
+    pub skipped: bool,
+    /// Media time (seconds) of each frame sent, oldest first.
+    pub frames: Vec<f64>,
+    /// From the capture of the newest frame to the end of the answer, in seconds.
+    pub latency: f64,
+    /// Time inside the engine, in milliseconds.
+    pub inference_ms: f64,
+    /// How far behind real time the picture is shown after this cycle, in seconds.
+    pub target_delay: f64,
+}
+
+/// Changes a user can make while the loop runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    SetProfile(String),
+    /// An extra instruction for the model; empty clears it.
+    SetInstruction(String),
+}

@@ -1,0 +1,214 @@
+//! Engines turn a few video frames and a prompt into streamed text.
+//!
+//! Every engine implements [`Engine`]: `submit` takes a [`Request`] and answers at once with
+//! a [`Generation`], a stream of [`Output`]s that ends with [`Output::Done`] and its
+//! [`Stats`]. Dropping the `Generation` cancels the request; the engine notices between two
+//! tokens. One engine serves many callers: requests queue inside it and never mix.
+//!
+//! - `llama` (feature `llama`): MiniCPM-o 4.5 in process through llama.cpp, on its own thread.
+//! - `openai`: any OpenAI-compatible server over HTTP with SSE.
+//! - `fake`: scripted tokens with delays, for tests of everything above the engine.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kibitz_frames::{Jpeg, Rgb};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub mod fake;
+#[cfg(feature = "llama")]
+pub mod llama;
+pub mod models;
+
+/// One picture handed to the model, with the time it was taken on the source's clock.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub image: Image,
+    pub pts: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Image {
+    Rgb(Rgb),
+    Jpeg(Jpeg),
+}
+
+impl Image {
+    pub fn width(&self) -> u32 {
+        match self {
+            Image::Rgb(i) => i.width,
+            Image::Jpeg(i) => i.width,
+        }
+    }
+    pub fn height(&self) -> u32 {
+        match self {
+            Image::Rgb(i) => i.height,
+            Image::Jpeg(i) => i.height,
+        }
+    }
+}
+
+/// Sampling settings. `seed` makes a run repeatable on the same engine and hardware.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub seed: u32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 0.7, top_p: 0.8, top_k: 100, seed: 42 }
+    }
+}
+
+/// What to ask: frames in time order, a system prompt and the user's text.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub frames: Vec<Frame>,
+    pub system: String,
+    pub user: String,
+    pub sampling: Sampling,
+    pub max_tokens: u32,
+    /// Keep generating past end-of-sequence until `max_tokens` (benchmarks only).
+    pub ignore_eos: bool,
+}
+
+impl Request {
+    pub fn new(frames: Vec<Frame>, system: impl Into<String>, user: impl Into<String>) -> Self {
+        Request {
+            frames,
+            system: system.into(),
+            user: user.into(),
+            sampling: Sampling::default(),
+            max_tokens: 64,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Where the time of one request went. Times are milliseconds of wall clock.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Every position the prompt filled, image tokens included.
+    pub prompt_tokens: u32,
+    /// Of `prompt_tokens`, those that came from images.
+    pub image_tokens: u32,
+    /// Prompt tokens found already evaluated (a kept system-prompt prefix) and skipped.
+    pub cached_tokens: u32,
+    pub images: u32,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub generated_tokens: u32,
+    pub decode_ms: f64,
+    pub decode_tokens_per_s: f64,
+    /// From `submit` to the first text piece.
+    pub first_token_ms: f64,
+    /// Waiting in the engine's queue before work began.
+    pub queue_ms: f64,
+    pub total_ms: f64,
+}
+
+/// One item of a [`Generation`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// The next piece of text, already detokenized (never a special token).
+    Text(String),
+    /// The request is finished; nothing follows.
+    Done(Stats),
+}
+
+/// The answer to one request, as it is produced. Drop it to cancel.
+#[derive(Debug)]
+pub struct Generation {
+    rx: mpsc::Receiver<Result<Output, EngineError>>,
+}
+
+impl Generation {
+    /// A channel whose sender an engine fills. A small buffer keeps a slow reader from
+    /// letting the engine run far ahead.
+    pub fn channel() -> (mpsc::Sender<Result<Output, EngineError>>, Generation) {
+        let (tx, rx) = mpsc::channel(64);
+        (tx, Generation { rx })
+    }
+
+    pub async fn next(&mut self) -> Option<Result<Output, EngineError>> {
+        self.rx.recv().await
+    }
+
+    /// For callers outside an async runtime (the `describe` command, tests).
+    pub fn blocking_next(&mut self) -> Option<Result<Output, EngineError>> {
+        self.rx.blocking_recv()
+    }
+
+    /// Waits for the whole answer.
+    pub async fn collect(mut self) -> Result<(String, Stats), EngineError> {
+        let mut text = String::new();
+        while let Some(item) = self.next().await {
+            match item? {
+                Output::Text(t) => text.push_str(&t),
+                Output::Done(stats) => return Ok((text, stats)),
+            }
+        }
+        Err(EngineError::Stopped("the engine ended the answer without finishing it".into()))
+    }
+}
+
+/// What an engine is, for status pages and logs.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EngineInfo {
+    /// `llama`, `openai` or `fake`.
+    pub kind: String,
+    /// Model name or path.
+    pub model: String,
+    /// Where the work runs: `CPU`, `CUDA`, an upstream URL.
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    /// The request itself is unusable (no frames where needed, an image that can't be read).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The engine is busy and the caller asked not to wait.
+    #[error("engine busy: {0}")]
+    Busy(String),
+    /// The engine can't serve now (its thread died, an upstream is down).
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The request failed while it ran.
+    #[error("generation failed: {0}")]
+    Failed(String),
+    /// The engine stopped before the answer was complete.
+    #[error("engine stopped: {0}")]
+    Stopped(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// The one interface every stage above uses.
+pub trait Engine: Send + Sync + 'static {
+    /// Queues a request. Errors here mean it was not accepted; errors while it runs come
+    /// through the `Generation`.
+    fn submit(&self, request: Request) -> Result<Generation, EngineError>;
+
+    fn info(&self) -> EngineInfo;
+
+    /// Requests accepted and not yet finished (queued or running).
+    fn in_flight(&self) -> usize;
+
+    /// Whether the engine can serve now.
+    fn health(&self) -> BoxFuture<'_, bool>;
+
+    /// Extra engine-specific state for `/api/status` (per-upstream health, say).
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Extra Prometheus lines for `/metrics`.
+    fn metrics(&self) -> String {
+        String::new()
+    }
+}
