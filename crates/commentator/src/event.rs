@@ -8,14 +8,26 @@ use serde::Serialize;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// A cycle began: these frames (media seconds) were sent to the engine.
-    CycleStart { cycle: u64, frames: Vec<f64> },
+    CycleStart {
+        cycle: u64,
+        frames: Vec<f64>,
+    },
     /// A streamed piece of the answer.
-    Token { cycle: u64, text: String },
+    Token {
+        cycle: u64,
+        text: String,
+    },
     CycleEnd(CycleEnd),
     /// A cycle failed; the loop goes on.
-    Error { cycle: Option<u64>, message: String },
+    Error {
+        cycle: Option<u64>,
+        message: String,
+    },
     /// The source changed state (`connecting`, `live`, `reconnecting`, `ended`, `failed`).
-    Source { state: String, detail: Option<String> },
+    Source {
+        state: String,
+        detail: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -41,4 +53,15 @@ pub enum Control {
     SetProfile(String),
     /// An extra instruction for the model; empty clears it.
     SetInstruction(String),
+}
+
+impl Control {
+    /// Checks a change before it is queued, so a web handler can answer 400 with the reason
+    /// instead of the loop reporting it later as an error event.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        match self {
+            Control::SetProfile(name) => crate::Profiles::get(name).map(|_| ()),
+            Control::SetInstruction(text) => crate::check_instruction(text),
+        }
+    }
 }

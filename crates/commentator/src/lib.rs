@@ -4,7 +4,24 @@
 //! Sans-IO (see `STYLE.md`, str0m): the state machines take `now` as an argument and never
 //! read a clock, so tests drive them with fake time and fake frames; a thin tokio task feeds
 //! them real frames, engine output and deadlines.
+//!
+//! - [`Commentator`]: the loop itself, `handle_input` / `poll_output`.
+//! - [`driver::run`]: the tokio task that drives it against a [`FrameWindow`] and an engine.
+//! - [`Profiles`]: the prompt profiles; [`SyncDelay`]: the target delay of the picture.
+//! - [`CommentatorConfig`] and [`ConfigError`], the crate's one error type.
 
+mod commentator;
+mod config;
+pub mod driver;
 pub mod event;
+mod profile;
+mod sync;
+mod window;
 
+pub use commentator::{Commentator, Input, Output, Phase, Snapshot};
+pub use config::{check_instruction, CommentatorConfig, ConfigError, MAX_INSTRUCTION_CHARS};
+pub use driver::run;
 pub use event::{Control, CycleEnd, Event};
+pub use profile::{is_skip, Profile, Profiles, DEFAULT_PROFILE};
+pub use sync::SyncDelay;
+pub use window::FrameWindow;

@@ -1,0 +1,935 @@
+//! The commentary loop as a state machine with no clock and no I/O (the str0m shape).
+//!
+//! The caller feeds [`Input`]s (time, frames, engine output, user controls) and then
+//! drains [`Output`]s until it gets [`Output::Timeout`], the instant to wake it next. All
+//! decisions live here: when a cycle may start, which frames and prompt it uses, what its
+//! answer means, how late the picture must be shown. The tokio task in `driver` only moves
+//! data; tests drive the same machine with fake time.
+//!
+//! A cycle starts when the interval since the previous cycle's end has passed, the window
+//! holds enough frames, at least one of them is newer than those of the previous cycle (a
+//! stalled source must not be asked about the same picture again), and the engine is not
+//! already working for someone else (queueing behind other callers would make the frames
+//! stale by the time they are read; better to look again shortly with fresh ones).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use kibitz_engine::{EngineError, Frame, Image, Request, Stats};
+use kibitz_frames::{Rgb, Stamp};
+use serde::Serialize;
+
+use crate::config::{check_instruction, CommentatorConfig, ConfigError};
+use crate::event::{Control, CycleEnd, Event};
+use crate::profile::{is_skip, Profile, Profiles};
+use crate::sync::SyncDelay;
+
+/// What the outside world tells the machine.
+#[derive(Debug)]
+pub enum Input {
+    /// The clock reached (at least) a deadline the machine asked for.
+    Tick(Instant),
+    /// The answer to [`Output::NeedFrames`]: what the window holds now (oldest first), and
+    /// how many requests the engine already has queued or running. Counting the loop's own
+    /// request that has only just finished is harmless: the cycle waits one poll period.
+    Frames {
+        now: Instant,
+        frames: Vec<(Stamp, Rgb)>,
+        engine_in_flight: usize,
+    },
+    /// A piece of the running cycle's answer.
+    Token(String, Instant),
+    /// The running cycle's answer is complete.
+    Done(Stats, Instant),
+    /// The running cycle's request was refused or failed.
+    Failed(EngineError, Instant),
+    Control(Control),
+}
+
+/// What the machine asks the outside world to do.
+#[derive(Debug)]
+pub enum Output {
+    /// Submit this request to the engine; feed its output back as `Token`/`Done`/`Failed`.
+    Infer { cycle: u64, request: Request },
+    /// Drop this cycle's request (it ran past the cycle timeout).
+    Cancel { cycle: u64 },
+    /// Publish this event.
+    Emit(Event),
+    /// Sample the window (`count` frames, every `stride`-th) and answer with `Input::Frames`.
+    NeedFrames { count: usize, stride: usize },
+    /// Nothing more to do now: wake the machine with `Input::Tick` at this instant, or earlier
+    /// when something else arrives.
+    Timeout(Instant),
+}
+
+/// What the loop is doing, for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Pausing between cycles (`INFERENCE_INTERVAL`).
+    #[default]
+    Idle,
+    /// Due, but the window has too few frames or none newer than the last cycle's.
+    WaitingForFrames,
+    /// Due, but the engine is busy with other requests.
+    WaitingForEngine,
+    /// A request is with the engine.
+    Running,
+}
+
+/// Counters and latest values for `/api/status` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub phase: Phase,
+    /// The cycle now running, if any.
+    pub cycle: Option<u64>,
+    /// Cycles that got a complete answer, skips included.
+    pub cycles_done: u64,
+    /// Of `cycles_done`, those answered with "..." (nothing new).
+    pub cycles_skipped: u64,
+    /// Cycles that ended with an error or ran past the cycle timeout.
+    pub cycles_failed: u64,
+    /// Times a due cycle waited because the engine was busy with other requests.
+    pub engine_busy_waits: u64,
+    /// Capture of the newest frame to the end of the answer, last completed cycle, seconds.
+    pub last_latency: Option<f64>,
+    /// Request sent to answer complete, last completed cycle.
+    pub last_inference_ms: Option<f64>,
+    /// Request sent to first piece of text, last completed cycle.
+    pub last_first_token_ms: Option<f64>,
+    /// The engine's own account of the last completed cycle.
+    pub last_stats: Option<Stats>,
+    /// Seconds behind real time the picture should be shown.
+    pub target_delay: f64,
+    /// False when `STREAM_DELAY_INIT` is 0.
+    pub sync: bool,
+    pub profile: String,
+    pub instruction: String,
+    pub last_comment: Option<String>,
+}
+
+struct Cycle {
+    id: u64,
+    started: Instant,
+    deadline: Instant,
+    newest_captured: Instant,
+    pts: Vec<f64>,
+    text: String,
+    /// How much of `text` has gone out as token events.
+    emitted: usize,
+    first_token_at: Option<Instant>,
+}
+
+enum State {
+    /// Look at the window once the clock reaches `at`.
+    Pausing {
+        at: Instant,
+    },
+    /// Asked for frames at `since`; waiting for `Input::Frames`.
+    Looking {
+        since: Instant,
+    },
+    Running(Cycle),
+}
+
+pub struct Commentator {
+    config: CommentatorConfig,
+    profile: &'static Profile,
+    instruction: String,
+    delay: SyncDelay,
+    state: State,
+    /// Why the last look did not start a cycle (for status).
+    waiting: Phase,
+    out: VecDeque<Output>,
+    next_cycle: u64,
+    /// Capture time of the newest frame the last cycle used.
+    last_newest: Option<Instant>,
+    last_comment: Option<String>,
+    snapshot: Snapshot,
+}
+
+impl Commentator {
+    /// A loop whose first look at the window is due at `now`.
+    pub fn new(config: CommentatorConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let profile = Profiles::get(&config.profile)?;
+        let delay = SyncDelay::new(config.delay_init, config.delay_alpha)?;
+        let instruction = config.instruction.trim().to_string();
+        Ok(Commentator {
+            profile,
+            instruction,
+            delay,
+            state: State::Pausing { at: now },
+            waiting: Phase::Idle,
+            out: VecDeque::new(),
+            next_cycle: 1,
+            last_newest: None,
+            last_comment: None,
+            snapshot: Snapshot::default(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &CommentatorConfig {
+        &self.config
+    }
+
+    pub fn sync_delay(&self) -> &SyncDelay {
+        &self.delay
+    }
+
+    pub fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Tick(now) => self.tick(now),
+            Input::Frames {
+                now,
+                frames,
+                engine_in_flight,
+            } => self.look(now, frames, engine_in_flight),
+            Input::Token(text, now) => self.token(text, now),
+            Input::Done(stats, now) => self.done(stats, now),
+            Input::Failed(err, now) => self.failed(err, now),
+            Input::Control(control) => self.control(control),
+        }
+    }
+
+    /// The next thing to do; ends with `Output::Timeout` once there is nothing else.
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(output) = self.out.pop_front() {
+            return output;
+        }
+        Output::Timeout(match &self.state {
+            State::Pausing { at } => *at,
+            // Only reached when the caller did not answer `NeedFrames`: ask again later.
+            State::Looking { since } => *since + self.config.poll,
+            State::Running(cycle) => cycle.deadline,
+        })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let (phase, cycle) = match &self.state {
+            State::Running(cycle) => (Phase::Running, Some(cycle.id)),
+            _ => (self.waiting, None),
+        };
+        Snapshot {
+            phase,
+            cycle,
+            target_delay: self.delay.value(),
+            sync: self.delay.is_enabled(),
+            profile: self.profile.name.to_string(),
+            instruction: self.instruction.clone(),
+            last_comment: self.last_comment.clone(),
+            ..self.snapshot.clone()
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        match &self.state {
+            State::Pausing { at } if now >= *at => self.ask_for_frames(now),
+            State::Looking { since } if now >= *since + self.config.poll => {
+                self.ask_for_frames(now)
+            }
+            State::Running(cycle) if now >= cycle.deadline => {
+                let id = cycle.id;
+                self.out.push_back(Output::Cancel { cycle: id });
+                let message = format!(
+                    "cycle {id} got no answer within {:.1} s and was abandoned; the engine may be stuck or overloaded",
+                    self.config.cycle_timeout.as_secs_f64()
+                );
+                self.fail_cycle(id, message, now);
+            }
+            _ => {}
+        }
+    }
+
+    fn ask_for_frames(&mut self, now: Instant) {
+        self.state = State::Looking { since: now };
+        self.out.push_back(Output::NeedFrames {
+            count: self.config.frames_per_inference,
+            stride: self.config.frame_stride,
+        });
+    }
+
+    fn look(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>, engine_in_flight: usize) {
+        let due = match &self.state {
+            State::Looking { .. } => true,
+            State::Pausing { at } => now >= *at,
+            State::Running(_) => false,
+        };
+        if !due {
+            return;
+        }
+        let newest = frames.last().map(|(stamp, _)| stamp.captured);
+        let fresh = match (newest, self.last_newest) {
+            (Some(newest), Some(last)) => newest > last,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if frames.len() < self.config.frames_per_inference || !fresh {
+            self.wait(Phase::WaitingForFrames, now);
+        } else if engine_in_flight > 0 {
+            self.snapshot.engine_busy_waits += 1;
+            self.wait(Phase::WaitingForEngine, now);
+        } else {
+            self.start(now, frames);
+        }
+    }
+
+    fn wait(&mut self, why: Phase, now: Instant) {
+        self.waiting = why;
+        self.state = State::Pausing {
+            at: now + self.config.poll,
+        };
+    }
+
+    fn start(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>) {
+        let id = self.next_cycle;
+        self.next_cycle += 1;
+        let oldest = frames.first().expect("at least one frame").0;
+        let newest = frames.last().expect("at least one frame").0;
+        self.last_newest = Some(newest.captured);
+        let span = newest.pts.saturating_sub(oldest.pts).as_secs_f64();
+        let pts: Vec<f64> = frames
+            .iter()
+            .map(|(stamp, _)| stamp.pts.as_secs_f64())
+            .collect();
+        let request = Request {
+            system: self.profile.system_prompt(),
+            user: self.profile.user_prompt(
+                frames.len(),
+                span,
+                self.last_comment.as_deref(),
+                &self.instruction,
+            ),
+            frames: frames
+                .into_iter()
+                .map(|(stamp, rgb)| Frame {
+                    image: Image::Rgb(rgb),
+                    pts: stamp.pts,
+                })
+                .collect(),
+            sampling: self.config.sampling,
+            max_tokens: self.config.max_tokens,
+            ignore_eos: false,
+        };
+        self.out.push_back(Output::Emit(Event::CycleStart {
+            cycle: id,
+            frames: pts.clone(),
+        }));
+        self.out.push_back(Output::Infer { cycle: id, request });
+        self.waiting = Phase::Idle;
+        self.state = State::Running(Cycle {
+            id,
+            started: now,
+            deadline: now + self.config.cycle_timeout,
+            newest_captured: newest.captured,
+            pts,
+            text: String::new(),
+            emitted: 0,
+            first_token_at: None,
+        });
+    }
+
+    fn token(&mut self, text: String, now: Instant) {
+        let State::Running(cycle) = &mut self.state else {
+            return;
+        };
+        cycle.first_token_at.get_or_insert(now);
+        cycle.text.push_str(&text);
+        // Hold text back while it could still be a skip, so "..." never flashes on the page.
+        if is_skip(&cycle.text) {
+            return;
+        }
+        let mut piece = &cycle.text[cycle.emitted..];
+        if cycle.emitted == 0 {
+            piece = piece.trim_start();
+        }
+        let piece = piece.to_string();
+        cycle.emitted = cycle.text.len();
+        self.out.push_back(Output::Emit(Event::Token {
+            cycle: cycle.id,
+            text: piece,
+        }));
+    }
+
+    fn done(&mut self, stats: Stats, now: Instant) {
+        let State::Running(cycle) = std::mem::replace(
+            &mut self.state,
+            State::Pausing {
+                at: now + self.config.interval,
+            },
+        ) else {
+            // A late answer to an abandoned cycle: the loop has moved on.
+            return;
+        };
+        let text = cycle.text.trim();
+        let skipped = is_skip(text);
+        let latency = now.saturating_duration_since(cycle.newest_captured);
+        let inference_ms = ms(now.saturating_duration_since(cycle.started));
+        if !skipped {
+            self.delay.observe(latency);
+            self.last_comment = Some(text.to_string());
+        }
+        let s = &mut self.snapshot;
+        s.cycles_done += 1;
+        s.cycles_skipped += u64::from(skipped);
+        s.last_latency = Some(latency.as_secs_f64());
+        s.last_inference_ms = Some(inference_ms);
+        s.last_first_token_ms = cycle
+            .first_token_at
+            .map(|t| ms(t.saturating_duration_since(cycle.started)));
+        s.last_stats = Some(stats);
+        self.waiting = Phase::Idle;
+        self.out.push_back(Output::Emit(Event::CycleEnd(CycleEnd {
+            cycle: cycle.id,
+            text: if skipped {
+                String::new()
+            } else {
+                text.to_string()
+            },
+            skipped,
+            frames: cycle.pts,
+            latency: latency.as_secs_f64(),
+            inference_ms,
+            target_delay: self.delay.value(),
+        })));
+    }
+
+    fn failed(&mut self, err: EngineError, now: Instant) {
+        let State::Running(cycle) = &self.state else {
+            return;
+        };
+        let id = cycle.id;
+        let message = format!(
+            "cycle {id} failed: {err}; trying again in {:.1} s",
+            self.config.interval.as_secs_f64()
+        );
+        self.fail_cycle(id, message, now);
+    }
+
+    fn fail_cycle(&mut self, id: u64, message: String, now: Instant) {
+        self.snapshot.cycles_failed += 1;
+        self.waiting = Phase::Idle;
+        self.state = State::Pausing {
+            at: now + self.config.interval,
+        };
+        self.out.push_back(Output::Emit(Event::Error {
+            cycle: Some(id),
+            message,
+        }));
+    }
+
+    fn control(&mut self, control: Control) {
+        let result = match control {
+            Control::SetProfile(name) => Profiles::get(&name).map(|profile| self.profile = profile),
+            Control::SetInstruction(text) => {
+                check_instruction(&text).map(|()| self.instruction = text.trim().to_string())
+            }
+        };
+        if let Err(err) = result {
+            self.out.push_back(Output::Emit(Event::Error {
+                cycle: None,
+                message: err.to_string(),
+            }));
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::fake::SteadyWindow;
+
+    const PERIOD: Duration = Duration::from_millis(500);
+
+    /// Drives the machine the way the tokio driver does, on a fake clock and a fake window
+    /// that captures a frame every 0.5 s (2 fps) from the start.
+    struct Sim {
+        c: Commentator,
+        start: Instant,
+        now: Instant,
+        window: SteadyWindow,
+        engine_in_flight: usize,
+        events: Vec<(Instant, Event)>,
+        requests: Vec<(Instant, u64, Request)>,
+        cancels: Vec<u64>,
+    }
+
+    impl Sim {
+        fn new(config: CommentatorConfig) -> Sim {
+            let start = Instant::now();
+            Sim {
+                c: Commentator::new(config, start).unwrap(),
+                start,
+                now: start,
+                window: SteadyWindow::new(start, PERIOD),
+                engine_in_flight: 0,
+                events: Vec::new(),
+                requests: Vec::new(),
+                cancels: Vec::new(),
+            }
+        }
+
+        fn at(&self, secs: f64) -> Instant {
+            self.start + Duration::from_secs_f64(secs)
+        }
+
+        fn since_start(&self, t: Instant) -> f64 {
+            t.duration_since(self.start).as_secs_f64()
+        }
+
+        /// Handles outputs until the machine asks to be woken; returns when.
+        fn drain(&mut self) -> Instant {
+            loop {
+                match self.c.poll_output() {
+                    Output::NeedFrames { count, stride } => {
+                        let frames = self.window.sample_at(self.now, count, stride);
+                        let input = Input::Frames {
+                            now: self.now,
+                            frames,
+                            engine_in_flight: self.engine_in_flight,
+                        };
+                        self.c.handle_input(input);
+                    }
+                    Output::Infer { cycle, request } => {
+                        self.requests.push((self.now, cycle, request))
+                    }
+                    Output::Cancel { cycle } => self.cancels.push(cycle),
+                    Output::Emit(event) => self.events.push((self.now, event)),
+                    Output::Timeout(at) => return at,
+                }
+            }
+        }
+
+        fn input(&mut self, input: Input) {
+            self.c.handle_input(input);
+            self.drain();
+        }
+
+        /// Moves the clock to `t`, waking the machine at every deadline on the way.
+        fn advance_to(&mut self, t: Instant) {
+            for _ in 0..1_000_000 {
+                let wake = self.drain();
+                if wake > t {
+                    self.now = self.now.max(t);
+                    return;
+                }
+                self.now = self.now.max(wake);
+                self.c.handle_input(Input::Tick(self.now));
+            }
+            panic!("the machine keeps asking to be woken without time passing");
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.advance_to(self.now + d);
+        }
+
+        /// Runs until the next request goes out (at most `limit` seconds); returns its id.
+        fn next_request(&mut self, limit: f64) -> u64 {
+            let seen = self.requests.len();
+            let end = self.now + Duration::from_secs_f64(limit);
+            for _ in 0..1_000_000 {
+                let wake = self.drain();
+                if self.requests.len() > seen {
+                    return self.requests.last().unwrap().1;
+                }
+                assert!(wake <= end, "no request within {limit} s");
+                self.now = self.now.max(wake);
+                self.c.handle_input(Input::Tick(self.now));
+            }
+            panic!("the machine keeps asking to be woken without time passing");
+        }
+
+        /// Streams `pieces` one `step` apart, then completes the answer one `step` later.
+        fn answer(&mut self, pieces: &[&str], step: Duration) {
+            for piece in pieces {
+                self.advance(step);
+                self.input(Input::Token(piece.to_string(), self.now));
+            }
+            self.advance(step);
+            self.input(Input::Done(Stats::default(), self.now));
+        }
+
+        /// Answers the running cycle with `text`, finishing exactly `latency` seconds after
+        /// its newest frame was captured.
+        fn answer_with_latency(&mut self, text: &str, latency: f64) {
+            let newest_pts = self.requests.last().unwrap().2.frames.last().unwrap().pts;
+            let end = self.start + newest_pts + Duration::from_secs_f64(latency);
+            self.advance_to(end);
+            self.input(Input::Token(text.to_string(), self.now));
+            self.input(Input::Done(Stats::default(), self.now));
+        }
+
+        fn last_request(&self) -> &Request {
+            &self.requests.last().unwrap().2
+        }
+
+        fn cycle_ends(&self) -> Vec<CycleEnd> {
+            self.events
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Event::CycleEnd(end) => Some(end.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn event_time(&self, wanted: impl Fn(&Event) -> bool) -> Instant {
+            self.events
+                .iter()
+                .find(|(_, e)| wanted(e))
+                .expect("event")
+                .0
+        }
+    }
+
+    fn pixel(frame: &Frame) -> u8 {
+        match &frame.image {
+            Image::Rgb(rgb) => rgb.data[0],
+            Image::Jpeg(_) => panic!("expected RGB"),
+        }
+    }
+
+    #[test]
+    fn first_cycle_sends_four_frames_two_apart_oldest_first() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        assert_eq!(sim.next_request(10.0), 1);
+        // 4 frames with stride 2 need frames 0..=6 at 2 fps: the 7th arrives at 3.0 s.
+        let sent_at = sim.since_start(sim.requests[0].0);
+        assert!(
+            (3.0..3.0 + 0.1 + 1e-9).contains(&sent_at),
+            "sent at {sent_at}"
+        );
+        let request = sim.last_request();
+        let pts: Vec<f64> = request.frames.iter().map(|f| f.pts.as_secs_f64()).collect();
+        assert_eq!(pts, [0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(
+            request.frames.iter().map(pixel).collect::<Vec<_>>(),
+            [0, 2, 4, 6]
+        );
+        assert_eq!(request.max_tokens, 64);
+        assert_eq!(
+            request.system,
+            Profiles::get("default").unwrap().system_prompt()
+        );
+        assert!(request
+            .user
+            .contains("4 frames, oldest first, covering the last 3.0 seconds"));
+        assert!(!request.user.contains("last comment"));
+        assert!(
+            matches!(&sim.events[0].1, Event::CycleStart { cycle: 1, frames } if *frames == pts)
+        );
+        assert_eq!(sim.c.snapshot().phase, Phase::Running);
+    }
+
+    #[test]
+    fn next_cycle_starts_an_interval_after_the_previous_end() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.next_request(10.0);
+        sim.answer(&["A", " dog", " runs."], Duration::from_millis(700));
+        let end = sim.event_time(|e| matches!(e, Event::CycleEnd(_)));
+        assert_eq!(sim.requests.len(), 1, "no new request while answering");
+        sim.next_request(10.0);
+        let gap = sim.requests[1].0.duration_since(end);
+        assert!(gap >= Duration::from_secs(1), "gap {gap:?}");
+        assert!(
+            gap <= Duration::from_secs(1) + sim.c.config().poll,
+            "gap {gap:?}"
+        );
+        let ends = sim.cycle_ends();
+        assert_eq!(ends[0].text, "A dog runs.");
+        assert!(!ends[0].skipped);
+        assert!((ends[0].inference_ms - 2800.0).abs() < 1e-6);
+        let tokens: String = sim
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Token { cycle: 1, text } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tokens, "A dog runs.");
+        let s = sim.c.snapshot();
+        assert_eq!(
+            (s.cycles_done, s.cycles_skipped, s.cycles_failed),
+            (1, 0, 0)
+        );
+        assert!((s.last_first_token_ms.unwrap() - 700.0).abs() < 1e-6);
+        assert_eq!(s.last_comment.as_deref(), Some("A dog runs."));
+    }
+
+    #[test]
+    fn skip_is_not_shown_remembered_or_averaged() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.next_request(10.0);
+        sim.answer_with_latency("A dog runs.", 2.0);
+        sim.next_request(10.0);
+        sim.answer(&[" .", "..", " "], Duration::from_millis(300));
+        let ends = sim.cycle_ends();
+        assert!(ends[1].skipped);
+        assert_eq!(ends[1].text, "");
+        assert_eq!(
+            ends[1].target_delay, ends[0].target_delay,
+            "skips leave the delay alone"
+        );
+        assert!(
+            !sim.events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::Token { cycle: 2, .. })),
+            "a skip streams no tokens"
+        );
+        sim.next_request(10.0);
+        assert!(sim
+            .last_request()
+            .user
+            .contains("Your last comment was: \"A dog runs.\""));
+        let s = sim.c.snapshot();
+        assert_eq!((s.cycles_done, s.cycles_skipped), (2, 1));
+    }
+
+    #[test]
+    fn dots_then_words_are_streamed_as_one_piece() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.next_request(10.0);
+        sim.answer(&[" ...", " a cat", " appears"], Duration::from_millis(100));
+        let tokens: Vec<&str> = sim
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Token { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tokens, ["... a cat", " appears"]);
+        assert!(!sim.cycle_ends()[0].skipped);
+    }
+
+    #[test]
+    fn target_delay_is_the_ema_of_non_skip_latencies() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        // Latencies 2.0, (skip at 9.0), 3.0, 1.0; by hand from 5.0 with alpha 0.2:
+        // 0.2*2 + 0.8*5 = 4.4; skip keeps 4.4; 0.2*3 + 0.8*4.4 = 4.12; 0.2*1 + 0.8*4.12 = 3.496.
+        for (text, latency) in [("One.", 2.0), ("...", 9.0), ("Two.", 3.0), ("Three.", 1.0)] {
+            sim.next_request(10.0);
+            sim.answer_with_latency(text, latency);
+        }
+        let ends = sim.cycle_ends();
+        let latencies: Vec<f64> = ends.iter().map(|e| e.latency).collect();
+        assert_eq!(latencies, [2.0, 9.0, 3.0, 1.0]);
+        let expected = [4.4, 4.4, 4.12, 3.496];
+        for (end, want) in ends.iter().zip(expected) {
+            assert!(
+                (end.target_delay - want).abs() < 1e-12,
+                "cycle {}: {} != {want}",
+                end.cycle,
+                end.target_delay
+            );
+        }
+        assert!((sim.c.snapshot().target_delay - 3.496).abs() < 1e-12);
+    }
+
+    #[test]
+    fn zero_initial_delay_keeps_sync_off() {
+        let mut sim = Sim::new(CommentatorConfig {
+            delay_init: 0.0,
+            ..CommentatorConfig::default()
+        });
+        for latency in [2.0, 3.0] {
+            sim.next_request(10.0);
+            sim.answer_with_latency("Something.", latency);
+        }
+        assert!(sim.cycle_ends().iter().all(|e| e.target_delay == 0.0));
+        let s = sim.c.snapshot();
+        assert!(!s.sync);
+        assert_eq!(s.target_delay, 0.0);
+        assert_eq!(s.last_latency, Some(3.0));
+    }
+
+    #[test]
+    fn an_engine_error_is_reported_and_the_loop_goes_on() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.next_request(10.0);
+        sim.advance(Duration::from_millis(400));
+        sim.input(Input::Failed(
+            EngineError::Failed("out of memory".into()),
+            sim.now,
+        ));
+        let failed_at = sim.now;
+        let (cycle, message) = sim
+            .events
+            .iter()
+            .find_map(|(_, e)| match e {
+                Event::Error { cycle, message } => Some((*cycle, message.clone())),
+                _ => None,
+            })
+            .expect("an error event");
+        assert_eq!(cycle, Some(1));
+        assert!(message.contains("out of memory"), "{message}");
+        assert_eq!(sim.next_request(10.0), 2);
+        assert!(sim.requests[1].0.duration_since(failed_at) >= Duration::from_secs(1));
+        sim.answer(&["Fine", " again."], Duration::from_millis(100));
+        let s = sim.c.snapshot();
+        assert_eq!((s.cycles_done, s.cycles_failed), (1, 1));
+        assert!(sim.cycle_ends().iter().all(|e| e.cycle == 2));
+    }
+
+    #[test]
+    fn a_stalled_source_gets_no_new_cycle() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.next_request(10.0);
+        sim.window.stall_at(sim.now + Duration::from_millis(10));
+        sim.answer(&["A", " car."], Duration::from_millis(200));
+        sim.advance(Duration::from_secs(20));
+        assert_eq!(
+            sim.requests.len(),
+            1,
+            "the same frames must not be asked about again"
+        );
+        assert_eq!(sim.c.snapshot().phase, Phase::WaitingForFrames);
+        // The source comes back: the next cycle uses the new frames.
+        let newest_before = sim.last_request().frames.last().unwrap().pts;
+        *sim.window.stop.lock().unwrap() = None;
+        sim.next_request(1.0);
+        assert!(sim.last_request().frames.last().unwrap().pts > newest_before);
+    }
+
+    #[test]
+    fn a_busy_engine_makes_the_cycle_wait_for_fresh_frames() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.engine_in_flight = 1;
+        sim.advance_to(sim.at(6.0));
+        assert!(
+            sim.requests.is_empty(),
+            "must not queue behind other callers"
+        );
+        let s = sim.c.snapshot();
+        assert_eq!(s.phase, Phase::WaitingForEngine);
+        assert!(s.engine_busy_waits > 0);
+        sim.engine_in_flight = 0;
+        sim.next_request(1.0);
+        // Frames of the moment the engine became free, not of when the cycle was first due.
+        let pts: Vec<f64> = sim
+            .last_request()
+            .frames
+            .iter()
+            .map(|f| f.pts.as_secs_f64())
+            .collect();
+        assert_eq!(pts, [3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn profile_and_instruction_changes_reach_the_next_request() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.next_request(10.0);
+        sim.input(Input::Control(Control::SetProfile("sports".into())));
+        sim.input(Input::Control(Control::SetInstruction(
+            "  Watch the goalkeeper. ".into(),
+        )));
+        // The running cycle keeps what it was started with.
+        assert_eq!(
+            sim.last_request().system,
+            Profiles::get("default").unwrap().system_prompt()
+        );
+        sim.answer(&["Kick-off."], Duration::from_millis(100));
+        sim.next_request(10.0);
+        let request = sim.last_request();
+        assert_eq!(
+            request.system,
+            Profiles::get("sports").unwrap().system_prompt()
+        );
+        assert!(
+            request
+                .user
+                .contains("The viewer asks: Watch the goalkeeper."),
+            "{}",
+            request.user
+        );
+        assert!(
+            request
+                .user
+                .contains("Your last comment was: \"Kick-off.\""),
+            "{}",
+            request.user
+        );
+        let s = sim.c.snapshot();
+        assert_eq!(
+            (s.profile.as_str(), s.instruction.as_str()),
+            ("sports", "Watch the goalkeeper.")
+        );
+
+        sim.input(Input::Control(Control::SetInstruction(String::new())));
+        sim.answer(&["Goal!"], Duration::from_millis(100));
+        sim.next_request(10.0);
+        assert!(!sim.last_request().user.contains("The viewer asks"));
+    }
+
+    #[test]
+    fn a_bad_control_is_an_error_event_and_changes_nothing() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.input(Input::Control(Control::SetProfile("opera".into())));
+        sim.input(Input::Control(Control::SetInstruction("x".repeat(2001))));
+        let messages: Vec<String> = sim
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Error {
+                    cycle: None,
+                    message,
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(messages.len(), 2);
+        assert!(
+            messages[0].starts_with("unknown profile 'opera'"),
+            "{}",
+            messages[0]
+        );
+        assert!(messages[1].contains("2001 characters"), "{}", messages[1]);
+        let s = sim.c.snapshot();
+        assert_eq!(
+            (s.profile.as_str(), s.instruction.as_str()),
+            ("default", "")
+        );
+    }
+
+    #[test]
+    fn a_stuck_cycle_times_out_and_the_loop_goes_on() {
+        let config = CommentatorConfig {
+            cycle_timeout: Duration::from_secs(30),
+            ..CommentatorConfig::default()
+        };
+        let mut sim = Sim::new(config);
+        sim.next_request(10.0);
+        let started = sim.now;
+        sim.input(Input::Token("A".into(), sim.now));
+        sim.advance(Duration::from_secs(29));
+        assert!(sim.cancels.is_empty());
+        sim.advance(Duration::from_millis(1500));
+        assert_eq!(sim.cancels, [1]);
+        let (at, message) = sim
+            .events
+            .iter()
+            .find_map(|(at, e)| match e {
+                Event::Error {
+                    cycle: Some(1),
+                    message,
+                } => Some((*at, message.clone())),
+                _ => None,
+            })
+            .expect("a timeout error");
+        assert_eq!(at.duration_since(started), Duration::from_secs(30));
+        assert!(message.contains("no answer within 30.0 s"), "{message}");
+        // A late answer to the abandoned cycle (before the next one starts) is ignored.
+        sim.input(Input::Token(" dog".into(), sim.now));
+        sim.input(Input::Done(Stats::default(), sim.now));
+        assert!(sim.cycle_ends().is_empty());
+        assert_eq!(sim.next_request(5.0), 2);
+        assert!(sim.requests[1].0.duration_since(at) >= Duration::from_secs(1));
+        assert_eq!(sim.c.snapshot().cycles_failed, 1);
+    }
+}

@@ -1,0 +1,201 @@
+//! Prompt profiles: what the model is told to be, and how one cycle's question is worded.
+//!
+//! The system prompt depends only on the profile, so an engine can keep its evaluated
+//! prefix between cycles; everything that changes per cycle (the previous comment, the
+//! user's instruction, how many seconds the frames cover) goes into the user text.
+//! The model answers exactly "..." when nothing changed; [`is_skip`] recognises that.
+
+use serde::Serialize;
+
+use crate::config::ConfigError;
+
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// One way of commenting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    pub name: &'static str,
+    /// One line for a profile picker.
+    pub description: &'static str,
+    /// What this profile pays attention to, appended to the common rules.
+    #[serde(skip)]
+    pub focus: &'static str,
+}
+
+const RULES: &str = "\
+You are a live commentator watching a video as it happens. Each turn you are shown the last \
+few seconds as a short series of frames in time order: the first is the oldest, the last is \
+what is on screen right now.
+Rules:
+- Answer with one or two short sentences, 25 words at most, in the present tense.
+- Talk about what is new or changing; never repeat something you already said.
+- Speak about the scene itself; do not mention frames, images, pictures or the camera.
+- Do not guess at what you cannot see.
+- If nothing meaningful has changed since your last comment, answer exactly: ...";
+
+const PROFILES: &[Profile] = &[
+    Profile {
+        name: "default",
+        description: "General live commentary on whatever matters most",
+        focus: "Pick what a viewer would care about most: people and what they do, objects \
+                that move or appear, and how the scene changes.",
+    },
+    Profile {
+        name: "sports",
+        description: "Play-by-play like a sports broadcaster",
+        focus: "Call it like a sports broadcast: follow the ball or the action, the players' \
+                moves, attacks, chances, fouls and scores. Be lively but accurate; never \
+                invent names, numbers or scores you cannot read.",
+    },
+    Profile {
+        name: "security",
+        description: "Calm, factual reports of people, vehicles and unusual activity",
+        focus: "Report like a security monitor: people or vehicles arriving or leaving, \
+                objects left behind or taken, doors opening, unusual movement. Stay calm and \
+                factual; do not speculate about who anyone is or what they intend.",
+    },
+    Profile {
+        name: "nature",
+        description: "Documentary-style narration of animals, plants and weather",
+        focus: "Narrate like a nature documentary: the animals and plants you can see, what \
+                they are doing, and changes in weather, light or water. Use a calm, curious \
+                tone.",
+    },
+    Profile {
+        name: "descriptive",
+        description: "Plain audio description for someone who cannot see the screen",
+        focus: "Describe the scene for a listener who cannot see it: who is where, what they \
+                do, notable colours, and any text that appears on screen. Use plain, concrete \
+                words.",
+    },
+];
+
+/// The built-in profiles.
+pub struct Profiles;
+
+impl Profiles {
+    /// Profile names in display order.
+    pub fn names() -> Vec<&'static str> {
+        PROFILES.iter().map(|p| p.name).collect()
+    }
+
+    pub fn all() -> &'static [Profile] {
+        PROFILES
+    }
+
+    /// Looks a profile up by name (case-insensitive, surrounding spaces ignored).
+    pub fn get(name: &str) -> Result<&'static Profile, ConfigError> {
+        let wanted = name.trim();
+        PROFILES
+            .iter()
+            .find(|p| p.name.eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| ConfigError::UnknownProfile {
+                name: name.to_string(),
+                known: Profiles::names().join(", "),
+            })
+    }
+}
+
+impl Profile {
+    pub fn system_prompt(&self) -> String {
+        format!("{RULES}\n{}", self.focus)
+    }
+
+    /// The user text of one cycle. `span` is how many seconds the frames cover.
+    pub fn user_prompt(
+        &self,
+        frames: usize,
+        span: f64,
+        last_comment: Option<&str>,
+        instruction: &str,
+    ) -> String {
+        let mut text =
+            format!("Here are {frames} frames, oldest first, covering the last {span:.1} seconds.");
+        if let Some(last) = last_comment {
+            text.push_str(&format!(
+                "\nYour last comment was: \"{last}\". Do not repeat it; say only what is new."
+            ));
+        }
+        let instruction = instruction.trim();
+        if !instruction.is_empty() {
+            text.push_str(&format!("\nThe viewer asks: {instruction}"));
+        }
+        text.push_str(
+            "\nWhat is happening now? If nothing meaningful changed, answer exactly: ...",
+        );
+        text
+    }
+}
+
+/// Whether an answer means "nothing changed": empty, or only dots (an ellipsis character
+/// counts), possibly quoted. Such answers are not shown and not spoken.
+pub fn is_skip(answer: &str) -> bool {
+    answer
+        .chars()
+        .all(|c| c.is_whitespace() || matches!(c, '.' | '…' | '"' | '\'' | '`'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_profiles_by_name() {
+        assert_eq!(
+            Profiles::names(),
+            ["default", "sports", "security", "nature", "descriptive"]
+        );
+        for name in Profiles::names() {
+            let profile = Profiles::get(name).unwrap();
+            assert_eq!(profile.name, name);
+            let system = profile.system_prompt();
+            assert!(system.contains("answer exactly: ..."), "{name}: {system}");
+            assert!(system.contains("25 words"), "{name}");
+            assert!(system.ends_with(profile.focus), "{name}");
+        }
+    }
+
+    #[test]
+    fn focus_differs_per_profile() {
+        let mut prompts: Vec<String> = Profiles::all().iter().map(Profile::system_prompt).collect();
+        prompts.dedup();
+        assert_eq!(prompts.len(), Profiles::all().len());
+    }
+
+    #[test]
+    fn lookup_ignores_case_and_rejects_unknown() {
+        assert_eq!(Profiles::get(" Sports ").unwrap().name, "sports");
+        let err = Profiles::get("opera").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown profile 'opera': choose one of default, sports, security, nature, descriptive"
+        );
+    }
+
+    #[test]
+    fn user_prompt_carries_last_comment_and_instruction() {
+        let profile = Profiles::get("default").unwrap();
+        let plain = profile.user_prompt(4, 3.0, None, "  ");
+        assert!(
+            plain.starts_with("Here are 4 frames, oldest first, covering the last 3.0 seconds.")
+        );
+        assert!(!plain.contains("last comment"));
+        assert!(!plain.contains("viewer asks"));
+        let full = profile.user_prompt(4, 3.0, Some("A dog runs."), "watch the dog");
+        assert!(
+            full.contains("Your last comment was: \"A dog runs.\". Do not repeat it"),
+            "{full}"
+        );
+        assert!(full.contains("The viewer asks: watch the dog"), "{full}");
+    }
+
+    #[test]
+    fn skip_answers() {
+        for answer in ["...", "", "  ", " ...\n", "…", "\"...\"", "....", "."] {
+            assert!(is_skip(answer), "{answer:?}");
+        }
+        for answer in ["A dog runs.", "... a dog appears", "No."] {
+            assert!(!is_skip(answer), "{answer:?}");
+        }
+    }
+}
