@@ -20,6 +20,7 @@ pub mod fake;
 #[cfg(feature = "llama")]
 pub mod llama;
 pub mod models;
+pub mod openai;
 
 /// One picture handed to the model, with the time it was taken on the source's clock.
 #[derive(Debug, Clone)]
