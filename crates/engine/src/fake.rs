@@ -49,7 +49,11 @@ impl FakeEngine {
 
     /// Always answers `text`, split at spaces into pieces.
     pub fn saying(text: &str, first_token: Duration, per_token: Duration) -> Self {
-        Self::new(vec![Script::Answer(split_pieces(text))], first_token, per_token)
+        Self::new(
+            vec![Script::Answer(split_pieces(text))],
+            first_token,
+            per_token,
+        )
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -61,7 +65,10 @@ impl FakeEngine {
         if script.len() > 1 {
             script.pop_front().unwrap()
         } else {
-            script.front().cloned().unwrap_or(Script::Answer(vec!["...".into()]))
+            script
+                .front()
+                .cloned()
+                .unwrap_or(Script::Answer(vec!["...".into()]))
         }
     }
 }
@@ -70,7 +77,11 @@ impl FakeEngine {
 pub fn split_pieces(text: &str) -> Vec<String> {
     let mut pieces: Vec<String> = Vec::new();
     for (i, word) in text.split(' ').enumerate() {
-        pieces.push(if i == 0 { word.to_string() } else { format!(" {word}") });
+        pieces.push(if i == 0 {
+            word.to_string()
+        } else {
+            format!(" {word}")
+        });
     }
     pieces
 }
@@ -123,7 +134,11 @@ impl Engine for FakeEngine {
     }
 
     fn info(&self) -> EngineInfo {
-        EngineInfo { kind: "fake".into(), model: "scripted".into(), backend: "none".into() }
+        EngineInfo {
+            kind: "fake".into(),
+            model: "scripted".into(),
+            backend: "none".into(),
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -141,7 +156,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn streams_the_script_then_stats() {
-        let engine = FakeEngine::saying("a ball rolls", Duration::from_millis(100), Duration::from_millis(10));
+        let engine = FakeEngine::saying(
+            "a ball rolls",
+            Duration::from_millis(100),
+            Duration::from_millis(10),
+        );
         let mut generation = engine.submit(Request::new(vec![], "sys", "user")).unwrap();
         let mut pieces = Vec::new();
         let stats = loop {

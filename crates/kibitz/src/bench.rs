@@ -1,0 +1,147 @@
+//! `kibitz bench`: times commentary cycles the way the live loop runs them: a few frames,
+//! a system prompt that stays the same between cycles (so its KV entries are reused), a
+//! user text that changes, and a fixed number of generated tokens (end-of-sequence ignored,
+//! so every cycle does the same work whatever the weights say).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use kibitz_engine::{Frame, Image, Request, Stats};
+
+use crate::flags::BenchArgs;
+use crate::selftest::test_frame;
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.cycles > 0, "--cycles must be at least 1");
+    anyhow::ensure!(
+        args.frames > 0 && args.frame_size >= 14,
+        "--frames must be at least 1 and --frame-size at least 14"
+    );
+    let engine = crate::engine::build(&args.engine).await?;
+    let info = engine.info();
+    eprintln!(
+        "bench: {} on {}, {} cycles after {} warm-up",
+        info.model, info.backend, args.cycles, args.warmup
+    );
+
+    // ~1 token a word for a real BPE vocabulary; the count used is reported from the stats.
+    let system = padded_system_prompt(args.prompt_tokens.saturating_sub(40));
+    let mut all = Vec::new();
+    for cycle in 0..args.warmup + args.cycles {
+        let frames = (0..args.frames)
+            .map(|i| Frame {
+                image: Image::Rgb(test_frame(
+                    args.frame_size,
+                    args.frame_size,
+                    (cycle * args.frames + i) as u32,
+                )),
+                pts: Duration::from_millis(((cycle * args.frames + i) * 1000) as u64),
+            })
+            .collect();
+        let user = format!(
+            "Your last comment was: \"The runner in red takes the lead at cycle {cycle}.\" Do not repeat it. \
+             What is new in these frames? One short sentence."
+        );
+        let mut request = Request::new(frames, system.clone(), user);
+        request.max_tokens = args.generate;
+        request.ignore_eos = true;
+        request.sampling.seed = cycle as u32;
+        let (_, stats) = engine
+            .submit(request)?
+            .collect()
+            .await
+            .context("a bench cycle failed")?;
+        if cycle >= args.warmup {
+            all.push(stats);
+        }
+    }
+    let report = Report::new(&all);
+    println!("{}", report.table(&info.backend, &all[0], args.generate));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn padded_system_prompt(words: usize) -> String {
+    let base = "You are a live sports commentator watching a video stream. You see the last few seconds as \
+                frames in time order. Say in one short sentence what is new. If nothing changed, answer '...'. ";
+    let filler = "Keep the tone lively and precise, name colours, positions and movements, avoid guessing names. ";
+    let mut s = String::from(base);
+    while s.split_whitespace().count() < words {
+        s.push_str(filler);
+    }
+    s
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Percentiles {
+    p50: f64,
+    p95: f64,
+    mean: f64,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<f64>) -> Percentiles {
+        values.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        Percentiles {
+            p50: at(0.5),
+            p95: at(0.95),
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    cycles: usize,
+    vision_ms: Percentiles,
+    prefill_ms: Percentiles,
+    decode_ms: Percentiles,
+    first_token_ms: Percentiles,
+    total_ms: Percentiles,
+    decode_tokens_per_s: Percentiles,
+}
+
+impl Report {
+    fn new(all: &[Stats]) -> Report {
+        let of = |f: fn(&Stats) -> f64| Percentiles::of(all.iter().map(f).collect());
+        Report {
+            cycles: all.len(),
+            vision_ms: of(|s| s.vision_ms),
+            prefill_ms: of(|s| s.prefill_ms),
+            decode_ms: of(|s| s.decode_ms),
+            first_token_ms: of(|s| s.first_token_ms),
+            total_ms: of(|s| s.total_ms),
+            decode_tokens_per_s: of(|s| s.decode_tokens_per_s),
+        }
+    }
+
+    fn table(&self, backend: &str, sample: &Stats, generate: u32) -> String {
+        let row = |name: &str, p: &Percentiles| {
+            format!(
+                "| {name:<22} | {:>9.1} | {:>9.1} | {:>9.1} |\n",
+                p.p50, p.p95, p.mean
+            )
+        };
+        let mut t = format!(
+            "{backend}: {} cycles of {} images ({} image tokens) + {} text prompt tokens ({} of them reused) + {generate} generated\n\n",
+            self.cycles,
+            sample.images,
+            sample.image_tokens,
+            sample.prompt_tokens - sample.image_tokens,
+            sample.cached_tokens,
+        );
+        t.push_str("| stage                  |       p50 |       p95 |      mean |\n");
+        t.push_str("|------------------------|-----------|-----------|-----------|\n");
+        t.push_str(&row("vision encode (ms)", &self.vision_ms));
+        t.push_str(&row("prefill (ms)", &self.prefill_ms));
+        t.push_str(&row("decode (ms)", &self.decode_ms));
+        t.push_str(&row("first token (ms)", &self.first_token_ms));
+        t.push_str(&row("total cycle (ms)", &self.total_ms));
+        t.push_str(&row("decode (tokens/s)", &self.decode_tokens_per_s));
+        t
+    }
+}

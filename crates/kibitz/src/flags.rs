@@ -1,0 +1,277 @@
+//! Command-line flags as clap parses them. Every setting is a flag that also reads the
+//! environment variable of the same name (`--capture-fps` / `CAPTURE_FPS`). Values are only
+//! parsed here; [`crate::settings`] checks them together and reports every problem at once.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kibitz",
+    version,
+    about = "Live video commentary by a vision-language model"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter, e.g. `info`, `debug`, `kibitz=debug,llama.cpp=info`.
+    #[arg(long, env = "LOG", global = true, default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch a video source and serve the live page with commentary.
+    Serve(ServeArgs),
+    /// Describe image files: streams the answer, then the stats.
+    Describe(DescribeArgs),
+    /// Check the install: builds a tiny random-weight model and runs the real engine on it.
+    Selftest(SelftestArgs),
+    /// Time commentary cycles (frames + prompt + a fixed number of generated tokens).
+    Bench(BenchArgs),
+    /// Write a random-weight model pair of MiniCPM-o 4.5's layout (for tests and benchmarks).
+    MakeTestModel(MakeTestModelArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// MiniCPM-o 4.5 in process through llama.cpp.
+    Llama,
+    /// Any OpenAI-compatible server (vLLM, SGLang, llama-server, Ollama).
+    Openai,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlashAttn {
+    Auto,
+    On,
+    Off,
+}
+
+/// Which engine and model, shared by every command that asks a model.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    #[arg(long, env = "ENGINE", value_enum, default_value = "llama")]
+    pub engine: EngineKind,
+    /// A hub repo (owner/name), a folder with the two GGUF files, or the LLM .gguf file.
+    #[arg(long, env = "MODEL_PATH", default_value = kibitz_engine::models::DEFAULT_MODEL)]
+    pub model: String,
+    /// The vision projector .gguf, when it is not beside the model.
+    #[arg(long, env = "MMPROJ_PATH")]
+    pub mmproj: Option<PathBuf>,
+    /// Quantization of the LLM file to pick from a repo or folder.
+    #[arg(long, env = "QUANT", default_value = kibitz_engine::models::DEFAULT_QUANT)]
+    pub quant: String,
+    /// Where downloaded models are kept [default: ~/.cache/kibitz].
+    #[arg(long, env = "KIBITZ_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Hub address for downloads.
+    #[arg(
+        long,
+        env = "HF_ENDPOINT",
+        default_value = "https://huggingface.co",
+        hide = true
+    )]
+    pub hf_endpoint: String,
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true, hide = true)]
+    pub hf_token: Option<String>,
+    /// Layers to offload to the GPU [default: all when llama.cpp has a GPU backend].
+    #[arg(long, env = "GPU_LAYERS")]
+    pub gpu_layers: Option<u32>,
+    #[arg(long, env = "CONTEXT_SIZE", default_value_t = 4096)]
+    pub context_size: u32,
+    /// CPU threads for llama.cpp [default: all cores].
+    #[arg(long, env = "THREADS")]
+    pub threads: Option<u32>,
+    #[arg(long, env = "FLASH_ATTN", value_enum, default_value = "auto")]
+    pub flash_attn: FlashAttn,
+    /// Most 448x448 slices per frame; 1 = each frame is one 64-token image.
+    #[arg(long, env = "MAX_SLICE_NUMS", default_value_t = 1)]
+    pub max_slice_nums: u32,
+    /// OpenAI-compatible server base URL; repeat (or comma-separate) for several upstreams.
+    #[arg(long, env = "ENGINE_URL", value_delimiter = ',')]
+    pub engine_url: Vec<String>,
+    /// Model name to ask the OpenAI-compatible server for [default: its first model].
+    #[arg(long, env = "ENGINE_MODEL")]
+    pub engine_model: Option<String>,
+    #[arg(long, env = "ENGINE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// How the model samples, shared by every command that generates.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    #[arg(long, env = "TEMPERATURE", default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, env = "TOP_P", default_value_t = 0.8)]
+    pub top_p: f32,
+    #[arg(long, env = "TOP_K", default_value_t = 100)]
+    pub top_k: u32,
+    #[arg(long, env = "SEED", default_value_t = 42)]
+    pub seed: u32,
+    #[arg(long, env = "MAX_TOKENS", default_value_t = 64)]
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Video file, /dev/videoN, rtsp://…, http(s)://…, or anything FFmpeg opens.
+    #[arg(long, env = "SOURCE")]
+    pub source: String,
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:8199")]
+    pub bind: String,
+    #[arg(
+        long,
+        env = "CAPTURE_FPS",
+        default_value_t = 2.0,
+        allow_negative_numbers = true
+    )]
+    pub capture_fps: f64,
+    #[arg(long, env = "WINDOW_SIZE", default_value_t = 32)]
+    pub window_size: usize,
+    #[arg(long, env = "FRAMES_PER_INFERENCE", default_value_t = 4)]
+    pub frames_per_inference: usize,
+    #[arg(long, env = "FRAME_STRIDE", default_value_t = 2)]
+    pub frame_stride: usize,
+    /// Seconds of idle time between commentary cycles.
+    #[arg(
+        long,
+        env = "INFERENCE_INTERVAL",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub inference_interval: f64,
+    /// Seconds the picture starts behind real time; 0 turns sync off.
+    #[arg(
+        long,
+        env = "STREAM_DELAY_INIT",
+        default_value_t = 5.0,
+        allow_negative_numbers = true
+    )]
+    pub stream_delay_init: f64,
+    #[arg(
+        long,
+        env = "STREAM_DELAY_EMA_ALPHA",
+        default_value_t = 0.2,
+        allow_negative_numbers = true
+    )]
+    pub stream_delay_ema_alpha: f64,
+    #[arg(long, env = "JPEG_QUALITY", default_value_t = 80)]
+    pub jpeg_quality: i32,
+    /// Scale the displayed video down to this width (0 = as decoded).
+    #[arg(long, env = "DISPLAY_MAX_WIDTH", default_value_t = 0)]
+    pub display_max_width: u32,
+    #[arg(
+        long,
+        env = "DISPLAY_BUFFER_SECONDS",
+        default_value_t = 15.0,
+        allow_negative_numbers = true
+    )]
+    pub display_buffer_seconds: f64,
+    /// MJPEG rate when the source does not say its own.
+    #[arg(
+        long,
+        env = "MJPEG_FPS",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    pub mjpeg_fps: f64,
+    /// Prompt profile: default, sports, security, nature, descriptive.
+    #[arg(long, env = "PROFILE", default_value = "default")]
+    pub profile: String,
+    /// Extra instruction for the commentator.
+    #[arg(long, env = "INSTRUCTION", default_value = "")]
+    pub instruction: String,
+    /// Seconds before a cycle without an answer is abandoned.
+    #[arg(
+        long,
+        env = "CYCLE_TIMEOUT",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
+    pub cycle_timeout: f64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DescribeArgs {
+    /// Image files (JPEG, PNG), in time order.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    #[arg(
+        long,
+        default_value = "Describe what you see in these frames, briefly."
+    )]
+    pub prompt: String,
+    #[arg(
+        long,
+        default_value = "You are a helpful assistant that describes images precisely."
+    )]
+    pub system: String,
+    /// Print one JSON object with the text and the stats.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SelftestArgs {
+    /// Leave the tiny model in DIR (loadable with `--model DIR`).
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+    #[arg(long, env = "THREADS")]
+    pub threads: Option<u32>,
+    #[arg(long, env = "GPU_LAYERS")]
+    pub gpu_layers: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Commentary cycles to time (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub cycles: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Frames per cycle.
+    #[arg(long, default_value_t = 4)]
+    pub frames: usize,
+    /// Frame side in pixels (square frames).
+    #[arg(long, default_value_t = 448)]
+    pub frame_size: u32,
+    /// Approximate text tokens in the prompt besides the images.
+    #[arg(long, default_value_t = 300)]
+    pub prompt_tokens: usize,
+    /// Tokens generated per cycle, end-of-sequence ignored.
+    #[arg(long, default_value_t = 30)]
+    pub generate: u32,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelSize {
+    /// Smallest layout llama.cpp accepts (seconds on a CPU).
+    Tiny,
+    /// MiniCPM-o 4.5's real shapes (Qwen3-8B + SigLIP2), ~5 GB at Q4_K_M.
+    Full,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MakeTestModelArgs {
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub size: ModelSize,
+    /// LLM weight type: Q4_K_M, Q8_0, F16.
+    #[arg(long)]
+    pub quant: Option<String>,
+}
