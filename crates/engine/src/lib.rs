@@ -61,7 +61,12 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.7, top_p: 0.8, top_k: 100, seed: 42 }
+        Sampling {
+            temperature: 0.7,
+            top_p: 0.8,
+            top_k: 100,
+            seed: 42,
+        }
     }
 }
 
@@ -112,6 +117,26 @@ pub struct Stats {
     pub total_ms: f64,
 }
 
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} images ({} image tokens), {} prompt tokens ({} cached) | vision {:.0} ms, prefill {:.0} ms, \
+             first token {:.0} ms | {} tokens at {:.1} tok/s | total {:.0} ms",
+            self.images,
+            self.image_tokens,
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.vision_ms,
+            self.prefill_ms,
+            self.first_token_ms,
+            self.generated_tokens,
+            self.decode_tokens_per_s,
+            self.total_ms
+        )
+    }
+}
+
 /// One item of a [`Generation`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -153,7 +178,9 @@ impl Generation {
                 Output::Done(stats) => return Ok((text, stats)),
             }
         }
-        Err(EngineError::Stopped("the engine ended the answer without finishing it".into()))
+        Err(EngineError::Stopped(
+            "the engine ended the answer without finishing it".into(),
+        ))
     }
 }
 

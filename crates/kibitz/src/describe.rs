@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kibitz_engine::{Frame, Image, Output, Request, Stats};
+use kibitz_engine::{Frame, Image, Output, Request};
 
 use crate::flags::DescribeArgs;
 
@@ -50,24 +50,7 @@ pub async fn run(args: DescribeArgs) -> anyhow::Result<ExitCode> {
         writeln!(stdout, "{out}")?;
     } else {
         writeln!(stdout)?;
-        eprintln!("{}", format_stats(&stats, &info.backend));
+        eprintln!("[{}] {stats}", info.backend);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn format_stats(s: &Stats, backend: &str) -> String {
-    format!(
-        "[{backend}] {} images ({} image tokens), {} prompt tokens ({} cached) | vision {:.0} ms, prefill {:.0} ms, \
-         first token {:.0} ms | {} tokens at {:.1} tok/s | total {:.0} ms",
-        s.images,
-        s.image_tokens,
-        s.prompt_tokens,
-        s.cached_tokens,
-        s.vision_ms,
-        s.prefill_ms,
-        s.first_token_ms,
-        s.generated_tokens,
-        s.decode_tokens_per_s,
-        s.total_ms
-    )
 }

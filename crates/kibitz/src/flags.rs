@@ -23,8 +23,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch a video source and serve the live page with commentary.
+    #[cfg(feature = "media")]
     Serve(ServeArgs),
     /// Describe image files: streams the answer, then the stats.
+    #[cfg(feature = "media")]
     Describe(DescribeArgs),
     /// Check the install: builds a tiny random-weight model and runs the real engine on it.
     Selftest(SelftestArgs),

@@ -3,11 +3,14 @@
 //! crates.
 
 mod bench;
+#[cfg(feature = "media")]
 mod describe;
 mod engine;
 mod flags;
 mod selftest;
+#[cfg(feature = "media")]
 mod serve;
+#[cfg(feature = "media")]
 mod settings;
 
 use std::process::ExitCode;
@@ -28,7 +31,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            #[cfg(feature = "media")]
             Command::Serve(args) => serve::run(args).await,
+            #[cfg(feature = "media")]
             Command::Describe(args) => describe::run(args).await,
             Command::Selftest(args) => selftest::run(args).await,
             Command::Bench(args) => bench::run(args).await,
