@@ -26,9 +26,6 @@ use tokio::sync::mpsc::Sender;
 use crate::{Engine, EngineError, EngineInfo, Generation, Image, Output, Request, Stats};
 use ffi::ChunkKind;
 
-/// MiniCPM-V cuts images into 448x448 slices; each slice costs 64 tokens after the resampler.
-pub const SLICE_SIDE: u32 = 448;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashAttention {
     Auto,
@@ -504,30 +501,13 @@ fn to_rgb(image: &Image) -> Result<Rgb, String> {
     Ok(rgb)
 }
 
-/// Scales an image down (never up) so it fits `max_slices` 448x448 slices; llama.cpp's own
-/// preprocessing then cuts it into at most that many.
+/// Sizes a frame for `max_slices` slices the way the inference window does (see
+/// [`kibitz_frames::model_size`]), so a still image costs what a video frame costs.
 fn fit_to_slices(rgb: Rgb, max_slices: u32) -> Result<Rgb, String> {
-    let area = (max_slices * SLICE_SIDE * SLICE_SIDE) as f64;
-    let scale = (area / (rgb.width as f64 * rgb.height as f64)).sqrt();
-    if scale >= 1.0 {
-        return Ok(rgb);
-    }
-    let w = ((rgb.width as f64 * scale).round() as u32).max(1);
-    let h = ((rgb.height as f64 * scale).round() as u32).max(1);
-    use fast_image_resize as fir;
-    let src = fir::images::ImageRef::new(rgb.width, rgb.height, &rgb.data, fir::PixelType::U8x3)
-        .map_err(|e| e.to_string())?;
-    let mut dst = fir::images::Image::new(w, h, fir::PixelType::U8x3);
-    let options = fir::ResizeOptions::new()
-        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
-    fir::Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .map_err(|e| e.to_string())?;
-    Ok(Rgb {
-        width: w,
-        height: h,
-        data: dst.into_vec().into(),
-    })
+    let (w, h) = kibitz_frames::model_size(rgb.width, rgb.height, max_slices);
+    kibitz_frames::Resizer::new()
+        .resize(&rgb, w, h)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
