@@ -135,8 +135,10 @@ impl Viewer {
             self.misses = 0;
             let margin = (period / 10).min(MAX_MARGIN);
             let due = frame.stamp.captured + Duration::from_secs_f64(delay) + period + margin;
-            // Never sooner than half a period: a burst of old frames is not worth sending.
-            self.next = due.max(now + period / 2);
+            // Never sooner than half a period (a burst of old frames is not worth sending)
+            // nor later than one (a feed that answers with its oldest frame when the delay
+            // is longer than it keeps must still play on).
+            self.next = due.clamp(now + period / 2, now + period + margin);
             self.last_seq = Some(frame.seq);
             shared
                 .meters
@@ -380,6 +382,52 @@ mod tests {
         }
         let seqs = parse_parts(&bytes);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    }
+
+    /// Keeps one second; asked for anything older, answers with its oldest frame, as the
+    /// real display buffer does.
+    struct Short(FakeDisplay);
+
+    impl DisplayFeed for Short {
+        fn latest(&self) -> Option<DisplayFrame> {
+            self.0.latest()
+        }
+        fn at(&self, t: Instant) -> Option<DisplayFrame> {
+            self.0.at(t.max(now() - Duration::from_secs(1)))
+        }
+        fn fps(&self) -> Option<f64> {
+            self.0.fps()
+        }
+    }
+
+    /// A delay longer than the buffer shows the oldest frames, still at the full rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_longer_than_the_buffer_still_plays() {
+        let display = Arc::new(Short(FakeDisplay::new(
+            vec![pattern_jpeg(16, 16, 0, 0)],
+            10.0,
+        )));
+        let harness = Harness::with_display(display);
+        harness.set_delay(5.0);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let start = tokio::time::Instant::now();
+        let response = harness
+            .router()
+            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let mut body = response.into_body().into_data_stream();
+        let mut bytes = Vec::new();
+        for _ in 0..3 * 20 {
+            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
+        }
+        let seqs = parse_parts(&bytes);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "20 frames at 10 fps took {took:?}"
+        );
     }
 
     /// When the delay grows the shown moment steps back; the picture holds rather than

@@ -41,8 +41,9 @@ pub trait DisplayFeed: Send + Sync + 'static {
     /// The newest frame (real time); `None` before the first.
     fn latest(&self) -> Option<DisplayFrame>;
     /// The frame that was newest at `t` on this process's clock: the last one whose
-    /// `stamp.captured <= t`. `None` when there is none (nothing yet, or `t` is older than
-    /// everything kept).
+    /// `stamp.captured <= t`. When `t` is older than everything kept, the oldest frame
+    /// (a delay longer than the buffer then shows the most delayed picture there is) or
+    /// `None` (no picture until time catches up). `None` when empty.
     fn at(&self, t: Instant) -> Option<DisplayFrame>;
     /// The source's frame rate, when known.
     fn fps(&self) -> Option<f64>;
