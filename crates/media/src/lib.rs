@@ -1,1 +1,66 @@
-//! placeholder
+//! Video sources: FFmpeg opens and decodes them on a thread of their own and fills the two
+//! frame stores of `kibitz-frames`.
+//!
+//! The decode thread never touches async code: it pushes into the [`DisplayBuffer`] and the
+//! [`InferenceWindow`] (both plain, lock-protected stores) and publishes a [`SourceStatus`]
+//! snapshot plus state-change callbacks. A file plays at its native rate and loops as if
+//! live; a live source that drops is reopened with backoff, forever. Only a file that cannot
+//! be opened at all is an error, and that one is reported before any thread starts.
+//!
+//! [`DisplayBuffer`]: kibitz_frames::DisplayBuffer
+//! [`InferenceWindow`]: kibitz_frames::InferenceWindow
+
+mod convert;
+mod decode;
+mod image;
+mod pacing;
+mod source;
+mod spec;
+mod status;
+
+pub use image::load_image;
+pub use source::{Source, SourceConfig, SourceContext, StatusReader};
+pub use spec::SourceSpec;
+pub use status::{SourceState, SourceStatus};
+
+/// What can go wrong with a source or an image, phrased for the person who named it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// FFmpeg could not open or probe the input (missing file, not a video, refused).
+    #[error("cannot open '{what}': {reason}")]
+    Open { what: String, reason: String },
+    #[error("'{what}' has no video stream (is it an audio file?)")]
+    NoVideo { what: String },
+    #[error("cannot decode '{what}': {reason}")]
+    Decode { what: String, reason: String },
+    #[error("'{0}' is not a source: give a video file, /dev/videoN, rtsp://… or http(s)://…")]
+    BadSpec(String),
+    #[error("cannot start the decode thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error(transparent)]
+    Frames(#[from] kibitz_frames::Error),
+}
+
+/// FFmpeg's own log goes to stderr and is loud about every damaged packet, which a live
+/// stream produces routinely; the source's status counts those instead. `verbose` turns
+/// FFmpeg's warnings back on for debugging a source.
+pub fn set_ffmpeg_verbose(verbose: bool) {
+    init();
+    let level = if verbose {
+        ffmpeg_next::log::Level::Warning
+    } else {
+        ffmpeg_next::log::Level::Fatal
+    };
+    ffmpeg_next::log::set_level(level);
+}
+
+/// Registers FFmpeg's formats and devices once per process.
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // `init` only fails on builds without the formats compiled in, which the open
+        // right after reports more usefully.
+        let _ = ffmpeg_next::init();
+        ffmpeg_next::log::set_level(ffmpeg_next::log::Level::Fatal);
+    });
+}
