@@ -4,7 +4,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so tests with paused time see the scripted delays.
+use tokio::time::Instant;
 
 use futures::future::BoxFuture;
 

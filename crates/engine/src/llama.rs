@@ -82,7 +82,7 @@ struct Job {
 /// A loaded model pair with its worker thread. Cloning shares the same worker.
 #[derive(Clone)]
 pub struct LlamaEngine {
-    jobs: mpsc::Sender<Job>,
+    worker: Arc<WorkerHandle>,
     in_flight: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
     info: EngineInfo,
@@ -97,7 +97,7 @@ impl LlamaEngine {
         let counter = in_flight.clone();
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("llama".into())
             .spawn(move || match Worker::load(&config) {
                 Ok(mut worker) => {
@@ -118,7 +118,7 @@ impl LlamaEngine {
             .map_err(|_| LoadError::Thread("it stopped while loading".into()))?
             .map_err(LoadError::Model)?;
         Ok(LlamaEngine {
-            jobs,
+            worker: Arc::new(WorkerHandle { jobs: Some(jobs), thread: Some(thread) }),
             in_flight,
             alive,
             info,
@@ -135,7 +135,8 @@ impl Engine for LlamaEngine {
             tx,
             submitted: Instant::now(),
         };
-        if self.jobs.send(job).is_err() {
+        let sent = self.worker.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Unavailable(
                 "the llama engine thread has stopped".into(),
@@ -155,6 +156,25 @@ impl Engine for LlamaEngine {
     fn health(&self) -> BoxFuture<'_, bool> {
         let alive = self.alive.load(Ordering::SeqCst);
         Box::pin(async move { alive })
+    }
+}
+
+/// Owns the worker thread. When the last engine handle goes, the queue closes and the
+/// thread is joined, so llama.cpp frees its GPU memory before the process exits (CUDA
+/// aborts when contexts are torn down during exit).
+struct WorkerHandle {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the llama engine thread panicked");
+            }
+        }
     }
 }
 
