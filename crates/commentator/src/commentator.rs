@@ -392,6 +392,10 @@ impl Commentator {
             latency: latency.as_secs_f64(),
             inference_ms,
             target_delay: self.delay.value(),
+            first_token_latency: cycle.first_token_at.map(|t| {
+                t.saturating_duration_since(cycle.newest_captured)
+                    .as_secs_f64()
+            }),
         })));
     }
 

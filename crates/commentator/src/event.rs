@@ -45,6 +45,9 @@ pub struct CycleEnd {
     pub inference_ms: f64,
     /// How far behind real time the picture is shown after this cycle, in seconds.
     pub target_delay: f64,
+    /// From the capture of the newest frame to the first piece of the answer, in seconds
+    /// (what a viewer waits for the first word about a picture); `None` without text.
+    pub first_token_latency: Option<f64>,
 }
 
 /// Changes a user can make while the loop runs.

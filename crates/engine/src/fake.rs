@@ -100,10 +100,9 @@ impl Engine for FakeEngine {
         tokio::spawn(async move {
             let start = Instant::now();
             tokio::time::sleep(inner.first_token).await;
-            match script {
-                Script::Fail(message) => {
-                    let _ = tx.send(Err(EngineError::Failed(message))).await;
-                }
+            // Like the real engines: the count drops before the last message goes out.
+            let last = match script {
+                Script::Fail(message) => Err(EngineError::Failed(message)),
                 Script::Answer(pieces) => {
                     let mut first_token_ms = 0.0;
                     let mut sent = 0;
@@ -128,10 +127,11 @@ impl Engine for FakeEngine {
                         total_ms,
                         ..Stats::default()
                     };
-                    let _ = tx.send(Ok(Output::Done(stats))).await;
+                    Ok(Output::Done(stats))
                 }
-            }
+            };
             inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(last).await;
         });
         Ok(generation)
     }

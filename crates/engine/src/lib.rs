@@ -105,6 +105,9 @@ pub struct Stats {
     /// Prompt tokens found already evaluated (a kept system-prompt prefix) and skipped.
     pub cached_tokens: u32,
     pub images: u32,
+    /// Image chunks whose vision embeddings were kept from an earlier request (the same
+    /// frame again) instead of being encoded.
+    pub reused_images: u32,
     pub vision_ms: f64,
     pub prefill_ms: f64,
     pub generated_tokens: u32,

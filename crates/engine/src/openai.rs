@@ -916,6 +916,7 @@ fn stats(progress: &Progress, submitted: Instant, images: u32) -> Stats {
             .or(timings.cache_n.map(|n| n as u32))
             .unwrap_or(0),
         images,
+        reused_images: 0,
         vision_ms: 0.0,
         prefill_ms: timings.prompt_ms.unwrap_or(0.0),
         generated_tokens: generated,

@@ -125,7 +125,9 @@ async fn ignore_eos_generates_exactly_max_tokens_and_reuses_the_prefix() {
     let mut r = request(vec![frame(448, 448, 3, 0)], 24);
     r.ignore_eos = true;
     let (_, first) = drain(engine.submit(r.clone()).unwrap()).await;
-    assert_eq!(first.unwrap().generated_tokens, 24);
+    let first = first.unwrap();
+    assert_eq!(first.generated_tokens, 24);
+    assert_eq!(first.reused_images, 0);
     let (_, second) = drain(engine.submit(r).unwrap()).await;
     let second = second.unwrap();
     assert_eq!(second.generated_tokens, 24);

@@ -29,14 +29,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let system = padded_system_prompt(args.prompt_tokens.saturating_sub(40));
     let mut all = Vec::new();
     for cycle in 0..args.warmup + args.cycles {
-        let frames = (0..args.frames)
+        // The window slides by `new_frames` a cycle; the frames it shares with the last
+        // cycle are the same frames (same time, same pixels), as in the live loop.
+        let first = cycle * args.new_frames.unwrap_or(args.frames);
+        let frames = (first..first + args.frames)
             .map(|i| Frame {
-                image: Image::Rgb(test_frame(
-                    args.frame_size,
-                    args.frame_size,
-                    (cycle * args.frames + i) as u32,
-                )),
-                pts: Duration::from_millis(((cycle * args.frames + i) * 1000) as u64),
+                image: Image::Rgb(test_frame(args.frame_size, args.frame_size, i as u32)),
+                pts: Duration::from_millis(i as u64 * 1000),
             })
             .collect();
         let user = format!(
@@ -127,10 +126,11 @@ impl Report {
             )
         };
         let mut t = format!(
-            "{backend}: {} cycles of {} images ({} image tokens) + {} text prompt tokens ({} of them reused) + {generate} generated\n\n",
+            "{backend}: {} cycles of {} images ({} image tokens, {} images reused from the last cycle) + {} text prompt tokens ({} of them reused) + {generate} generated\n\n",
             self.cycles,
             sample.images,
             sample.image_tokens,
+            sample.reused_images,
             sample.prompt_tokens - sample.image_tokens,
             sample.cached_tokens,
         );

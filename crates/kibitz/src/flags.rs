@@ -244,6 +244,10 @@ pub struct BenchArgs {
     /// Frames per cycle.
     #[arg(long, default_value_t = 4)]
     pub frames: usize,
+    /// New frames a cycle (the rest are the previous cycle's, as in the live loop)
+    /// [default: all new].
+    #[arg(long)]
+    pub new_frames: Option<usize>,
     /// Frame side in pixels (square frames).
     #[arg(long, default_value_t = 448)]
     pub frame_size: u32,

@@ -303,6 +303,7 @@ mod tests {
                 latency: 2.0,
                 inference_ms: 1500.0,
                 target_delay: 3.25,
+                first_token_latency: None,
             }))
             .unwrap();
         harness
@@ -315,6 +316,7 @@ mod tests {
                 latency: 1.0,
                 inference_ms: 700.0,
                 target_delay: 3.25,
+                first_token_latency: None,
             }))
             .unwrap();
         harness

@@ -139,6 +139,7 @@ mod tests {
             latency: 1.5,
             inference_ms: 900.0,
             target_delay: 4.0,
+            first_token_latency: None,
         })
     }
 

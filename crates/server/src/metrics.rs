@@ -202,6 +202,7 @@ mod tests {
                 latency: 1.25,
                 inference_ms: 500.0,
                 target_delay: 2.5,
+                first_token_latency: None,
             }))
             .unwrap();
         let text = loop {

@@ -283,6 +283,7 @@ async fn commentate(events: tokio::sync::broadcast::Sender<Event>) {
             latency: 1.2,
             inference_ms: 800.0,
             target_delay: 0.0,
+            first_token_latency: None,
         }));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -87,6 +87,11 @@ impl Model {
         String::from_utf8_lossy(&buf[..n.clamp(0, 255) as usize]).into_owned()
     }
 
+    /// Width of the embeddings the LLM takes as input (what the projector must produce).
+    pub fn n_embd_inp(&self) -> usize {
+        unsafe { sys::llama_model_n_embd_inp(self.0.as_ptr()) as usize }
+    }
+
     pub fn n_layer(&self) -> i32 {
         unsafe { sys::llama_model_n_layer(self.0.as_ptr()) }
     }
@@ -364,62 +369,57 @@ impl Mtmd {
         }
     }
 
-    /// Encodes every image chunk, as few batches as llama.cpp allows. The returned batches
-    /// own the embeddings until they are dropped.
-    pub fn encode_images(&mut self, chunks: &Chunks) -> Result<Encoded, String> {
-        let mut batches: Vec<MtmdBatch> = Vec::new();
-        let mut owner = Vec::new(); // chunk index -> batch index
-        let mut current: Option<MtmdBatch> = None;
-        for i in 0..chunks.len() {
-            let chunk = chunks.get(i);
-            if chunks.kind(i) != ChunkKind::Image {
-                continue;
-            }
+    /// Encodes the image chunks `wanted` picks, in as few batches as llama.cpp allows, and
+    /// returns each one's embeddings (`width` floats a token) by chunk index.
+    pub fn encode_images(
+        &mut self,
+        chunks: &Chunks,
+        width: usize,
+        wanted: impl Fn(usize) -> bool,
+    ) -> Result<Vec<(usize, Vec<f32>)>, String> {
+        let mut out = Vec::new();
+        let mut batch: Option<(MtmdBatch, Vec<usize>)> = None;
+        for i in (0..chunks.len()).filter(|&i| chunks.kind(i) == ChunkKind::Image && wanted(i)) {
             loop {
-                let batch = current.get_or_insert_with(|| MtmdBatch::new(self));
-                let rc = unsafe { sys::mtmd_batch_add_chunk(batch.ptr.as_ptr(), chunk) };
-                match rc {
-                    0 => break,
-                    2 | 3 if batch.len > 0 => {
-                        // Full, or this chunk can't share the batch: encode what we have.
-                        let mut full = current.take().unwrap();
-                        full.encode()?;
-                        batches.push(full);
+                let (b, members) = batch.get_or_insert_with(|| (MtmdBatch::new(self), Vec::new()));
+                match unsafe { sys::mtmd_batch_add_chunk(b.ptr.as_ptr(), chunks.get(i)) } {
+                    0 => {
+                        members.push(i);
+                        break;
+                    }
+                    // Full, or this chunk can't share the batch: encode what we have.
+                    2 | 3 if !members.is_empty() => {
+                        let (full, members) = batch.take().unwrap();
+                        out.extend(full.encode(chunks, &members, width)?);
                     }
                     rc => return Err(format!("mtmd_batch_add_chunk failed ({rc})")),
                 }
             }
-            let batch = current.as_mut().unwrap();
-            batch.len += 1;
-            owner.push((i, batches.len()));
         }
-        if let Some(mut last) = current.take() {
-            last.encode()?;
-            batches.push(last);
+        if let Some((last, members)) = batch.take() {
+            out.extend(last.encode(chunks, &members, width)?);
         }
-        Ok(Encoded { batches, owner })
+        Ok(out)
     }
 
-    /// Feeds one encoded image chunk to the LLM at `pos`; returns the next position.
+    /// Feeds one image chunk's embeddings to the LLM at `pos`; returns the next position.
     pub fn decode_image(
         &mut self,
         ctx: &mut Context,
         chunks: &Chunks,
         index: usize,
-        encoded: &Encoded,
+        embeddings: &[f32],
         pos: i32,
     ) -> Result<i32, String> {
         let chunk = chunks.get(index);
-        let embd = encoded
-            .embeddings(chunk, index)
-            .ok_or("image chunk was not encoded")?;
         let mut next = pos;
+        // llama.cpp reads the embeddings through a mutable pointer but does not write them.
         let rc = unsafe {
             sys::mtmd_helper_decode_image_chunk(
                 self.0.as_ptr(),
                 ctx.as_ptr(),
                 chunk,
-                embd,
+                embeddings.as_ptr() as *mut f32,
                 pos,
                 0,
                 ctx.n_batch() as i32,
@@ -443,41 +443,44 @@ impl Drop for Mtmd {
 
 struct MtmdBatch {
     ptr: NonNull<sys::mtmd_batch>,
-    /// Image chunks added.
-    len: usize,
 }
 
 impl MtmdBatch {
     fn new(mtmd: &Mtmd) -> MtmdBatch {
         let ptr = NonNull::new(unsafe { sys::mtmd_batch_init(mtmd.0.as_ptr()) })
             .expect("mtmd_batch_init returned null");
-        MtmdBatch { ptr, len: 0 }
+        MtmdBatch { ptr }
     }
-    fn encode(&mut self) -> Result<(), String> {
+
+    /// Runs the vision encoder on the batch and copies each member's embeddings out.
+    fn encode(
+        self,
+        chunks: &Chunks,
+        members: &[usize],
+        width: usize,
+    ) -> Result<Vec<(usize, Vec<f32>)>, String> {
         match unsafe { sys::mtmd_batch_encode(self.ptr.as_ptr()) } {
-            0 => Ok(()),
-            rc => Err(format!("vision encoding failed ({rc})")),
+            0 => {}
+            rc => return Err(format!("vision encoding failed ({rc})")),
         }
+        members
+            .iter()
+            .map(|&i| {
+                let ptr =
+                    unsafe { sys::mtmd_batch_get_output_embd(self.ptr.as_ptr(), chunks.get(i)) };
+                if ptr.is_null() {
+                    return Err(format!("no embeddings for image chunk {i}"));
+                }
+                let n = chunks.n_tokens(i) * width;
+                Ok((i, unsafe { std::slice::from_raw_parts(ptr, n) }.to_vec()))
+            })
+            .collect()
     }
 }
 
 impl Drop for MtmdBatch {
     fn drop(&mut self) {
         unsafe { sys::mtmd_batch_free(self.ptr.as_ptr()) }
-    }
-}
-
-pub struct Encoded {
-    batches: Vec<MtmdBatch>,
-    /// (chunk index, batch index)
-    owner: Vec<(usize, usize)>,
-}
-
-impl Encoded {
-    fn embeddings(&self, chunk: *const sys::mtmd_input_chunk, index: usize) -> Option<*mut f32> {
-        let (_, b) = self.owner.iter().find(|(i, _)| *i == index)?;
-        let ptr = unsafe { sys::mtmd_batch_get_output_embd(self.batches[*b].ptr.as_ptr(), chunk) };
-        (!ptr.is_null()).then_some(ptr)
     }
 }
 
@@ -516,6 +519,16 @@ impl Chunks {
         unsafe { std::slice::from_raw_parts(ptr, n) }
     }
 
+    /// The id of the bitmap an image chunk came from (see [`Bitmap::set_id`]).
+    pub fn id(&self, i: usize) -> Option<String> {
+        let ptr = unsafe { sys::mtmd_input_chunk_get_id(self.get(i)) };
+        (!ptr.is_null()).then(|| {
+            unsafe { CStr::from_ptr(ptr) }
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+
     pub fn n_tokens(&self, i: usize) -> usize {
         unsafe { sys::mtmd_input_chunk_get_n_tokens(self.get(i)) }
     }
@@ -546,6 +559,14 @@ impl Bitmap {
         NonNull::new(ptr)
             .map(Bitmap)
             .ok_or_else(|| "mtmd_bitmap_init failed".to_string())
+    }
+}
+
+impl Bitmap {
+    pub fn set_id(&mut self, id: &str) {
+        if let Ok(c) = CString::new(id) {
+            unsafe { sys::mtmd_bitmap_set_id(self.0.as_ptr(), c.as_ptr()) }
+        }
     }
 }
 
