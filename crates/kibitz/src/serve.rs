@@ -96,9 +96,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("stopping");
         stop.cancel();
     });
+    // The address actually bound (`--bind 127.0.0.1:0` picks a free port).
+    let addr = listener.local_addr()?;
     println!(
-        "kibitz: serving http://{} (source: {})",
-        settings.bind,
+        "kibitz: serving http://{addr} (source: {})",
         source.status().source
     );
     kibitz_server::serve(listener, state).await?;
