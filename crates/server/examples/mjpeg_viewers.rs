@@ -12,7 +12,7 @@
 //! taskset -c 0,1 mjpeg_viewers serve --bind 127.0.0.1:8299 &
 //! taskset -c 2-15 mjpeg_viewers watch --url 127.0.0.1:8299 --server-pid $! --viewers 200,400
 //! ```
-//! Results and how they were taken: `crates/server/BENCHMARKS.md`.
+//! Results and how they were taken: `docs/benchmarks.md` (MJPEG viewers).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
