@@ -74,9 +74,12 @@ pub enum LoadError {
     Thread(String),
 }
 
+/// Where a request's answer goes.
+type Reply = Sender<Result<Output, EngineError>>;
+
 struct Job {
     request: Request,
-    tx: Sender<Result<Output, EngineError>>,
+    tx: Reply,
     submitted: Instant,
 }
 
@@ -281,13 +284,7 @@ impl Worker {
     }
 
     /// Runs one job; returns its channel and the last message to send on it, if any.
-    fn serve(
-        &mut self,
-        job: Job,
-    ) -> (
-        Sender<Result<Output, EngineError>>,
-        Option<Result<Output, EngineError>>,
-    ) {
+    fn serve(&mut self, job: Job) -> (Reply, Option<Result<Output, EngineError>>) {
         let tx = job.tx.clone();
         if tx.is_closed() {
             return (tx, None); // cancelled while queued
@@ -492,7 +489,7 @@ fn frame_key(pts: std::time::Duration, rgb: &Rgb) -> String {
 
 /// (chunk index, (frame key, slice number)) of every image chunk: a frame cut into slices
 /// gives several chunks with the same bitmap id.
-fn image_keys(chunks: &ffi::Chunks) -> Vec<(usize, (String, usize))> {
+fn image_keys(chunks: &ffi::Chunks) -> Vec<(usize, ChunkKey)> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     (0..chunks.len())
         .filter(|&i| chunks.kind(i) == ChunkKind::Image)
@@ -508,21 +505,24 @@ fn image_keys(chunks: &ffi::Chunks) -> Vec<(usize, (String, usize))> {
 /// The embeddings of the last few image chunks, oldest dropped first.
 #[derive(Default)]
 struct EmbeddingCache {
-    entries: std::collections::VecDeque<((String, usize), Arc<Vec<f32>>)>,
+    entries: std::collections::VecDeque<(ChunkKey, Arc<Vec<f32>>)>,
 }
+
+/// A frame's key and the slice number within it.
+type ChunkKey = (String, usize);
 
 impl EmbeddingCache {
     /// A commentary window spans 32 frames; a 9-slice frame is 10 chunks.
     const CAPACITY: usize = 64;
 
-    fn get(&self, key: &(String, usize)) -> Option<Arc<Vec<f32>>> {
+    fn get(&self, key: &ChunkKey) -> Option<Arc<Vec<f32>>> {
         self.entries
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.clone())
     }
 
-    fn insert(&mut self, key: (String, usize), value: Arc<Vec<f32>>) {
+    fn insert(&mut self, key: ChunkKey, value: Arc<Vec<f32>>) {
         if self.entries.len() == Self::CAPACITY {
             self.entries.pop_front();
         }
