@@ -144,6 +144,11 @@ pub struct Commentator {
     next_cycle: u64,
     /// Capture time of the newest frame the last cycle used.
     last_newest: Option<Instant>,
+    /// When the next cycle became due (the end of the interval). It starts with a frame
+    /// captured after that, so the newest frame is moments old when the engine gets it:
+    /// at 2 fps, a frame already waiting would be up to half a second stale, and that age
+    /// adds to every comment's latency and to the sync delay.
+    due: Instant,
     last_comment: Option<String>,
     snapshot: Snapshot,
 }
@@ -164,6 +169,7 @@ impl Commentator {
             out: VecDeque::new(),
             next_cycle: 1,
             last_newest: None,
+            due: now,
             last_comment: None,
             snapshot: Snapshot::default(),
             config,
@@ -261,8 +267,8 @@ impl Commentator {
         }
         let newest = frames.last().map(|(stamp, _)| stamp.captured);
         let fresh = match (newest, self.last_newest) {
-            (Some(newest), Some(last)) => newest > last,
-            (Some(_), None) => true,
+            (Some(newest), Some(last)) => newest > last && newest >= self.due,
+            (Some(newest), None) => newest >= self.due,
             (None, _) => false,
         };
         if frames.len() < self.config.frames_per_inference || !fresh {
@@ -362,6 +368,7 @@ impl Commentator {
             // A late answer to an abandoned cycle: the loop has moved on.
             return;
         };
+        self.due = now + self.config.interval;
         let text = cycle.text.trim();
         let skipped = is_skip(text);
         let latency = now.saturating_duration_since(cycle.newest_captured);
@@ -414,9 +421,8 @@ impl Commentator {
     fn fail_cycle(&mut self, id: u64, message: String, now: Instant) {
         self.snapshot.cycles_failed += 1;
         self.waiting = Phase::Idle;
-        self.state = State::Pausing {
-            at: now + self.config.interval,
-        };
+        self.due = now + self.config.interval;
+        self.state = State::Pausing { at: self.due };
         self.out.push_back(Output::Emit(Event::Error {
             cycle: Some(id),
             message,
@@ -640,10 +646,19 @@ mod tests {
         sim.next_request(10.0);
         let gap = sim.requests[1].0.duration_since(end);
         assert!(gap >= Duration::from_secs(1), "gap {gap:?}");
+        // ...and starts with the first frame captured after that (the fake window has
+        // one every 0.5 s), so the newest frame is at most a poll period old.
         assert!(
-            gap <= Duration::from_secs(1) + sim.c.config().poll,
+            gap <= Duration::from_millis(1500) + sim.c.config().poll,
             "gap {gap:?}"
         );
+        let newest = sim.requests[1].2.frames.last().unwrap().pts;
+        let request_age = sim.requests[1].0.duration_since(sim.start + newest);
+        assert!(
+            request_age <= sim.c.config().poll,
+            "newest frame {request_age:?} old"
+        );
+        assert!(sim.start + newest >= end + Duration::from_secs(1));
         let ends = sim.cycle_ends();
         assert_eq!(ends[0].text, "A dog runs.");
         assert!(!ends[0].skipped);
