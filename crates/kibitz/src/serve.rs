@@ -134,20 +134,12 @@ impl FrameWindow for WindowFrames {
 
 struct DisplayFeedOf(Arc<DisplayBuffer>);
 
-fn to_server(f: kibitz_frames::DisplayFrame) -> DisplayFrame {
-    DisplayFrame {
-        seq: f.seq,
-        stamp: f.stamp,
-        jpeg: f.jpeg,
-    }
-}
-
 impl DisplayFeed for DisplayFeedOf {
     fn latest(&self) -> Option<DisplayFrame> {
-        self.0.latest().map(to_server)
+        self.0.latest()
     }
     fn at(&self, t: Instant) -> Option<DisplayFrame> {
-        self.0.at(t).map(to_server)
+        self.0.at(t)
     }
     fn fps(&self) -> Option<f64> {
         self.0.fps()

@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use kibitz_commentator::{Control, Event};
 use kibitz_engine::Engine;
-use kibitz_frames::{Jpeg, Stamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -26,14 +25,9 @@ pub const MAX_INSTRUCTION_CHARS: usize = 2000;
 /// How many recent cycle latencies `/api/status` lists.
 const RECENT_LATENCIES: usize = 20;
 
-/// One picture of the display buffer.
-#[derive(Debug, Clone)]
-pub struct DisplayFrame {
-    /// Grows by one for every frame the source delivers; viewers use it to tell frames apart.
-    pub seq: u64,
-    pub stamp: Stamp,
-    pub jpeg: Jpeg,
-}
+/// One picture of the display buffer: the frame stores' own type, so the binary hands
+/// frames over without copying fields.
+pub use kibitz_frames::DisplayFrame;
 
 /// The display buffer as the server needs it. Calls must be cheap and never block for
 /// long: every MJPEG viewer calls [`DisplayFeed::at`] once per frame period.
