@@ -986,15 +986,9 @@ fn jpeg_bytes(image: &Image, quality: u8) -> Result<Bytes, String> {
                     rgb.data.len()
                 ));
             }
-            let image = turbojpeg::Image {
-                pixels: &rgb.data[..],
-                width: w,
-                pitch: w * 3,
-                height: h,
-                format: turbojpeg::PixelFormat::RGB,
-            };
-            turbojpeg::compress(image, i32::from(quality), turbojpeg::Subsamp::Sub2x2)
-                .map(|buf| Bytes::copy_from_slice(&buf))
+            kibitz_frames::JpegEncoder::new(quality)
+                .and_then(|mut encoder| encoder.encode_rgb(rgb))
+                .map(|jpeg| jpeg.bytes)
                 .map_err(|e| format!("JPEG encoding failed: {e}"))
         }
     }
