@@ -55,4 +55,6 @@ bench() {
 bench --flash-attn on                   # every frame new: the bench the issue asks for
 bench --flash-attn on --new-frames 2    # live-like: the window slides by 2 of 4 frames
 bench --flash-attn off
+echo "== live loop: newest frame -> first token"
+"$kibitz" bench --model "$work/full" --live 15 --generate 30 --json 2>&1 | grep -E '^\||^\{|live loop|ERROR|error' || echo "live bench failed"
 echo "== done $(date -u +%FT%TZ)"

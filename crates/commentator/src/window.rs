@@ -1,12 +1,18 @@
-//! What the loop needs from the inference window, as a trait so this crate does not tie
-//! itself to the window's type; the binary implements it for the real one.
+//! What the loop needs from the inference window, as a trait so tests can drive the loop
+//! with a fake source on fake time.
 
-use kibitz_frames::{Rgb, Stamp};
+use kibitz_frames::{InferenceWindow, Rgb, Stamp};
 
 pub trait FrameWindow: Send + Sync {
     /// Up to `n` frames: the newest one and every `stride`-th frame before it, returned
     /// oldest first. Fewer than `n` when the window does not hold that many yet.
     fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)>;
+}
+
+impl FrameWindow for InferenceWindow {
+    fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)> {
+        InferenceWindow::sample(self, n, stride)
+    }
 }
 
 /// A fake source for tests: frame `k` is captured at `start + k * period` with

@@ -4,10 +4,11 @@
 //! so every cycle does the same work whatever the weights say).
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kibitz_engine::{Frame, Image, Request, Stats};
+use kibitz_engine::{Engine, Frame, Image, Request, Stats};
 
 use crate::flags::BenchArgs;
 use crate::selftest::test_frame;
@@ -19,6 +20,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "--frames must be at least 1 and --frame-size at least 14"
     );
     let engine = crate::engine::build(&args.engine).await?;
+    if let Some(cycles) = args.live {
+        return live(engine, cycles, args.generate, args.json).await;
+    }
     let info = engine.info();
     eprintln!(
         "bench: {} on {}, {} cycles after {} warm-up",
@@ -144,4 +148,102 @@ impl Report {
         t.push_str(&row("decode (tokens/s)", &self.decode_tokens_per_s));
         t
     }
+}
+
+/// The real commentary loop (default settings) on a synthetic source that captures a new
+/// 448x252 frame every 0.5 s: what a viewer waits from a picture to the first word about it.
+async fn live(
+    engine: Arc<dyn Engine>,
+    cycles: usize,
+    generate: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use kibitz_commentator::{Commentator, CommentatorConfig, Event};
+    use kibitz_frames::{InferenceWindow, Stamp};
+
+    let window = Arc::new(InferenceWindow::new(32));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let source = {
+        let (window, stop) = (window.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            for i in 0u32.. {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let stamp = Stamp {
+                    pts: Duration::from_millis(500 * u64::from(i)),
+                    captured: Instant::now(),
+                };
+                window.push(stamp, test_frame(448, 252, i));
+            }
+        })
+    };
+    let config = CommentatorConfig {
+        max_tokens: generate,
+        ..CommentatorConfig::default()
+    };
+    let commentator = Commentator::new(config, Instant::now())?;
+    let (events, mut rx) = tokio::sync::broadcast::channel(1024);
+    let (snapshot, _) = tokio::sync::watch::channel(commentator.snapshot());
+    let (_controls, controls_rx) = tokio::sync::mpsc::channel(1);
+    let run = tokio::spawn(kibitz_commentator::run(
+        commentator,
+        window,
+        engine.clone(),
+        events,
+        controls_rx,
+        snapshot,
+        shutdown.clone(),
+    ));
+    let mut ends = Vec::new();
+    while ends.len() < cycles {
+        match rx.recv().await {
+            Ok(Event::CycleEnd(end)) => ends.push(end),
+            Ok(Event::Error { message, .. }) => anyhow::bail!("a live cycle failed: {message}"),
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => anyhow::bail!("the commentary loop stopped: {e}"),
+        }
+    }
+    shutdown.cancel();
+    let _ = tokio::join!(run, source);
+    let first = Percentiles::of(
+        ends.iter()
+            .filter_map(|e| e.first_token_latency)
+            .map(|s| s * 1e3)
+            .collect(),
+    );
+    let end = Percentiles::of(ends.iter().map(|e| e.latency * 1e3).collect());
+    let age = Percentiles::of(
+        ends.iter()
+            .map(|e| e.latency * 1e3 - e.inference_ms)
+            .collect(),
+    );
+    let inference = Percentiles::of(ends.iter().map(|e| e.inference_ms).collect());
+    let row = |name: &str, p: &Percentiles| {
+        format!(
+            "| {name:<28} | {:>9.1} | {:>9.1} | {:>9.1} |\n",
+            p.p50, p.p95, p.mean
+        )
+    };
+    let mut t = format!(
+        "{}: live loop, {} cycles, frames at 2 fps, up to {generate} tokens\n\n",
+        engine.info().backend,
+        ends.len()
+    );
+    t.push_str("| ms                           |       p50 |       p95 |      mean |\n");
+    t.push_str("|------------------------------|-----------|-----------|-----------|\n");
+    t.push_str(&row("newest frame -> first token", &first));
+    t.push_str(&row("newest frame -> answer end", &end));
+    t.push_str(&row("frame age at cycle start", &age));
+    t.push_str(&row("cycle (engine)", &inference));
+    println!("{t}");
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "first_token": first, "answer_end": end, "frame_age": age, "inference": inference })
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -260,6 +260,10 @@ pub struct BenchArgs {
     /// Print the results as JSON too.
     #[arg(long)]
     pub json: bool,
+    /// Run the live commentary loop instead, on synthetic 448x252 frames captured at 2 fps
+    /// in real time, for this many cycles: measures newest frame -> first token.
+    #[arg(long, value_name = "CYCLES")]
+    pub live: Option<usize>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

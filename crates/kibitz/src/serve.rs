@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use kibitz_commentator::{Commentator, Event, FrameWindow, Profiles};
-use kibitz_frames::{DisplayBuffer, InferenceWindow, Rgb, Stamp};
+use kibitz_frames::{DisplayBuffer, InferenceWindow};
 use kibitz_media::{SourceContext, StatusReader};
 use kibitz_server::{
     AppState, BufferStatus, DisplayFeed, DisplayFrame, Parts, PipelineStatus, Selection,
@@ -54,7 +54,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let loop_task = tokio::spawn(kibitz_commentator::run(
         commentator,
-        Arc::new(WindowFrames(window.clone())) as Arc<dyn FrameWindow>,
+        window.clone() as Arc<dyn FrameWindow>,
         engine.clone(),
         events.clone(),
         controls_rx,
@@ -122,14 +122,6 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-struct WindowFrames(Arc<InferenceWindow>);
-
-impl FrameWindow for WindowFrames {
-    fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)> {
-        self.0.sample(n, stride)
-    }
 }
 
 struct DisplayFeedOf(Arc<DisplayBuffer>);
