@@ -285,16 +285,8 @@ mod tests {
         );
         let harness = Harness::with_display(display);
         harness.set_delay(0.0);
-        let response = harness
-            .router()
-            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let mut body = response.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        for _ in 0..3 * 4 {
-            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
-        }
+        let mut body = mjpeg(&harness).await;
+        let bytes = read_frames(&mut body, 4).await;
         let seqs = parse_parts(&bytes);
         assert_eq!(seqs.len(), 4);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
@@ -308,16 +300,8 @@ mod tests {
         let harness = Harness::with_display(display.clone());
         harness.set_delay(2.0);
         tokio::time::advance(Duration::from_secs(5)).await;
-        let response = harness
-            .router()
-            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let mut body = response.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        for _ in 0..3 {
-            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
-        }
+        let mut body = mjpeg(&harness).await;
+        let bytes = read_frames(&mut body, 1).await;
         let latest = display.latest().unwrap().seq;
         let sent = parse_parts(&bytes)[0];
         assert_eq!(latest - sent, 20, "2 s at 10 fps behind the newest frame");
@@ -370,16 +354,8 @@ mod tests {
         let harness = Harness::with_display(display);
         // A quarter period off the frames' nominal times, where a fixed ticker would beat.
         harness.set_delay(0.41);
-        let response = harness
-            .router()
-            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let mut body = response.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        for _ in 0..3 * 60 {
-            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
-        }
+        let mut body = mjpeg(&harness).await;
+        let bytes = read_frames(&mut body, 60).await;
         let seqs = parse_parts(&bytes);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     }
@@ -411,16 +387,8 @@ mod tests {
         harness.set_delay(5.0);
         tokio::time::advance(Duration::from_secs(3)).await;
         let start = tokio::time::Instant::now();
-        let response = harness
-            .router()
-            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let mut body = response.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        for _ in 0..3 * 20 {
-            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
-        }
+        let mut body = mjpeg(&harness).await;
+        let bytes = read_frames(&mut body, 20).await;
         let seqs = parse_parts(&bytes);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
         let took = start.elapsed();
@@ -438,20 +406,10 @@ mod tests {
         let harness = Harness::with_display(display);
         harness.set_delay(0.0);
         tokio::time::advance(Duration::from_secs(3)).await;
-        let response = harness
-            .router()
-            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let mut body = response.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        for _ in 0..3 * 3 {
-            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
-        }
+        let mut body = mjpeg(&harness).await;
+        let mut bytes = read_frames(&mut body, 3).await;
         harness.set_delay(1.0);
-        for _ in 0..3 * 3 {
-            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
-        }
+        bytes.extend(read_frames(&mut body, 3).await);
         let seqs = parse_parts(&bytes);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     }
@@ -460,17 +418,29 @@ mod tests {
     async fn stream_ends_on_shutdown() {
         let display = Arc::new(FakeDisplay::new(vec![pattern_jpeg(16, 16, 0, 0)], 10.0));
         let harness = Harness::with_display(display);
-        let response = harness
-            .router()
-            .oneshot(Request::get("/api/mjpeg").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let mut body = response.into_body().into_data_stream();
+        let mut body = mjpeg(&harness).await;
         harness.state.shutdown().cancel();
         while body.next().await.is_some() {}
     }
 
     /// The sequence numbers of the parts in an MJPEG body, checking their framing.
+    /// Opens `/api/mjpeg` and returns its body as it streams.
+    async fn mjpeg(harness: &Harness) -> axum::body::BodyDataStream {
+        let request = Request::get("/api/mjpeg").body(Body::empty()).unwrap();
+        let response = harness.router().oneshot(request).await.unwrap();
+        response.into_body().into_data_stream()
+    }
+
+    /// The bytes of the next `frames` parts: each comes as three chunks (part headers, the
+    /// JPEG, the line break).
+    async fn read_frames(body: &mut axum::body::BodyDataStream, frames: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for _ in 0..3 * frames {
+            bytes.extend_from_slice(&body.next().await.unwrap().unwrap());
+        }
+        bytes
+    }
+
     fn parse_parts(mut bytes: &[u8]) -> Vec<u64> {
         let opening = format!("--{BOUNDARY}\r\n");
         assert!(
