@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+mod fixture;
+use fixture::fixture;
+
 fn kibitz() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kibitz"));
     // One llama.cpp thread: tests run side by side on small machines.
@@ -13,18 +16,6 @@ fn kibitz() -> Command {
         .env_remove("MODEL_PATH")
         .env_remove("ENGINE");
     cmd
-}
-
-fn fixture(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name);
-    assert!(
-        path.exists(),
-        "missing fixture {}; run scripts/fixtures.sh",
-        path.display()
-    );
-    path
 }
 
 /// The tiny model, written once by `kibitz selftest --keep` (which is itself a test of it).

@@ -3,21 +3,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixture(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name);
-    assert!(
-        path.exists(),
-        "missing fixture {}; run scripts/fixtures.sh",
-        path.display()
-    );
-    path
-}
+mod fixture;
+use fixture::fixture;
 
 /// A running `kibitz serve`, killed on drop.
 struct Server {

@@ -9,17 +9,8 @@ use std::time::{Duration, Instant};
 use kibitz_frames::{model_size, DisplayBuffer, InferenceWindow, Stamp, WINDOW_SIZE};
 use kibitz_media::{Error, Source, SourceConfig, SourceContext, SourceSpec, SourceState};
 
-fn fixture(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name);
-    assert!(
-        path.exists(),
-        "missing fixture {}: run scripts/fixtures.sh",
-        path.display()
-    );
-    path
-}
+mod fixture;
+use fixture::fixture;
 
 struct Running {
     source: Source,

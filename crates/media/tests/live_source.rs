@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -11,17 +10,8 @@ use std::time::{Duration, Instant};
 use kibitz_frames::{DisplayBuffer, InferenceWindow};
 use kibitz_media::{Source, SourceConfig, SourceContext, SourceSpec, SourceState};
 
-fn fixture(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name);
-    assert!(
-        path.exists(),
-        "missing fixture {}: run scripts/fixtures.sh",
-        path.display()
-    );
-    path
-}
+mod fixture;
+use fixture::fixture;
 
 fn start(
     url: &str,

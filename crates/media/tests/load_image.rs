@@ -1,20 +1,9 @@
 //! `load_image` on the picture fixtures made by `scripts/fixtures.sh`.
 
-use std::path::PathBuf;
-
 use kibitz_media::{load_image, Error};
 
-fn fixture(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name);
-    assert!(
-        path.exists(),
-        "missing fixture {}: run scripts/fixtures.sh",
-        path.display()
-    );
-    path
-}
+mod fixture;
+use fixture::fixture;
 
 #[test]
 fn formats_and_sizes() {
