@@ -53,13 +53,6 @@ impl GgufInfo {
         }
         Ok(info)
     }
-
-    pub fn get_str(&self, key: &str) -> Option<&str> {
-        match self.metadata.get(key) {
-            Some(Value::Str(s)) => Some(s),
-            _ => None,
-        }
-    }
 }
 
 struct Reader<R> {
