@@ -6,11 +6,15 @@
 //! answer means, how late the picture must be shown. The tokio task in `driver` only moves
 //! data; tests drive the same machine with fake time.
 //!
-//! A cycle starts when the interval since the previous cycle's end has passed, the window
-//! holds enough frames, at least one of them is newer than those of the previous cycle (a
-//! stalled source must not be asked about the same picture again), and the engine is not
-//! already working for someone else (queueing behind other callers would make the frames
-//! stale by the time they are read; better to look again shortly with fresh ones).
+//! A cycle starts when the interval since the previous cycle's end has passed, the stream
+//! has its turn on the engine, the window holds enough frames, and at least one of them is
+//! newer than those of the previous cycle (a stalled source must not be asked about the same
+//! picture again).
+//!
+//! The engine is shared with other streams, and its scheduler decides whose turn it is
+//! (`kibitz_engine::scheduler`). The machine asks for the turn before it looks at the
+//! window ([`Output::NeedFrames`]), so a cycle that had to wait is built from the frames of
+//! the moment the engine became free, never from a window that went stale in the queue.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -19,7 +23,7 @@ use kibitz_engine::{EngineError, Frame, Image, Request, Stats};
 use kibitz_frames::{Rgb, Stamp};
 use serde::Serialize;
 
-use crate::config::{check_instruction, CommentatorConfig, ConfigError};
+use crate::config::{CommentatorConfig, ConfigError};
 use crate::event::{Control, CycleEnd, Event};
 use crate::profile::{is_skip, Profile, Profiles};
 use crate::sync::SyncDelay;
@@ -29,13 +33,14 @@ use crate::sync::SyncDelay;
 pub enum Input {
     /// The clock reached (at least) a deadline the machine asked for.
     Tick(Instant),
-    /// The answer to [`Output::NeedFrames`]: what the window holds now (oldest first), and
-    /// how many requests the engine already has queued or running. Counting the loop's own
-    /// request that has only just finished is harmless: the cycle waits one poll period.
+    /// The turn asked for by [`Output::NeedFrames`] was not free at once: the caller waits
+    /// for it (as long as it takes) and then answers with `Frames`.
+    Waiting(Instant),
+    /// The answer to [`Output::NeedFrames`], once the turn is held: what the window holds
+    /// now, oldest first.
     Frames {
         now: Instant,
         frames: Vec<(Stamp, Rgb)>,
-        engine_in_flight: usize,
     },
     /// A piece of the running cycle's answer.
     Token(String, Instant),
@@ -49,14 +54,23 @@ pub enum Input {
 /// What the machine asks the outside world to do.
 #[derive(Debug)]
 pub enum Output {
-    /// Submit this request to the engine; feed its output back as `Token`/`Done`/`Failed`.
+    /// Submit this request with the turn taken for the `NeedFrames` just answered; feed its
+    /// output back as `Token`/`Done`/`Failed`.
     Infer { cycle: u64, request: Request },
     /// Drop this cycle's request (it ran past the cycle timeout).
     Cancel { cycle: u64 },
     /// Publish this event.
     Emit(Event),
-    /// Sample the window (`count` frames, every `stride`-th) and answer with `Input::Frames`.
-    NeedFrames { count: usize, stride: usize },
+    /// A cycle is due. Wait for this stream's commentary turn on the engine (`newest`, the
+    /// capture time of the newest frame of the last cycle, is the scheduler's fairness key),
+    /// saying so with `Input::Waiting` if it is not free at once; then sample the window
+    /// (`count` frames, every `stride`-th) and answer with `Input::Frames`. Give the turn
+    /// back unless `Output::Infer` follows.
+    NeedFrames {
+        count: usize,
+        stride: usize,
+        newest: Option<Instant>,
+    },
     /// Nothing more to do now: wake the machine with `Input::Tick` at this instant, or earlier
     /// when something else arrives.
     Timeout(Instant),
@@ -71,7 +85,7 @@ pub enum Phase {
     Idle,
     /// Due, but the window has too few frames or none newer than the last cycle's.
     WaitingForFrames,
-    /// Due, but the engine is busy with other requests.
+    /// Due, and waiting for the engine's turn (other requests are ahead).
     WaitingForEngine,
     /// A request is with the engine.
     Running,
@@ -89,7 +103,7 @@ pub struct Snapshot {
     pub cycles_skipped: u64,
     /// Cycles that ended with an error or ran past the cycle timeout.
     pub cycles_failed: u64,
-    /// Times a due cycle waited because the engine was busy with other requests.
+    /// Times a due cycle had to wait for the engine (its turn was not free at once).
     pub engine_busy_waits: u64,
     /// Capture of the newest frame to the end of the answer, last completed cycle, seconds.
     pub last_latency: Option<f64>,
@@ -106,6 +120,8 @@ pub struct Snapshot {
     pub profile: String,
     pub instruction: String,
     pub last_comment: Option<String>,
+    /// The pause between cycles now (`INFERENCE_INTERVAL`, changed by `Control::SetInterval`).
+    pub interval_s: f64,
 }
 
 struct Cycle {
@@ -125,8 +141,12 @@ enum State {
     Pausing {
         at: Instant,
     },
-    /// Asked for frames at `since`; waiting for `Input::Frames`.
+    /// Asked for the turn and frames at `since`; waiting for `Input::Frames`.
     Looking {
+        since: Instant,
+    },
+    /// The caller is waiting for the engine's turn (since `since`), then sends `Frames`.
+    Queued {
         since: Instant,
     },
     Running(Cycle),
@@ -144,6 +164,8 @@ pub struct Commentator {
     next_cycle: u64,
     /// Capture time of the newest frame the last cycle used.
     last_newest: Option<Instant>,
+    /// When the last cycle ended, to move `due` when the interval changes.
+    last_end: Option<Instant>,
     /// When the next cycle became due (the end of the interval). It starts with a frame
     /// captured after that, so the newest frame is moments old when the engine gets it:
     /// at 2 fps, a frame already waiting would be up to half a second stale, and that age
@@ -169,6 +191,7 @@ impl Commentator {
             out: VecDeque::new(),
             next_cycle: 1,
             last_newest: None,
+            last_end: None,
             due: now,
             last_comment: None,
             snapshot: Snapshot::default(),
@@ -187,11 +210,8 @@ impl Commentator {
     pub fn handle_input(&mut self, input: Input) {
         match input {
             Input::Tick(now) => self.tick(now),
-            Input::Frames {
-                now,
-                frames,
-                engine_in_flight,
-            } => self.look(now, frames, engine_in_flight),
+            Input::Waiting(now) => self.queued(now),
+            Input::Frames { now, frames } => self.look(now, frames),
             Input::Token(text, now) => self.token(text, now),
             Input::Done(stats, now) => self.done(stats, now),
             Input::Failed(err, now) => self.failed(err, now),
@@ -208,6 +228,9 @@ impl Commentator {
             State::Pausing { at } => *at,
             // Only reached when the caller did not answer `NeedFrames`: ask again later.
             State::Looking { since } => *since + self.config.poll,
+            // Nothing is due until the turn comes, however long that takes; this only keeps
+            // a deadline on the clock.
+            State::Queued { since } => *since + self.config.cycle_timeout,
             State::Running(cycle) => cycle.deadline,
         })
     }
@@ -225,6 +248,7 @@ impl Commentator {
             profile: self.profile.name.to_string(),
             instruction: self.instruction.clone(),
             last_comment: self.last_comment.clone(),
+            interval_s: self.config.interval.as_secs_f64(),
             ..self.snapshot.clone()
         }
     }
@@ -234,6 +258,9 @@ impl Commentator {
             State::Pausing { at } if now >= *at => self.ask_for_frames(now),
             State::Looking { since } if now >= *since + self.config.poll => {
                 self.ask_for_frames(now)
+            }
+            State::Queued { since } if now >= *since + self.config.cycle_timeout => {
+                self.state = State::Queued { since: now };
             }
             State::Running(cycle) if now >= cycle.deadline => {
                 let id = cycle.id;
@@ -253,16 +280,31 @@ impl Commentator {
         self.out.push_back(Output::NeedFrames {
             count: self.config.frames_per_inference,
             stride: self.config.frame_stride,
+            newest: self.last_newest,
         });
     }
 
-    fn look(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>, engine_in_flight: usize) {
+    fn queued(&mut self, now: Instant) {
+        if let State::Looking { .. } = self.state {
+            self.state = State::Queued { since: now };
+            self.waiting = Phase::WaitingForEngine;
+            self.snapshot.engine_busy_waits += 1;
+        }
+    }
+
+    fn look(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>) {
         let due = match &self.state {
-            State::Looking { .. } => true,
+            State::Looking { .. } | State::Queued { .. } => true,
             State::Pausing { at } => now >= *at,
             State::Running(_) => false,
         };
         if !due {
+            return;
+        }
+        if now < self.due {
+            // The interval grew while the turn was on its way.
+            self.waiting = Phase::Idle;
+            self.state = State::Pausing { at: self.due };
             return;
         }
         let newest = frames.last().map(|(stamp, _)| stamp.captured);
@@ -272,20 +314,14 @@ impl Commentator {
             (None, _) => false,
         };
         if frames.len() < self.config.frames_per_inference || !fresh {
-            self.wait(Phase::WaitingForFrames, now);
-        } else if engine_in_flight > 0 {
-            self.snapshot.engine_busy_waits += 1;
-            self.wait(Phase::WaitingForEngine, now);
+            // The turn goes back (no `Infer` follows); look again shortly.
+            self.waiting = Phase::WaitingForFrames;
+            self.state = State::Pausing {
+                at: now + self.config.poll,
+            };
         } else {
             self.start(now, frames);
         }
-    }
-
-    fn wait(&mut self, why: Phase, now: Instant) {
-        self.waiting = why;
-        self.state = State::Pausing {
-            at: now + self.config.poll,
-        };
     }
 
     fn start(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>) {
@@ -369,6 +405,7 @@ impl Commentator {
             return;
         };
         self.due = now + self.config.interval;
+        self.last_end = Some(now);
         let text = cycle.text.trim();
         let skipped = is_skip(text);
         let latency = now.saturating_duration_since(cycle.newest_captured);
@@ -422,6 +459,7 @@ impl Commentator {
         self.snapshot.cycles_failed += 1;
         self.waiting = Phase::Idle;
         self.due = now + self.config.interval;
+        self.last_end = Some(now);
         self.state = State::Pausing { at: self.due };
         self.out.push_back(Output::Emit(Event::Error {
             cycle: Some(id),
@@ -429,19 +467,46 @@ impl Commentator {
         }));
     }
 
+    /// Applies a change; a bad one (checked by [`Control::validate`], the one place that
+    /// checks changes) becomes an error event and changes nothing.
     fn control(&mut self, control: Control) {
-        let result = match control {
-            Control::SetProfile(name) => Profiles::get(&name).map(|profile| self.profile = profile),
-            Control::SetInstruction(text) => {
-                check_instruction(&text).map(|()| self.instruction = text.trim().to_string())
-            }
-        };
-        if let Err(err) = result {
+        if let Err(err) = control.validate() {
             self.out.push_back(Output::Emit(Event::Error {
                 cycle: None,
                 message: err.to_string(),
             }));
+            return;
         }
+        match control {
+            Control::SetProfile(name) => {
+                if let Ok(profile) = Profiles::get(&name) {
+                    self.profile = profile;
+                }
+            }
+            Control::SetInstruction(text) => self.instruction = text.trim().to_string(),
+            Control::SetInterval(secs) => self.set_interval(Duration::from_secs_f64(secs)),
+        }
+    }
+
+    /// A new interval counts from the end of the last cycle: a pause under way is
+    /// lengthened or cut short, and a cycle already waiting for the engine or for frames
+    /// waits for the new due time too.
+    fn set_interval(&mut self, interval: Duration) {
+        self.config.interval = interval;
+        let Some(end) = self.last_end else {
+            // No cycle has ended yet: the first one is due from the start regardless.
+            return;
+        };
+        let due = end + interval;
+        if let State::Pausing { at } = &mut self.state {
+            *at = if *at == self.due {
+                due
+            } else {
+                // A poll pause (the cycle was already due): not before the new due time.
+                (*at).max(due)
+            };
+        }
+        self.due = due;
     }
 }
 
@@ -463,7 +528,13 @@ mod tests {
         start: Instant,
         now: Instant,
         window: SteadyWindow,
-        engine_in_flight: usize,
+        /// While set, the engine's turn is not free: `NeedFrames` is answered with
+        /// `Waiting`, and the frames follow from `free_engine`.
+        engine_busy: bool,
+        /// A `NeedFrames` waiting for the turn.
+        queued: Option<(usize, usize)>,
+        /// The fairness key of every `NeedFrames`.
+        keys: Vec<Option<Instant>>,
         events: Vec<(Instant, Event)>,
         requests: Vec<(Instant, u64, Request)>,
         cancels: Vec<u64>,
@@ -477,7 +548,9 @@ mod tests {
                 start,
                 now: start,
                 window: SteadyWindow::new(start, PERIOD),
-                engine_in_flight: 0,
+                engine_busy: false,
+                queued: None,
+                keys: Vec::new(),
                 events: Vec::new(),
                 requests: Vec::new(),
                 cancels: Vec::new(),
@@ -496,14 +569,18 @@ mod tests {
         fn drain(&mut self) -> Instant {
             loop {
                 match self.c.poll_output() {
-                    Output::NeedFrames { count, stride } => {
-                        let frames = self.window.sample_at(self.now, count, stride);
-                        let input = Input::Frames {
-                            now: self.now,
-                            frames,
-                            engine_in_flight: self.engine_in_flight,
-                        };
-                        self.c.handle_input(input);
+                    Output::NeedFrames {
+                        count,
+                        stride,
+                        newest,
+                    } => {
+                        self.keys.push(newest);
+                        if self.engine_busy {
+                            self.queued = Some((count, stride));
+                            self.c.handle_input(Input::Waiting(self.now));
+                        } else {
+                            self.look(count, stride);
+                        }
                     }
                     Output::Infer { cycle, request } => {
                         self.requests.push((self.now, cycle, request))
@@ -513,6 +590,23 @@ mod tests {
                     Output::Timeout(at) => return at,
                 }
             }
+        }
+
+        fn look(&mut self, count: usize, stride: usize) {
+            let frames = self.window.sample_at(self.now, count, stride);
+            self.c.handle_input(Input::Frames {
+                now: self.now,
+                frames,
+            });
+        }
+
+        /// The engine's turn comes: a queued `NeedFrames` gets its frames now.
+        fn free_engine(&mut self) {
+            self.engine_busy = false;
+            if let Some((count, stride)) = self.queued.take() {
+                self.look(count, stride);
+            }
+            self.drain();
         }
 
         fn input(&mut self, input: Input) {
@@ -817,19 +911,26 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_engine_makes_the_cycle_wait_for_fresh_frames() {
+    fn a_busy_engine_makes_the_cycle_wait_then_take_the_newest_frames() {
         let mut sim = Sim::new(CommentatorConfig::default());
-        sim.engine_in_flight = 1;
+        sim.engine_busy = true;
         sim.advance_to(sim.at(6.0));
-        assert!(
-            sim.requests.is_empty(),
-            "must not queue behind other callers"
-        );
+        assert!(sim.requests.is_empty(), "no request without the turn");
         let s = sim.c.snapshot();
         assert_eq!(s.phase, Phase::WaitingForEngine);
-        assert!(s.engine_busy_waits > 0);
-        sim.engine_in_flight = 0;
-        sim.next_request(1.0);
+        assert_eq!(s.engine_busy_waits, 1, "one due cycle, one wait");
+        assert_eq!(
+            sim.keys,
+            [None],
+            "asked once, then waited without asking again"
+        );
+        sim.free_engine();
+        assert_eq!(sim.requests.len(), 1);
+        assert_eq!(
+            sim.requests[0].0,
+            sim.at(6.0),
+            "sent the moment the turn came"
+        );
         // Frames of the moment the engine became free, not of when the cycle was first due.
         let pts: Vec<f64> = sim
             .last_request()
@@ -838,6 +939,39 @@ mod tests {
             .map(|f| f.pts.as_secs_f64())
             .collect();
         assert_eq!(pts, [3.0, 4.0, 5.0, 6.0]);
+        // The next turn is asked for with this cycle's newest frame, the scheduler's
+        // fairness key.
+        sim.answer(&["Hi."], Duration::from_millis(100));
+        sim.next_request(10.0);
+        assert_eq!(sim.keys.last(), Some(&Some(sim.at(6.0))));
+        assert_eq!(sim.c.snapshot().engine_busy_waits, 1);
+    }
+
+    #[test]
+    fn an_interval_change_moves_the_pause_under_way() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        let poll = sim.c.config().poll;
+        sim.next_request(10.0);
+        sim.answer(&["One."], Duration::from_millis(100));
+        let end = sim.now;
+        sim.input(Input::Control(Control::SetInterval(5.0)));
+        assert_eq!(sim.c.snapshot().interval_s, 5.0);
+        sim.next_request(10.0);
+        // Longer: not before 5 s after the end, then with the first frame after that.
+        let gap = sim.requests[1].0.duration_since(end);
+        assert!(
+            gap >= Duration::from_secs(5) && gap <= Duration::from_millis(5500) + poll,
+            "gap {gap:?}"
+        );
+
+        sim.answer(&["Two."], Duration::from_millis(100));
+        sim.advance(Duration::from_secs(2));
+        let changed = sim.now;
+        sim.input(Input::Control(Control::SetInterval(0.5)));
+        sim.next_request(10.0);
+        // Shorter, with the new due time already past: the pause ends at once.
+        let gap = sim.requests[2].0.duration_since(changed);
+        assert!(gap <= Duration::from_millis(500) + poll, "gap {gap:?}");
     }
 
     #[test]
@@ -891,6 +1025,7 @@ mod tests {
         let mut sim = Sim::new(CommentatorConfig::default());
         sim.input(Input::Control(Control::SetProfile("opera".into())));
         sim.input(Input::Control(Control::SetInstruction("x".repeat(2001))));
+        sim.input(Input::Control(Control::SetInterval(f64::NAN)));
         let messages: Vec<String> = sim
             .events
             .iter()
@@ -902,17 +1037,22 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(messages.len(), 2);
+        assert_eq!(messages.len(), 3);
         assert!(
             messages[0].starts_with("unknown profile 'opera'"),
             "{}",
             messages[0]
         );
         assert!(messages[1].contains("2001 characters"), "{}", messages[1]);
+        assert!(
+            messages[2].starts_with("INFERENCE_INTERVAL is NaN s"),
+            "{}",
+            messages[2]
+        );
         let s = sim.c.snapshot();
         assert_eq!(
-            (s.profile.as_str(), s.instruction.as_str()),
-            ("default", "")
+            (s.profile.as_str(), s.instruction.as_str(), s.interval_s),
+            ("default", "", 1.0)
         );
     }
 

@@ -12,6 +12,10 @@ use crate::profile::{Profiles, DEFAULT_PROFILE};
 /// Longest free-text instruction a user may give, in characters.
 pub const MAX_INSTRUCTION_CHARS: usize = 2000;
 
+/// Longest pause between cycles, in seconds. Longer is no longer live commentary, and a
+/// typo (a value in milliseconds) is caught.
+pub const MAX_INTERVAL_SECS: f64 = 3600.0;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommentatorConfig {
     /// Frames sent to the engine per cycle (`FRAMES_PER_INFERENCE`).
@@ -57,6 +61,9 @@ impl CommentatorConfig {
     /// Checks every setting; the error lists each problem on its own line.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        if let Err(e) = check_interval(self.interval.as_secs_f64()) {
+            problems.push(e);
+        }
         if self.frames_per_inference == 0 {
             problems.push(ConfigError::ZeroFrames);
         }
@@ -105,6 +112,16 @@ pub(crate) fn check_delay_init(init: f64) -> Result<(), ConfigError> {
     }
 }
 
+/// Checks a pause between cycles, in seconds (also used for changes while running).
+pub(crate) fn check_interval(secs: f64) -> Result<(), ConfigError> {
+    // Written so that NaN fails too.
+    if (0.0..=MAX_INTERVAL_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(ConfigError::IntervalOutOfRange(secs))
+    }
+}
+
 /// Checks a user's free-text instruction (also used for changes while running).
 pub fn check_instruction(instruction: &str) -> Result<(), ConfigError> {
     let chars = instruction.chars().count();
@@ -122,6 +139,10 @@ pub fn check_instruction(instruction: &str) -> Result<(), ConfigError> {
 /// what to do; [`ConfigError::Several`] holds more than one, a line each.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
+    #[error(
+        "INFERENCE_INTERVAL is {0} s: it must be 0 (back to back) to 3600 seconds (default 1)"
+    )]
+    IntervalOutOfRange(f64),
     #[error("FRAMES_PER_INFERENCE is 0: the model needs at least 1 frame per cycle (default 4)")]
     ZeroFrames,
     #[error("FRAME_STRIDE is 0: use 1 to take every frame of the window, 2 for every other one (default 2)")]
@@ -226,6 +247,27 @@ mod tests {
             ..CommentatorConfig::default()
         };
         assert_eq!(config.validate(), Err(ConfigError::ZeroStride));
+    }
+
+    #[test]
+    fn interval_bounds() {
+        assert!(check_interval(0.0).is_ok());
+        assert!(check_interval(MAX_INTERVAL_SECS).is_ok());
+        for bad in [-0.5, MAX_INTERVAL_SECS + 0.1, f64::NAN, f64::INFINITY] {
+            let err = check_interval(bad).unwrap_err();
+            assert!(
+                err.to_string().starts_with("INFERENCE_INTERVAL is "),
+                "{err}"
+            );
+        }
+        let config = CommentatorConfig {
+            interval: Duration::from_secs(7200),
+            ..CommentatorConfig::default()
+        };
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::IntervalOutOfRange(7200.0))
+        );
     }
 
     #[test]

@@ -1,10 +1,19 @@
-//! The tokio task around [`Commentator`]: it waits on the engine's answer, user controls,
-//! shutdown and the machine's next deadline, and carries data between them and the
+//! The tokio task around [`Commentator`]: it waits on the engine's turn and answer, user
+//! controls, shutdown and the machine's next deadline, and carries data between them and the
 //! machine. No decisions are made here.
+//!
+//! The engine is reached through this stream's [`Session`] on the shared scheduler. When
+//! the machine asks for frames, the task first takes the stream's commentary turn and only
+//! then samples the window, so a cycle that waited gets the frames of the moment the engine
+//! became free (late binding). Controls and shutdown are still served while it waits. A turn
+//! the machine does not use (the frames were not fresh) goes straight back to the scheduler
+//! for the other streams.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use kibitz_engine::{Engine, EngineError, Generation, Output as EngineOutput};
+use kibitz_engine::{EngineError, Generation, Output as EngineOutput, Priority, Session, Turn};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -12,30 +21,44 @@ use crate::commentator::{Commentator, Input, Output, Snapshot};
 use crate::event::{Control, Event};
 use crate::window::FrameWindow;
 
-/// Runs the commentary loop until `shutdown` is cancelled. Events go to `events` (sent
-/// even when nobody listens), the status to `snapshot` whenever it changes. A closed
-/// `controls` channel only means no more changes.
+/// Runs the commentary loop until `shutdown` is cancelled or `session` is closed. Events go
+/// to `events` (sent even when nobody listens), the status to `snapshot` whenever it
+/// changes. A closed `controls` channel only means no more changes. Ending drops the
+/// session's handle (closing it if it is the last one), which cancels a running request.
 pub async fn run(
     mut commentator: Commentator,
     window: Arc<dyn FrameWindow>,
-    engine: Arc<dyn Engine>,
+    session: Session,
     events: broadcast::Sender<Event>,
     mut controls: mpsc::Receiver<Control>,
     snapshot: watch::Sender<Snapshot>,
     shutdown: CancellationToken,
 ) {
     let mut generation: Option<Generation> = None;
+    // The turn taken for the frames just handed to the machine: used by the `Infer` that
+    // follows them, or given back.
+    let mut turn: Option<Turn> = None;
+    let mut queued: Option<Queued<'_>> = None;
     let mut controls_open = true;
-    loop {
+    'run: loop {
         let deadline = loop {
             match commentator.poll_output() {
-                Output::Infer { cycle, request } => match engine.submit(request) {
-                    Ok(g) => generation = Some(g),
-                    Err(err) => {
-                        tracing::warn!(cycle, %err, "engine refused the commentary request");
-                        commentator.handle_input(Input::Failed(err, now()));
+                Output::Infer { cycle, request } => {
+                    let submitted = match turn.take() {
+                        Some(turn) => turn.submit(request),
+                        // The machine starts a cycle only from frames, and frames come with a turn.
+                        None => Err(EngineError::Unavailable(
+                            "the commentary loop asked without an engine turn".into(),
+                        )),
+                    };
+                    match submitted {
+                        Ok(g) => generation = Some(g),
+                        Err(err) => {
+                            tracing::warn!(cycle, %err, "engine refused the commentary request");
+                            commentator.handle_input(Input::Failed(err, now()));
+                        }
                     }
-                },
+                }
                 Output::Cancel { cycle } => {
                     tracing::warn!(
                         cycle,
@@ -46,18 +69,34 @@ pub async fn run(
                 Output::Emit(event) => {
                     let _ = events.send(event);
                 }
-                Output::NeedFrames { count, stride } => {
-                    let frames = window.sample(count, stride);
-                    let engine_in_flight = engine.in_flight();
-                    commentator.handle_input(Input::Frames {
-                        now: now(),
-                        frames,
-                        engine_in_flight,
-                    });
-                }
+                Output::NeedFrames {
+                    count,
+                    stride,
+                    newest,
+                } => match session.try_turn() {
+                    Ok(granted) => {
+                        turn = Some(granted);
+                        let frames = window.sample(count, stride);
+                        commentator.handle_input(Input::Frames { now: now(), frames });
+                    }
+                    Err(EngineError::Busy(_)) => {
+                        queued = Some(Queued {
+                            turn: Box::pin(session.turn(Priority::Commentary, newest)),
+                            count,
+                            stride,
+                        });
+                        commentator.handle_input(Input::Waiting(now()));
+                    }
+                    Err(err) => {
+                        stopped(&session, &err);
+                        break 'run;
+                    }
+                },
                 Output::Timeout(at) => break at,
             }
         };
+        // Not used by a cycle: back to the scheduler for the other streams.
+        turn = None;
         snapshot.send_if_modified(|current| {
             let fresh = commentator.snapshot();
             let changed = *current != fresh;
@@ -77,6 +116,21 @@ pub async fn run(
                     now(),
                 ),
             },
+            granted = next_turn(&mut queued) => {
+                let Some(Queued { count, stride, .. }) = queued.take() else {
+                    unreachable!("a turn came without being queued");
+                };
+                match granted {
+                    Ok(granted) => {
+                        turn = Some(granted);
+                        Input::Frames { now: now(), frames: window.sample(count, stride) }
+                    }
+                    Err(err) => {
+                        stopped(&session, &err);
+                        break;
+                    }
+                }
+            },
             control = controls.recv(), if controls_open => match control {
                 Some(control) => Input::Control(control),
                 None => {
@@ -93,6 +147,13 @@ pub async fn run(
     }
 }
 
+/// A commentary turn being waited for, and what to sample once it comes.
+struct Queued<'a> {
+    turn: Pin<Box<dyn Future<Output = Result<Turn, EngineError>> + Send + 'a>>,
+    count: usize,
+    stride: usize,
+}
+
 /// The next item of the running request; never resolves when there is none.
 async fn next_output(
     generation: &mut Option<Generation>,
@@ -101,6 +162,19 @@ async fn next_output(
         Some(generation) => generation.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// The queued turn; never resolves when none is queued.
+async fn next_turn(queued: &mut Option<Queued<'_>>) -> Result<Turn, EngineError> {
+    match queued {
+        Some(queued) => queued.turn.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The session was closed: the stream is being removed, and the loop has nothing left to do.
+fn stopped(session: &Session, err: &EngineError) {
+    tracing::info!(stream = session.stream(), %err, "commentary loop stops");
 }
 
 /// The clock the machine runs on: tokio's, so `tokio::time::pause()` drives it in tests.
@@ -113,7 +187,7 @@ mod tests {
     use std::time::Duration;
 
     use kibitz_engine::fake::{split_pieces, FakeEngine, Script};
-    use kibitz_engine::Request;
+    use kibitz_engine::{Request, Scheduler};
 
     use super::*;
     use crate::config::CommentatorConfig;
@@ -126,10 +200,22 @@ mod tests {
         snapshot: watch::Receiver<Snapshot>,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<()>,
+        started: tokio::time::Instant,
     }
 
+    /// One loop alone on `engine`.
     fn start(engine: &FakeEngine, config: CommentatorConfig) -> Running {
-        let window = Arc::new(SteadyWindow::new(now(), Duration::from_millis(500)));
+        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        start_on(scheduler.open_session("only"), Duration::ZERO, config)
+    }
+
+    /// A loop on `session` of a shared scheduler, its 2 fps source starting `offset` from
+    /// now.
+    fn start_on(session: Session, offset: Duration, config: CommentatorConfig) -> Running {
+        let window = Arc::new(SteadyWindow::new(
+            now() + offset,
+            Duration::from_millis(500),
+        ));
         let commentator = Commentator::new(config, now()).unwrap();
         let (events_tx, events) = broadcast::channel(1024);
         let (controls, controls_rx) = mpsc::channel(8);
@@ -138,7 +224,7 @@ mod tests {
         let task = tokio::spawn(run(
             commentator,
             window,
-            Arc::new(engine.clone()),
+            session,
             events_tx,
             controls_rx,
             snapshot_tx,
@@ -150,6 +236,7 @@ mod tests {
             snapshot,
             shutdown,
             task,
+            started: tokio::time::Instant::now(),
         }
     }
 
@@ -316,27 +403,41 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn waits_for_a_busy_engine_then_asks_with_fresh_frames() {
-        // Every answer takes 5 s; another caller's request occupies the engine first.
+    async fn waits_for_its_turn_then_asks_with_the_newest_frames() {
+        // Every answer takes 5 s; another stream's request occupies the engine first.
         let engine = FakeEngine::saying("Busy.", Duration::from_secs(5), Duration::from_millis(10));
-        let other = engine
+        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        let other = scheduler.open_session("other");
+        let answer = other
+            .try_turn()
+            .unwrap()
             .submit(Request::new(vec![], "sys", "someone else"))
             .unwrap();
-        let mut running = start(&engine, CommentatorConfig::default());
+        let answer = tokio::spawn(answer.collect());
+        let mut running = start_on(
+            scheduler.open_session("loop"),
+            Duration::ZERO,
+            CommentatorConfig::default(),
+        );
         let events = until_cycles(&mut running, 1).await;
-        drop(other);
+        assert!(
+            answer.await.unwrap().is_ok(),
+            "the other request was not disturbed"
+        );
 
-        let starts: Vec<&Vec<f64>> = events
+        let (started_at, frames) = events
             .iter()
-            .filter_map(|(_, e)| match e {
-                Event::CycleStart { frames, .. } => Some(frames),
+            .find_map(|(at, e)| match e {
+                Event::CycleStart { frames, .. } => Some((*at, frames)),
                 _ => None,
             })
-            .collect();
+            .unwrap();
         // Enough frames exist from 3 s on, but the engine is busy until 5 s: the cycle
-        // waits and then takes the frames of that moment.
-        assert!(*starts[0].last().unwrap() >= 5.0, "{:?}", starts[0]);
-        assert!(running.snapshot.borrow().engine_busy_waits > 0);
+        // waits for its turn and then takes the frames of that moment.
+        assert_eq!(*frames, [2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(started_at - running.started, Duration::from_secs(5));
+        let snapshot = running.snapshot.borrow().clone();
+        assert_eq!(snapshot.engine_busy_waits, 1);
         running.shutdown.cancel();
         running.task.await.unwrap();
     }
@@ -364,5 +465,192 @@ mod tests {
         assert_eq!(engine.requests().len(), 2);
         running.shutdown.cancel();
         running.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn removing_a_stream_mid_cycle_frees_the_engine_for_the_others() {
+        let engine = FakeEngine::saying("Slow.", Duration::from_secs(5), Duration::from_millis(10));
+        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        let a = start_on(
+            scheduler.open_session("a"),
+            Duration::ZERO,
+            CommentatorConfig::default(),
+        );
+        let b = start_on(
+            scheduler.open_session("b"),
+            Duration::ZERO,
+            CommentatorConfig::default(),
+        );
+        // Both are due with enough frames at 3 s: one runs, the other waits for its turn.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let status = scheduler.status();
+        let running: Vec<&str> = status
+            .sessions
+            .iter()
+            .filter(|s| s.running == 1)
+            .map(|s| s.stream.as_str())
+            .collect();
+        assert_eq!(running.len(), 1, "{status:?}");
+        assert_eq!(status.waiting.commentary, 1, "{status:?}");
+        let (removed, mut kept) = if running[0] == "a" { (a, b) } else { (b, a) };
+
+        removed.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), removed.task)
+            .await
+            .expect("the removed loop stops")
+            .unwrap();
+        let removed_at = tokio::time::Instant::now();
+        let events = until_cycles(&mut kept, 1).await;
+        let started_at = events
+            .iter()
+            .find_map(|(at, e)| matches!(e, Event::CycleStart { .. }).then_some(*at))
+            .unwrap();
+        // Not after the removed stream's answer would have ended (8 s): at once.
+        assert_eq!(started_at, removed_at);
+        let streams: Vec<String> = scheduler
+            .status()
+            .sessions
+            .into_iter()
+            .map(|s| s.stream)
+            .collect();
+        assert_eq!(streams.len(), 1);
+        assert_ne!(streams[0], running[0]);
+        kept.shutdown.cancel();
+        kept.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_the_session_elsewhere_ends_the_loop() {
+        let engine = FakeEngine::saying("Slow.", Duration::from_secs(5), Duration::from_millis(10));
+        let scheduler = Scheduler::new(Arc::new(engine), 1);
+        let session = scheduler.open_session("cam");
+        let mut running = start_on(
+            session.clone(),
+            Duration::ZERO,
+            CommentatorConfig::default(),
+        );
+        // Mid-cycle (started at 3 s, answer due at 8 s), the stream is removed.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        session.close();
+        let events = until_cycles(&mut running, 1).await;
+        assert!(
+            matches!(&events.last().unwrap().1, Event::Error { cycle: Some(1), message } if message.contains("stream 'cam' was closed")),
+            "{events:?}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), running.task)
+            .await
+            .expect("the loop ends when its session closes")
+            .unwrap();
+        assert!(scheduler.status().sessions.is_empty());
+    }
+
+    /// What one stream's events showed over a long run.
+    #[derive(Debug, Default)]
+    struct Tally {
+        cycles: u64,
+        errors: u64,
+        /// Longest time between two cycle ends.
+        longest_gap: Duration,
+        /// Longest newest-frame-to-answer latency, seconds.
+        worst_latency: f64,
+    }
+
+    async fn tally(mut events: broadcast::Receiver<Event>) -> Tally {
+        let mut tally = Tally::default();
+        let mut last_end: Option<tokio::time::Instant> = None;
+        loop {
+            match events.recv().await {
+                Ok(Event::CycleEnd(end)) => {
+                    let at = tokio::time::Instant::now();
+                    if let Some(last) = last_end {
+                        tally.longest_gap = tally.longest_gap.max(at - last);
+                    }
+                    last_end = Some(at);
+                    tally.cycles += 1;
+                    tally.worst_latency = tally.worst_latency.max(end.latency);
+                }
+                Ok(Event::Error { .. }) => tally.errors += 1,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Closed) => return tally,
+                Err(broadcast::error::RecvError::Lagged(n)) => panic!("missed {n} events"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_streams_share_an_overloaded_engine_fairly_for_an_hour() {
+        const HOUR: Duration = Duration::from_secs(3600);
+        const ANSWER: Duration = Duration::from_millis(700);
+        const FRAME: Duration = Duration::from_millis(500);
+        let engine = FakeEngine::saying("Moving.", ANSWER, Duration::ZERO);
+        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        // Back to back: each stream alone would ask about once a second, three ask for
+        // about twice what the engine can answer.
+        let config = CommentatorConfig {
+            interval: Duration::ZERO,
+            ..CommentatorConfig::default()
+        };
+        let mut shutdowns = Vec::new();
+        let mut loops = Vec::new();
+        let mut tallies = Vec::new();
+        // Sources out of step with each other.
+        for (i, offset_ms) in [0, 170, 340].into_iter().enumerate() {
+            let running = start_on(
+                scheduler.open_session(&format!("s{i}")),
+                Duration::from_millis(offset_ms),
+                config.clone(),
+            );
+            tallies.push(tokio::spawn(tally(running.events)));
+            shutdowns.push(running.shutdown);
+            loops.push(running.task);
+        }
+        tokio::time::sleep(HOUR).await;
+        for shutdown in &shutdowns {
+            shutdown.cancel();
+        }
+        for task in loops {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("stops on shutdown")
+                .unwrap();
+        }
+        let mut tallied = Vec::new();
+        for t in tallies {
+            tallied.push(
+                tokio::time::timeout(Duration::from_secs(5), t)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+
+        let counts: Vec<u64> = tallied.iter().map(|t| t.cycles).collect();
+        let total: u64 = counts.iter().sum();
+        let mean = total as f64 / counts.len() as f64;
+        for t in &tallied {
+            assert!(
+                (t.cycles as f64 - mean).abs() <= 0.2 * mean,
+                "cycles per stream {counts:?}"
+            );
+            assert_eq!(t.errors, 0);
+            // Nobody starved: each stream came round again after the two others' answers,
+            // its own, and at most one frame period for a fresh frame.
+            assert!(
+                t.longest_gap <= 3 * ANSWER + FRAME,
+                "{t:?}, counts {counts:?}"
+            );
+            // Late binding: a turn waited for ~1.4 s, but the frames were sampled when it
+            // came, so the newest was at most a frame period old when the answer began.
+            assert!(
+                t.worst_latency <= (FRAME + ANSWER).as_secs_f64() + 1e-6,
+                "{t:?}"
+            );
+        }
+        // The engine was never left idle while streams waited.
+        let capacity = HOUR.as_secs_f64() / ANSWER.as_secs_f64();
+        assert!(
+            total as f64 >= 0.95 * capacity,
+            "{total} cycles of a possible {capacity:.0}"
+        );
     }
 }

@@ -56,15 +56,21 @@ pub enum Control {
     SetProfile(String),
     /// An extra instruction for the model; empty clears it.
     SetInstruction(String),
+    /// The pause between cycles (`INFERENCE_INTERVAL`), in seconds: 0 to 3600. Seconds as
+    /// the user sent them, not a `Duration`, so that [`Control::validate`] can refuse a
+    /// negative, NaN or huge number with its reason.
+    SetInterval(f64),
 }
 
 impl Control {
-    /// Checks a change before it is queued, so a web handler can answer 400 with the reason
-    /// instead of the loop reporting it later as an error event.
+    /// The one check of a change. A web handler calls it before queueing the change, to
+    /// answer with the reason; the loop calls it again before applying one, and reports a
+    /// bad change as an error event instead.
     pub fn validate(&self) -> Result<(), crate::ConfigError> {
         match self {
             Control::SetProfile(name) => crate::Profiles::get(name).map(|_| ()),
             Control::SetInstruction(text) => crate::check_instruction(text),
+            Control::SetInterval(secs) => crate::config::check_interval(*secs),
         }
     }
 }

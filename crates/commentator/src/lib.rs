@@ -6,7 +6,8 @@
 //! them real frames, engine output and deadlines.
 //!
 //! - [`Commentator`]: the loop itself, `handle_input` / `poll_output`.
-//! - [`driver::run`]: the tokio task that drives it against a [`FrameWindow`] and an engine.
+//! - [`driver::run`]: the tokio task that drives it against a [`FrameWindow`] and the
+//!   stream's session on the shared engine (`kibitz_engine::Session`).
 //! - [`Profiles`]: the prompt profiles; [`SyncDelay`]: the target delay of the picture.
 //! - [`CommentatorConfig`] and [`ConfigError`], the crate's one error type.
 
@@ -19,7 +20,9 @@ mod sync;
 mod window;
 
 pub use commentator::{Commentator, Input, Output, Phase, Snapshot};
-pub use config::{check_instruction, CommentatorConfig, ConfigError, MAX_INSTRUCTION_CHARS};
+pub use config::{
+    check_instruction, CommentatorConfig, ConfigError, MAX_INSTRUCTION_CHARS, MAX_INTERVAL_SECS,
+};
 pub use driver::run;
 pub use event::{Control, CycleEnd, Event};
 pub use profile::{is_skip, Profile, Profiles, DEFAULT_PROFILE};

@@ -3,11 +3,17 @@
 //! Every engine implements [`Engine`]: `submit` takes a [`Request`] and answers at once with
 //! a [`Generation`], a stream of [`Output`]s that ends with [`Output::Done`] and its
 //! [`Stats`]. Dropping the `Generation` cancels the request; the engine notices between two
-//! tokens. One engine serves many callers: requests queue inside it and never mix.
+//! tokens. Requests submitted directly queue inside the engine and never mix.
+//!
+//! Streams share an engine through the [`Scheduler`] instead: one [`Session`] per stream,
+//! which waits for a [`Turn`] and only then builds its request from its newest frames. The
+//! scheduler owns the queue, the priorities and fairness between streams (see
+//! [`scheduler`]).
 //!
 //! - `llama` (feature `llama`): MiniCPM-o 4.5 in process through llama.cpp, on its own thread.
 //! - `openai`: any OpenAI-compatible server over HTTP with SSE.
-//! - `fake`: scripted tokens with delays, for tests of everything above the engine.
+//! - `fake` (feature `fake`, and in this crate's tests): scripted tokens with delays, for
+//!   tests of everything above the engine. Library builds leave it out.
 
 use std::time::Duration;
 
@@ -16,11 +22,15 @@ use kibitz_frames::{Jpeg, Rgb};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 #[cfg(feature = "llama")]
 pub mod llama;
 pub mod models;
 pub mod openai;
+pub mod scheduler;
+
+pub use scheduler::{Priority, Scheduler, SchedulerStatus, Session, Turn};
 
 /// One picture handed to the model, with the time it was taken on the source's clock.
 #[derive(Debug, Clone)]

@@ -191,7 +191,7 @@ async fn live(
     let run = tokio::spawn(kibitz_commentator::run(
         commentator,
         window,
-        engine.clone(),
+        kibitz_engine::Scheduler::new(engine.clone(), 1).open_session("bench"),
         events,
         controls_rx,
         snapshot,

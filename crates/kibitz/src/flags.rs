@@ -118,11 +118,38 @@ pub struct SamplingArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Video file, /dev/videoN, rtsp://…, http(s)://…, or anything FFmpeg opens.
-    #[arg(long, env = "SOURCE")]
-    pub source: String,
+    /// A stream: `[ID=]SOURCE`, where SOURCE is a video file, /dev/videoN, rtsp://…,
+    /// http(s)://… or anything FFmpeg opens. Repeat for several streams; ids default to
+    /// s1, s2, … in order.
+    #[arg(long, env = "SOURCE", value_name = "[ID=]SOURCE")]
+    pub source: Vec<String>,
+    /// A TOML file with one table per stream (`[door]` then `source = "rtsp://…"` and
+    /// any per-stream setting); merged with `--source`.
+    #[arg(long, env = "STREAMS", value_name = "FILE")]
+    pub streams: Option<PathBuf>,
+    /// Most streams running at once; `POST /api/streams` past it gets 429.
+    #[arg(long, env = "MAX_STREAMS", default_value_t = 16)]
+    pub max_streams: usize,
+    /// Where streams added or changed through the API are kept across restarts
+    /// [default: the cache folder].
+    #[arg(long, env = "STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Local files the API may add as sources must lie under this folder (none by default:
+    /// the API takes network sources only). Command-line sources are not limited.
+    #[arg(long, env = "MEDIA_DIR")]
+    pub media_dir: Option<PathBuf>,
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8199")]
     pub bind: String,
+    /// Required for changes (add, change, delete streams; WebSocket controls); the page
+    /// asks for it once. Needed to bind beyond loopback.
+    #[arg(long, env = "KIBITZ_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Require the token for viewing too (everything but /healthz and the page shell).
+    #[arg(long, env = "TOKEN_FOR_VIEWING", requires = "token")]
+    pub token_for_viewing: bool,
+    /// Serve beyond loopback without a token (anyone who reaches the port can add sources).
+    #[arg(long, env = "ALLOW_NO_TOKEN")]
+    pub allow_no_token: bool,
     #[arg(
         long,
         env = "CAPTURE_FPS",

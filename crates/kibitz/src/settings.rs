@@ -1,21 +1,25 @@
-//! Validated settings for `serve`: every flag is checked here, together, so a bad start-up
-//! names all its problems at once (`kibitz: --frame-stride must be at least 1`, one per line).
+//! Validated settings for `serve`: every flag is checked here, together with every stream
+//! the command line and the streams file ask for, so a bad start-up names all its problems
+//! at once (`kibitz: stream 'door': capture_fps: …`, one per line).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use kibitz_commentator::CommentatorConfig;
-use kibitz_media::{SourceConfig, SourceSpec};
+use kibitz_stream::topology::{self, StreamInput};
+use kibitz_stream::{StreamDefaults, StreamId, StreamSettings, StreamSpec};
 
 use crate::flags::{EngineArgs, ServeArgs};
 
 pub struct Settings {
     pub bind: SocketAddr,
-    pub source: SourceConfig,
-    pub window_size: usize,
-    pub display_span: Duration,
-    pub mjpeg_fps: f64,
-    pub commentator: CommentatorConfig,
+    pub streams: Vec<StreamSpec>,
+    pub defaults: StreamDefaults,
+    pub max_streams: usize,
+    pub state_file: PathBuf,
+    pub media_dir: Option<PathBuf>,
+    pub token: Option<String>,
+    pub token_for_viewing: bool,
     pub engine: EngineArgs,
 }
 
@@ -27,19 +31,12 @@ impl Settings {
                 problems.push(format!("{name} must be a positive number, got {value}"));
             }
         };
-        positive("--capture-fps (CAPTURE_FPS)", args.capture_fps);
         positive(
             "--display-buffer-seconds (DISPLAY_BUFFER_SECONDS)",
             args.display_buffer_seconds,
         );
         positive("--mjpeg-fps (MJPEG_FPS)", args.mjpeg_fps);
         positive("--cycle-timeout (CYCLE_TIMEOUT)", args.cycle_timeout);
-        if !(args.inference_interval.is_finite() && args.inference_interval >= 0.0) {
-            problems.push(format!(
-                "--inference-interval (INFERENCE_INTERVAL) must be 0 or more, got {}",
-                args.inference_interval
-            ));
-        }
         if !(1..=100).contains(&args.jpeg_quality) {
             problems.push(format!(
                 "--jpeg-quality (JPEG_QUALITY) must be between 1 and 100, got {}",
@@ -49,12 +46,8 @@ impl Settings {
         if args.window_size == 0 {
             problems.push("--window-size (WINDOW_SIZE) must be at least 1".into());
         }
-        let reach = args.frames_per_inference.saturating_sub(1) * args.frame_stride + 1;
-        if args.window_size > 0 && reach > args.window_size {
-            problems.push(format!(
-                "{} frames every {} need a window of {reach} frames, but --window-size is {}",
-                args.frames_per_inference, args.frame_stride, args.window_size
-            ));
+        if args.max_streams == 0 {
+            problems.push("--max-streams (MAX_STREAMS) must be at least 1".into());
         }
         let bind = match args.bind.parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
@@ -66,54 +59,131 @@ impl Settings {
                 None
             }
         };
-        let spec = match SourceSpec::parse(&args.source) {
-            Ok(spec) => Some(spec),
-            Err(e) => {
-                problems.push(e.to_string());
-                None
+        if args.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            problems.push("--token (KIBITZ_TOKEN) is empty: give a long random string".into());
+        }
+        if let Some(addr) = bind {
+            if !addr.ip().is_loopback() && args.token.is_none() && !args.allow_no_token {
+                problems.push(format!(
+                    "--bind {addr} reaches beyond this machine, and without --token anyone who \
+                     reaches it can add sources and change streams; set --token (KIBITZ_TOKEN), \
+                     or --allow-no-token if you mean it"
+                ));
             }
-        };
+        }
         problems.extend(crate::engine::problems(&args.engine));
 
-        let commentator = CommentatorConfig {
+        let defaults = StreamDefaults {
+            profile: args.profile.clone(),
+            instruction: args.instruction.clone(),
+            capture_fps: args.capture_fps,
             frames_per_inference: args.frames_per_inference,
             frame_stride: args.frame_stride,
-            interval: Duration::from_secs_f64(args.inference_interval.max(0.0)),
-            max_tokens: args.sampling.max_tokens,
-            sampling: crate::engine::sampling(&args.sampling),
-            delay_init: args.stream_delay_init,
-            delay_alpha: args.stream_delay_ema_alpha,
+            inference_interval: args.inference_interval,
+            stream_delay_init: args.stream_delay_init,
+            stream_delay_ema_alpha: args.stream_delay_ema_alpha,
+            window_size: args.window_size.max(1),
+            display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
+                args.display_buffer_seconds
+            } else {
+                15.0
+            }),
+            jpeg_quality: args.jpeg_quality.clamp(1, 100) as u8,
+            display_max_width: (args.display_max_width > 0).then_some(args.display_max_width),
+            max_slices: args.engine.max_slice_nums,
+            mjpeg_fps: args.mjpeg_fps,
             cycle_timeout: Duration::from_secs_f64(if args.cycle_timeout > 0.0 {
                 args.cycle_timeout
             } else {
                 30.0
             }),
-            profile: args.profile.clone(),
-            instruction: args.instruction.clone(),
-            ..CommentatorConfig::default()
+            max_tokens: args.sampling.max_tokens,
+            sampling: crate::engine::sampling(&args.sampling),
         };
-        if let Err(e) = commentator.validate() {
-            problems.extend(e.to_string().lines().map(str::to_owned));
+        if args.sampling.max_tokens == 0 {
+            problems.push("--max-tokens (MAX_TOKENS) must be at least 1".into());
         }
+
+        // The per-stream flags are checked once as defaults, named as flags; streams that
+        // inherit a bad default are then not blamed for it again.
+        let probe = StreamSettings {
+            source: Some("-".into()),
+            ..StreamSettings::default()
+        };
+        let defaults_ok = match StreamSpec::resolve(&probe, Some(StreamId::nth(1)), &defaults) {
+            Ok(_) => true,
+            Err(e) => {
+                problems.extend(e.0.iter().map(|p| format!("{}: {}", flag(p.field), p.message)));
+                false
+            }
+        };
+
+        let mut inputs: Vec<StreamInput> = args
+            .source
+            .iter()
+            .map(|s| StreamInput::from_source_flag(s))
+            .collect();
+        if let Some(path) = &args.streams {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match kibitz_stream::parse_streams_file(&text) {
+                    Ok(streams) => inputs.extend(streams.into_iter().map(|(id, settings)| {
+                        StreamInput {
+                            id: Some(id),
+                            settings,
+                        }
+                    })),
+                    Err(e) => problems.push(format!("--streams {}: {e}", path.display())),
+                },
+                Err(e) => problems.push(format!("--streams {}: cannot read it: {e}", path.display())),
+            }
+        }
+        if inputs.len() > args.max_streams.max(1) {
+            problems.push(format!(
+                "{} streams asked for, more than --max-streams {}",
+                inputs.len(),
+                args.max_streams
+            ));
+        }
+        let streams = if defaults_ok {
+            match topology::plan(&inputs, &defaults) {
+                Ok(streams) => streams,
+                Err(stream_problems) => {
+                    problems.extend(stream_problems);
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
 
         if !problems.is_empty() {
             anyhow::bail!("{}", problems.join("\nkibitz: "));
         }
-        let mut source = SourceConfig::new(spec.expect("checked above"));
-        source.jpeg_quality = args.jpeg_quality as u8;
-        source.display_max_width = (args.display_max_width > 0).then_some(args.display_max_width);
-        source.capture_fps = args.capture_fps;
-        source.max_slices = args.engine.max_slice_nums;
+        let state_dir = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine));
         Ok(Settings {
             bind: bind.expect("checked above"),
-            source,
-            window_size: args.window_size,
-            display_span: Duration::from_secs_f64(args.display_buffer_seconds),
-            mjpeg_fps: args.mjpeg_fps,
-            commentator,
+            streams,
+            defaults,
+            max_streams: args.max_streams,
+            state_file: state_dir.join("streams.json"),
+            media_dir: args.media_dir,
+            token: args.token,
+            token_for_viewing: args.token_for_viewing,
             engine: args.engine,
         })
     }
+}
+
+/// A per-stream field as the global flag that sets its default.
+fn flag(field: &str) -> String {
+    format!(
+        "--{} ({})",
+        field.replace('_', "-"),
+        field.to_ascii_uppercase()
+    )
 }
 
 #[cfg(test)]
@@ -143,10 +213,13 @@ mod tests {
     fn defaults_are_valid() {
         let s = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.bind.to_string(), "127.0.0.1:8199");
-        assert_eq!(s.commentator.frames_per_inference, 4);
-        assert_eq!(s.commentator.frame_stride, 2);
-        assert_eq!(s.window_size, 32);
-        assert_eq!(s.source.capture_fps, 2.0);
+        assert_eq!(s.streams.len(), 1);
+        assert_eq!(s.streams[0].id.as_str(), "s1");
+        assert_eq!(s.streams[0].frames_per_inference, 4);
+        assert_eq!(s.streams[0].frame_stride, 2);
+        assert_eq!(s.defaults.window_size, 32);
+        assert_eq!(s.streams[0].capture_fps, 2.0);
+        assert!(s.state_file.ends_with("streams.json"));
     }
 
     #[test]
@@ -176,5 +249,56 @@ mod tests {
     fn window_must_reach_the_frames_asked_for() {
         let err = problems(&["--window-size", "4"]);
         assert!(err.contains("need a window of 7 frames"), "{err}");
+    }
+
+    #[test]
+    fn several_sources_with_ids_and_a_streams_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("streams.toml");
+        std::fs::write(
+            &file,
+            "[door]\nsource = \"rtsp://cam/1\"\nprofile = \"security\"\ncapture_fps = 1.0\n",
+        )
+        .unwrap();
+        let s = parse(&[
+            "--source",
+            "game=g.mp4",
+            "--profile",
+            "sports",
+            "--streams",
+            file.to_str().unwrap(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ids: Vec<&str> = s.streams.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["s1", "game", "door"]);
+        // The global flag is every stream's default; the file's setting wins for its stream.
+        assert_eq!(s.streams[1].profile, "sports");
+        assert_eq!(s.streams[2].profile, "security");
+        assert_eq!(s.streams[2].capture_fps, 1.0);
+        assert_eq!(s.streams[1].capture_fps, 2.0);
+
+        let err = problems(&["--source", "x=a.mp4", "--source", "x=b.mp4"]);
+        assert!(err.contains("given twice"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_stream_in_the_file_names_its_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("streams.toml");
+        std::fs::write(&file, "[door]\nsource = \"x\"\nframe_stride = 0\n[gate]\nsource = \"y\"\nprofile = \"opera\"\n").unwrap();
+        let err = problems(&["--streams", file.to_str().unwrap()]);
+        assert!(err.contains("stream 'door': frame_stride"), "{err}");
+        assert!(err.contains("stream 'gate': profile"), "{err}");
+    }
+
+    #[test]
+    fn lan_binding_needs_a_token() {
+        let err = problems(&["--bind", "0.0.0.0:8199"]);
+        assert!(err.contains("--allow-no-token"), "{err}");
+        assert!(parse(&["--bind", "0.0.0.0:8199", "--token", "s3cret-token"]).is_ok());
+        assert!(parse(&["--bind", "0.0.0.0:8199", "--allow-no-token"]).is_ok());
+        assert!(parse(&["--bind", "[::1]:8199"]).is_ok());
+        let err = problems(&["--token", " "]);
+        assert!(err.contains("empty"), "{err}");
     }
 }

@@ -25,6 +25,12 @@ impl Drop for Server {
 }
 
 fn start(source: &Path) -> Server {
+    start_with(&[&format!("--source={}", source.display())])
+}
+
+/// `kibitz serve` on the tiny model with these extra arguments; its state file in a
+/// folder of its own.
+fn start_with(args: &[&str]) -> Server {
     let model = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kibitz"))
         .args(["make-test-model", "--size", "tiny"])
@@ -45,9 +51,10 @@ fn start(source: &Path) -> Server {
             "8",
             "--inference-interval",
             "0.5",
-            "--source",
         ])
-        .arg(source)
+        .args(args)
+        .arg("--state-dir")
+        .arg(model.path().join("state"))
         .arg("--model")
         .arg(model.path())
         .env("THREADS", "1")

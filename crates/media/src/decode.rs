@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ff::codec::{self, threading};
 use ff::format::context::Input;
 use ff::media::Type;
-use ff::util::error::EAGAIN;
+use ff::util::error::{EAGAIN, EINVAL};
 use ff::util::frame::Video as VideoFrame;
 use ff::{Dictionary, Packet};
 use ffmpeg_next as ff;
@@ -57,13 +57,33 @@ pub(crate) fn open(config: &SourceConfig, stop: &Arc<AtomicBool>) -> Result<Open
         SourceSpec::Http(_) | SourceSpec::Url(_) => options.set("rw_timeout", &timeout),
         SourceSpec::File(_) | SourceSpec::Webcam(_) => {}
     }
+    // FFmpeg applies both to everything the input opens in turn (playlist entries, segments,
+    // nested demuxers), which is what keeps an allowed source from reaching further.
+    let restrictions = &config.restrictions;
+    if let Some(list) = &restrictions.protocol_whitelist {
+        options.set("protocol_whitelist", list);
+    }
+    if let Some(list) = &restrictions.format_whitelist {
+        options.set("format_whitelist", list);
+    }
+    let restricted =
+        restrictions.protocol_whitelist.is_some() || restrictions.format_whitelist.is_some();
     let flag = Arc::clone(stop);
     let input = ff::format::input_with_interrupt_and_dictionary(
         &target,
         move || flag.load(Ordering::Relaxed),
         options,
     )
-    .map_err(|e| open_error(describe(e)))?;
+    .map_err(|e| {
+        // A refused protocol or format is only "Invalid argument" in FFmpeg's words.
+        let refused = restricted && e == (ff::Error::Other { errno: EINVAL });
+        let hint = if refused {
+            " (the source policy may have refused a protocol or format it needs)"
+        } else {
+            ""
+        };
+        open_error(format!("{}{hint}", describe(e)))
+    })?;
 
     let stream = input
         .streams()

@@ -14,11 +14,13 @@ mod convert;
 mod decode;
 mod image;
 mod pacing;
+mod policy;
 mod source;
 mod spec;
 mod status;
 
 pub use image::load_image;
+pub use policy::{Allowed, PolicyError, Restrictions, SourcePolicy};
 pub use source::{Source, SourceConfig, SourceContext, StatusReader};
 pub use spec::SourceSpec;
 pub use status::{SourceState, SourceStatus};

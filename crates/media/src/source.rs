@@ -12,7 +12,7 @@ use kibitz_frames::{DisplayBuffer, InferenceWindow, CAPTURE_FPS, JPEG_QUALITY};
 
 use crate::decode::{self, Worker};
 use crate::status::StatusCell;
-use crate::{Error, SourceSpec, SourceState, SourceStatus};
+use crate::{Error, Restrictions, SourceSpec, SourceState, SourceStatus};
 
 /// How to run a source. [`SourceConfig::new`] gives the documented defaults.
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct SourceConfig {
     pub looping: bool,
     /// A network source silent for this long is dropped and reconnected.
     pub io_timeout: Duration,
+    /// What FFmpeg may reach while opening the source: none for the operator's own sources,
+    /// those of a [`crate::SourcePolicy`] check for a source sent through the API.
+    pub restrictions: Restrictions,
 }
 
 impl SourceConfig {
@@ -43,6 +46,7 @@ impl SourceConfig {
             max_slices: 1,
             looping: true,
             io_timeout: Duration::from_secs(5),
+            restrictions: Restrictions::default(),
         }
     }
 

@@ -78,7 +78,7 @@ pub struct SourceStatus {
 }
 
 impl SourceStatus {
-    pub(crate) fn new(source: String, kind: &'static str) -> Self {
+    pub fn new(source: String, kind: &'static str) -> Self {
         Self {
             source,
             kind,

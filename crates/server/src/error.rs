@@ -1,21 +1,34 @@
 //! Errors: [`ApiError`] is what a request can fail with and maps to one HTTP status;
-//! [`ServerError`] is what starting or running the server can fail with.
+//! [`ServerError`] is what running the server can fail with.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kibitz_stream::StreamError;
 
 /// A request that could not be served. The one `IntoResponse` below decides the status
-/// and body: `{"error": "..."}`, with the reason for everything but 500.
+/// and body: `{"error": "..."}` (plus `"field"` for a 422 about one field), with the
+/// reason for everything but 500.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request is unusable as sent (bad JSON, unknown profile, text too long).
+    /// The body is not what the route takes (not JSON, wrong shape).
     #[error("{0}")]
     BadRequest(String),
-    /// Too much at once; the client should retry shortly.
+    /// Well-formed, but a value is unusable.
+    #[error("{message}")]
+    Invalid {
+        field: Option<&'static str>,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// Too much at once, or too many streams; the client may retry later.
     #[error("{0}")]
     Busy(String),
-    /// Something the request needs is not there now (no frame yet, engine down, loop stopped).
+    /// Something the request needs is not there now (no frame yet, engine down).
     #[error("{0}")]
     Unavailable(String),
     /// A fault of ours. The detail is logged, never sent.
@@ -27,6 +40,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -34,25 +50,47 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = match &self {
-            ApiError::Internal(detail) => {
-                tracing::error!(%detail, "request failed");
-                "internal error; the server log has the details".to_string()
+impl From<StreamError> for ApiError {
+    fn from(e: StreamError) -> ApiError {
+        let field = e.field();
+        match e {
+            StreamError::Invalid(_) | StreamError::Refused(_) | StreamError::Open(_) => {
+                ApiError::Invalid {
+                    field,
+                    message: e.to_string(),
+                }
             }
-            other => other.to_string(),
-        };
-        (self.status(), Json(serde_json::json!({ "error": message }))).into_response()
+            StreamError::Taken(_) => ApiError::Conflict(e.to_string()),
+            StreamError::Full(_) | StreamError::Busy(_) => ApiError::Busy(e.to_string()),
+            StreamError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            StreamError::Stopped => ApiError::Unavailable(e.to_string()),
+            StreamError::Internal(detail) => ApiError::Internal(detail),
+        }
     }
 }
 
-/// Starting or running the server failed.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "request failed");
+                serde_json::json!({ "error": "internal error; the server log has the details" })
+            }
+            other => serde_json::json!({ "error": other.to_string() }),
+        };
+        if let ApiError::Invalid {
+            field: Some(field), ..
+        } = &self
+        {
+            body["field"] = serde_json::json!(field);
+        }
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+/// Running the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// A setting handed to [`crate::AppState::new`] is unusable.
-    #[error("{0}")]
-    Config(String),
     #[error("the HTTP server stopped: {0}")]
     Serve(#[source] std::io::Error),
 }

@@ -1,111 +1,32 @@
-//! Stand-ins for the pipeline, so the server can run without a source or a model: in its
-//! own tests, in the browser test of the page, and in the viewer benchmark.
-//!
-//! [`FakeDisplay`] plays a few JPEGs in a loop at a fixed rate, computed from the clock
-//! (tokio's, so paused-time tests drive it); [`pattern_jpeg`] makes such JPEGs;
-//! [`Harness`] wires an [`AppState`] from fakes and keeps the other ends of its channels.
+//! A server made of fakes for tests, the page test and the viewer benchmark: real
+//! streams and registry (`kibitz-stream`) on pattern-picture sources and a scripted
+//! engine, so everything from the stream up is the product's own code. Behind the `fake`
+//! feature: never in a release build.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use kibitz_commentator::{Control, Event};
 use kibitz_engine::fake::FakeEngine;
-use kibitz_engine::Engine;
-use kibitz_frames::{Jpeg, Stamp};
-use tokio::sync::{broadcast, mpsc, watch};
+use kibitz_engine::Scheduler;
+use kibitz_frames::Jpeg;
+use kibitz_media::SourcePolicy;
+use kibitz_stream::sources::fake::PatternSources;
+use kibitz_stream::{RegistryConfig, StreamDefaults, StreamHandle, Streams};
 use tokio_util::sync::CancellationToken;
 
-use crate::{AppState, DisplayFeed, DisplayFrame, Parts, PipelineStatus, Selection, StatusReport};
+use crate::auth::Access;
+use crate::{AppState, Parts};
 
-/// The profile names the fakes offer (the commentator's built-in ones).
-pub const PROFILES: [&str; 5] = ["default", "sports", "security", "nature", "descriptive"];
-
-/// A source that delivered frame `n` at `start + n / fps`, cycling through `jpegs`.
-pub struct FakeDisplay {
-    jpegs: Vec<Jpeg>,
-    fps: f64,
-    reported_fps: Option<f64>,
-    start: Instant,
+/// The profile names, as the commentary crate lists them.
+pub fn profiles() -> Vec<String> {
+    kibitz_commentator::Profiles::names()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
-impl FakeDisplay {
-    /// Frames from now on, at `fps`.
-    pub fn new(jpegs: Vec<Jpeg>, fps: f64) -> FakeDisplay {
-        assert!(fps > 0.0, "fps must be positive");
-        FakeDisplay {
-            jpegs,
-            fps,
-            reported_fps: Some(fps),
-            start: tokio::time::Instant::now().into_std(),
-        }
-    }
-
-    /// A source that has not delivered anything yet.
-    pub fn empty() -> FakeDisplay {
-        FakeDisplay {
-            reported_fps: None,
-            ..FakeDisplay::new(Vec::new(), 1.0)
-        }
-    }
-
-    /// Reports this rate instead of the real one (`None`: unknown).
-    pub fn with_reported_fps(mut self, fps: Option<f64>) -> FakeDisplay {
-        self.reported_fps = fps;
-        self
-    }
-
-    fn frame(&self, seq: u64) -> DisplayFrame {
-        let pts = Duration::from_secs_f64(seq as f64 / self.fps);
-        DisplayFrame {
-            seq,
-            stamp: Stamp {
-                pts,
-                captured: self.start + pts,
-            },
-            jpeg: self.jpegs[(seq % self.jpegs.len() as u64) as usize].clone(),
-        }
-    }
-}
-
-impl DisplayFeed for FakeDisplay {
-    fn latest(&self) -> Option<DisplayFrame> {
-        self.at(tokio::time::Instant::now().into_std())
-    }
-
-    fn at(&self, t: Instant) -> Option<DisplayFrame> {
-        if self.jpegs.is_empty() {
-            return None;
-        }
-        let since = t.checked_duration_since(self.start)?;
-        Some(self.frame((since.as_secs_f64() * self.fps).floor() as u64))
-    }
-
-    fn fps(&self) -> Option<f64> {
-        self.reported_fps
-    }
-}
-
-/// Reports whatever it was last given.
-#[derive(Default)]
-pub struct FakeStatus {
-    status: Mutex<PipelineStatus>,
-}
-
-impl FakeStatus {
-    pub fn set(&self, status: PipelineStatus) {
-        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
-    }
-}
-
-impl StatusReport for FakeStatus {
-    fn pipeline(&self) -> PipelineStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
 
 /// A test picture: a colour and a bar that depend on `index`, a gradient, and `noise`
 /// (0–255) of pseudo-random grain, which is what makes a JPEG big. Quality 80, 4:2:0, as
@@ -160,88 +81,97 @@ pub fn pattern_jpeg(width: u32, height: u32, index: u32, noise: u8) -> Jpeg {
     }
 }
 
-/// An [`AppState`] made of fakes, with the other ends of its channels.
+
+/// How to build a [`Harness`].
+pub struct Options {
+    /// Streams started as if from the command line (`ID=SOURCE`, sources are names only).
+    pub streams: Vec<String>,
+    pub engine: FakeEngine,
+    /// Pictures a second of every pattern source.
+    pub fps: f64,
+    pub defaults: StreamDefaults,
+    pub token: Option<String>,
+    pub token_for_viewing: bool,
+    pub max_streams: usize,
+    pub state_file: Option<PathBuf>,
+    pub media_dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            streams: vec!["s1=one.mp4".into()],
+            engine: FakeEngine::saying(
+                "a ball rolls",
+                Duration::from_millis(50),
+                Duration::from_millis(10),
+            ),
+            fps: 10.0,
+            defaults: StreamDefaults {
+                // No sync delay: tests see the newest picture at once.
+                stream_delay_init: 0.0,
+                inference_interval: 0.2,
+                ..StreamDefaults::default()
+            },
+            token: None,
+            token_for_viewing: false,
+            max_streams: 16,
+            state_file: None,
+            media_dir: None,
+        }
+    }
+}
+
+/// A running server state on fakes.
 pub struct Harness {
     pub state: AppState,
-    /// Send events here as the commentary loop would.
-    pub events: broadcast::Sender<Event>,
-    /// What viewers asked the loop to change.
-    pub controls: mpsc::Receiver<Control>,
-    pub delay: watch::Sender<f64>,
-    pub status: Arc<FakeStatus>,
+    pub streams: Streams,
+    pub engine: FakeEngine,
 }
 
 impl Harness {
-    /// Two small pictures at 10 fps, a fake engine, no delay.
-    pub fn new() -> Harness {
-        let jpegs = (0..2).map(|i| pattern_jpeg(64, 48, i, 0)).collect();
-        Harness::with_display(Arc::new(FakeDisplay::new(jpegs, 10.0)))
+    /// One stream `s1` at 10 fps, a fake engine, no delay, no token.
+    pub async fn new() -> Harness {
+        Harness::with(Options::default()).await
     }
 
-    pub fn with_display(display: Arc<dyn DisplayFeed>) -> Harness {
-        Harness::build(display, Arc::new(fake_engine()), 64, 8)
-    }
-
-    pub fn with_engine(engine: Arc<dyn Engine>) -> Harness {
-        let jpegs = vec![pattern_jpeg(64, 48, 0, 0)];
-        Harness::build(Arc::new(FakeDisplay::new(jpegs, 10.0)), engine, 64, 8)
-    }
-
-    /// A broadcast of this capacity, to make clients lag.
-    pub fn with_capacity(events: usize) -> Harness {
-        let jpegs = vec![pattern_jpeg(64, 48, 0, 0)];
-        Harness::build(
-            Arc::new(FakeDisplay::new(jpegs, 10.0)),
-            Arc::new(fake_engine()),
-            events,
-            8,
-        )
-    }
-
-    /// A control queue of this capacity, to make it fill.
-    pub fn with_control_capacity(controls: usize) -> Harness {
-        let jpegs = vec![pattern_jpeg(64, 48, 0, 0)];
-        Harness::build(
-            Arc::new(FakeDisplay::new(jpegs, 10.0)),
-            Arc::new(fake_engine()),
-            64,
-            controls,
-        )
-    }
-
-    /// Call inside the tokio runtime (see [`AppState::new`]).
-    pub fn build(
-        display: Arc<dyn DisplayFeed>,
-        engine: Arc<dyn Engine>,
-        event_capacity: usize,
-        control_capacity: usize,
-    ) -> Harness {
-        let (events, _) = broadcast::channel(event_capacity);
-        let (control_tx, controls) = mpsc::channel(control_capacity);
-        let (delay, delay_rx) = watch::channel(0.0);
-        let status = Arc::new(FakeStatus::default());
-        let state = AppState::new(Parts {
-            display,
-            events: events.clone(),
-            controls: control_tx,
-            delay: delay_rx,
-            status: status.clone(),
-            engine,
-            profiles: PROFILES.iter().map(|p| p.to_string()).collect(),
-            selection: Selection {
-                profile: "default".into(),
-                instruction: String::new(),
+    pub async fn with(options: Options) -> Harness {
+        let scheduler = Scheduler::new(Arc::new(options.engine.clone()), 1);
+        let streams = Streams::new(RegistryConfig {
+            defaults: options.defaults.clone(),
+            sources: Arc::new(PatternSources::new(options.fps)),
+            scheduler,
+            policy: SourcePolicy {
+                media_dir: options.media_dir.clone(),
             },
-            mjpeg_fps: 10.0,
+            max_streams: options.max_streams,
+            state_file: options.state_file.clone(),
+        });
+        let specs = kibitz_stream::topology::plan(
+            &options
+                .streams
+                .iter()
+                .map(|s| kibitz_stream::topology::StreamInput::from_source_flag(s))
+                .collect::<Vec<_>>(),
+            &options.defaults,
+        )
+        .expect("the harness's streams are valid");
+        for spec in specs {
+            streams
+                .start_trusted(spec)
+                .await
+                .expect("pattern sources start");
+        }
+        let state = AppState::new(Parts {
+            streams: streams.clone(),
+            access: Access::new(options.token.clone(), options.token_for_viewing),
+            profiles: profiles(),
             shutdown: CancellationToken::new(),
-        })
-        .expect("the fake parts are valid");
+        });
         Harness {
             state,
-            events,
-            controls,
-            delay,
-            status,
+            streams,
+            engine: options.engine,
         }
     }
 
@@ -249,21 +179,7 @@ impl Harness {
         crate::router(self.state.clone())
     }
 
-    pub fn set_delay(&self, seconds: f64) {
-        self.delay.send_replace(seconds);
+    pub fn stream(&self, id: &str) -> StreamHandle {
+        self.streams.get(id).expect("the stream runs")
     }
-}
-
-impl Default for Harness {
-    fn default() -> Self {
-        Harness::new()
-    }
-}
-
-fn fake_engine() -> FakeEngine {
-    FakeEngine::saying(
-        "a ball rolls",
-        Duration::from_millis(50),
-        Duration::from_millis(10),
-    )
 }

@@ -1,24 +1,30 @@
-//! The HTTP face of kibitz: the page, the delayed MJPEG picture, the commentary as events
-//! (SSE and WebSocket), status, metrics and the one control endpoint.
+//! The HTTP face of kibitz: the page, each stream's delayed MJPEG picture and its
+//! commentary as events (SSE and WebSocket), the stream API, status, metrics.
 //!
-//! The server owns no stage of the pipeline. It reads them through small traits
-//! ([`DisplayFeed`], [`StatusReport`], [`kibitz_engine::Engine`]) and channels (the
-//! events broadcast, the controls queue, the delay watch) gathered in one cloneable
-//! [`AppState`]; the binary wires the real stages in, tests wire [`fake`]s. Handlers only
-//! extract, call and return; every failure goes through [`ApiError`].
+//! The server owns no stage of the pipeline: it holds the registry of streams
+//! ([`kibitz_stream::Streams`]) and reads each stream through its handle. Handlers only
+//! extract, call and return; every failure goes through [`ApiError`]. When a token is set,
+//! [`auth::guard`] runs before any handler.
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /` | the page (embedded, no build step) |
-//! | `GET /api/mjpeg` | the picture, `target_delay` late, at the source's rate |
-//! | `GET /api/frame` | the newest frame as one JPEG |
-//! | `GET /api/stream`, `GET /api/ws` | commentary events (SSE, WebSocket) |
-//! | `GET /api/status`, `GET /api/profiles` | JSON state |
-//! | `POST /api/instruction` | `{profile?, instruction?}` to the commentary loop |
-//! | `GET /metrics`, `GET /healthz` | Prometheus text, health |
+//! | `GET /`, `GET /streams/{id}` | the page: all streams, one stream (embedded, no build step) |
+//! | `GET /api/streams`, `POST /api/streams` | list, add |
+//! | `GET`/`PATCH`/`DELETE /api/streams/{id}` | status, change live settings, remove |
+//! | `GET /api/streams/{id}/mjpeg` | the picture, `target_delay` late, at the source's rate |
+//! | `GET /api/streams/{id}/frame` | the newest frame as one JPEG |
+//! | `GET /api/streams/{id}/stream`, `.../ws` | the stream's events (SSE, WebSocket) |
+//! | `GET /api/streams/{id}/status` | the stream's status |
+//! | `POST /api/streams/{id}/instruction` | `{profile?, instruction?}` |
+//! | `GET /api/events` | every stream's events, tagged with `stream` (SSE) |
+//! | `/api/mjpeg`, `/api/frame`, `/api/stream`, `/api/ws`, `/api/status`, `/api/instruction` | the same for the first stream still running |
+//! | `GET /api/profiles` | profile names |
+//! | `GET`/`POST`/`DELETE /api/session` | token → cookie for the page |
+//! | `GET /metrics`, `GET /healthz` | Prometheus text (label `stream`), health |
 
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
@@ -28,8 +34,10 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 mod api;
+pub mod auth;
 mod error;
 mod events;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod metrics;
 mod mjpeg;
@@ -37,13 +45,13 @@ mod page;
 mod state;
 
 pub use error::{ApiError, ServerError};
-pub use state::{
-    AppState, BufferStatus, Change, DisplayFeed, DisplayFrame, Parts, PipelineStatus, Selection,
-    SourceStatus, StatusReport, MAX_INSTRUCTION_CHARS,
-};
+pub use state::{AppState, Parts};
 
 /// Short requests that take longer than this get 503; streams are exempt.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request body: a stream spec or an instruction is well under this.
+const MAX_BODY: usize = 64 * 1024;
 
 /// After shutdown, how long connections get to finish before `serve` returns anyway (a
 /// stalled MJPEG viewer would otherwise hold it forever).
@@ -59,26 +67,43 @@ const SEND_BUFFER: usize = 512 * 1024;
 pub fn router(state: AppState) -> Router {
     let short = Router::new()
         .route("/", get(page::index))
+        .route("/streams/{id}", get(page::index))
         .route("/app.js", get(page::script))
         .route("/app.css", get(page::style))
+        .route("/api/streams", get(api::list).post(api::add))
+        .route(
+            "/api/streams/{id}",
+            get(api::status).patch(api::change).delete(api::remove),
+        )
+        .route("/api/streams/{id}/status", get(api::status))
+        .route("/api/streams/{id}/frame", get(mjpeg::frame))
+        .route("/api/streams/{id}/instruction", post(api::instruction))
         .route("/api/frame", get(mjpeg::frame))
         .route("/api/status", get(api::status))
-        .route("/api/profiles", get(api::profiles))
         .route("/api/instruction", post(api::instruction))
+        .route("/api/profiles", get(api::profiles))
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(api::healthz))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ));
-    let streams = Router::new()
+    let long = Router::new()
+        .route("/api/streams/{id}/mjpeg", get(mjpeg::mjpeg))
+        .route("/api/streams/{id}/stream", get(events::stream))
+        .route("/api/streams/{id}/ws", get(events::ws))
         .route("/api/mjpeg", get(mjpeg::mjpeg))
         .route("/api/stream", get(events::stream))
-        .route("/api/ws", get(events::ws));
+        .route("/api/ws", get(events::ws))
+        .route("/api/events", get(events::bus));
+    let access = state.shared().access.clone();
     short
-        .merge(streams)
-        .layer(TraceLayer::new_for_http())
+        .merge(long)
         .with_state(state)
+        .merge(auth::routes(access.clone()))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(access, auth::guard))
+        .layer(TraceLayer::new_for_http())
 }
 
 /// Serves until the state's shutdown token is cancelled. Then streams end, new

@@ -48,45 +48,72 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::fake::Harness;
+    use crate::fake::{Harness, Options};
+
+    async fn get(harness: &Harness, path: &str) -> (StatusCode, String, String) {
+        let response = harness
+            .router()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let kind = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, kind, String::from_utf8_lossy(&body).into_owned())
+    }
 
     #[tokio::test]
     async fn page_and_its_assets_are_served() {
-        let harness = Harness::new();
+        let harness = Harness::new().await;
         for (path, kind, needle) in [
             ("/", "text/html", r#"src="/app.js""#),
-            ("/app.js", "text/javascript", "/api/stream"),
+            ("/streams/s1", "text/html", r#"src="/app.js""#),
+            ("/app.js", "text/javascript", "/api/events"),
             ("/app.css", "text/css", "body"),
         ] {
-            let response = harness
-                .router()
-                .oneshot(Request::get(path).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::OK, "{path}");
-            assert!(
-                response.headers()[CONTENT_TYPE]
-                    .to_str()
-                    .unwrap()
-                    .starts_with(kind),
-                "{path}"
-            );
-            let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
-            assert!(
-                String::from_utf8_lossy(&body).contains(needle),
-                "{path} lacks {needle}"
-            );
+            let (status, served, body) = get(&harness, path).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert!(served.starts_with(kind), "{path}: {served}");
+            assert!(body.contains(needle), "{path} lacks {needle}");
+        }
+    }
+
+    /// The shell is the same for any id (it is what asks for the token, so it must not
+    /// tell who may not look which streams exist), and it never carries the token.
+    #[tokio::test]
+    async fn the_shell_loads_without_the_token_and_never_holds_it() {
+        let harness = Harness::with(Options {
+            token: Some("s3cret".into()),
+            token_for_viewing: true,
+            ..Options::default()
+        })
+        .await;
+        let (_, _, known) = get(&harness, "/streams/s1").await;
+        for path in ["/", "/streams/nope", "/app.js", "/app.css"] {
+            let (status, _, body) = get(&harness, path).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert!(!body.contains("s3cret"), "{path} holds the token");
+            if path.starts_with("/streams/") {
+                assert_eq!(body, known, "{path} differs from a known stream's page");
+            }
         }
     }
 
     #[tokio::test]
     async fn the_page_uses_every_api_it_needs() {
         for api in [
-            "/api/mjpeg",
+            "/api/session",
+            "/api/streams",
+            "/api/events",
             "/api/profiles",
-            "/api/status",
-            "/api/instruction",
-            "/api/stream",
+            "/mjpeg",
+            "/frame",
+            "/status",
+            "/stream`",
         ] {
             assert!(
                 SCRIPT.contains(api) || INDEX.contains(api),
@@ -95,14 +122,18 @@ mod tests {
         }
     }
 
+    /// A token in a URL ends up in logs, history and `Referer`.
+    #[tokio::test]
+    async fn the_token_goes_only_into_a_header() {
+        assert!(SCRIPT.contains("authorization: `Bearer ${token}`"));
+        assert!(!SCRIPT.contains("localStorage") && !SCRIPT.contains("sessionStorage"));
+        assert!(!SCRIPT.contains("?token") && !SCRIPT.contains("&token"));
+    }
+
     #[tokio::test]
     async fn unknown_paths_are_404() {
-        let harness = Harness::new();
-        let response = harness
-            .router()
-            .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let harness = Harness::new().await;
+        let (status, _, _) = get(&harness, "/nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }

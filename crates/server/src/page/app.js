@@ -1,25 +1,56 @@
-// The kibitz page: the delayed picture, the commentary as it streams in, and the controls.
-// Plain browser JavaScript, no build step. The picture is already as late as the
-// commentary needs (the server shows frames `target_delay` behind), so tokens are shown
-// the moment they arrive.
+// The kibitz page. Plain browser JavaScript, no build step; one file for both views:
+//
+// - `/`: every stream as a tile (a thumbnail polled a few times a second, its state, its
+//   latest comment), a form to add one, each tile's profile and a remove button. All
+//   streams' events come over ONE `EventSource("/api/events")`, so a page with many
+//   streams holds one event connection, and thumbnails fetch `/frame` (one small JPEG)
+//   rather than holding an MJPEG stream each.
+// - `/streams/{id}`: one stream: its delayed MJPEG picture, its commentary as it streams
+//   in, the profile picker and instruction box. The picture is already as late as the
+//   commentary needs (the server shows frames `target_delay` behind), so tokens are shown
+//   the moment they arrive.
+//
+// The token: browsers cannot put headers on <img>, EventSource or WebSocket. When the
+// server answers 401 the page asks for the token, sends it once as `Authorization:
+// Bearer` to `POST /api/session`, which sets an HttpOnly, SameSite=Strict cookie that
+// every later request carries, and forgets it. It never goes into a URL, storage or the
+// page.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const HISTORY_LIMIT = 60;
+/// Thumbnails: the pause after one picture has loaded before asking for the next.
+const THUMB_EVERY_MS = 400;
+/// Thumbnails: the pause after a failed fetch (no frame yet, server away).
+const THUMB_RETRY_MS = 1500;
+const LIST_REFRESH_MS = 5000;
+const STATUS_REFRESH_MS = 2000;
 
 // Exposed for curious users and for the browser test.
 const kibitz = {
+  view: null,
+  stream: null,
+  events: 0,
+  // The single-stream view.
   cycle: null,
   text: "",
+  tokens: 0,
   comments: 0,
-  events: 0,
   pictureChanges: 0,
   lastSample: null,
   retryAt: null,
   sourceState: "connecting",
   sourceDetail: null,
+  gone: false,
+  // The overview: per stream id, {state, comment, profile, loads, fresh, changes}: pictures
+  // shown, of them new frames (by the server's `x-frame-seq`), of them different-looking.
+  tiles: {},
+  maxStreams: null,
+  session: null,
 };
 window.kibitz = kibitz;
+
+// ---- words ------------------------------------------------------------------------
 
 function clock(seconds) {
   if (typeof seconds !== "number" || !isFinite(seconds)) return "";
@@ -32,47 +63,604 @@ function secs(value) {
   return typeof value === "number" && isFinite(value) ? `${value.toFixed(1)} s` : "–";
 }
 
-// ---- the picture -------------------------------------------------------------------
-
-const picture = $("picture");
-let pictureRetry = null;
-
-function startPicture() {
-  clearTimeout(pictureRetry);
-  picture.src = `/api/mjpeg?since=${Date.now()}`;
+/// Shows `text` in a `.message` element; red when `isError`.
+function say(element, text, isError) {
+  element.textContent = text;
+  element.classList.toggle("error", Boolean(isError));
 }
 
-picture.addEventListener("load", () => { $("waiting").hidden = true; });
-picture.addEventListener("error", () => {
-  $("waiting").hidden = false;
-  $("waiting").textContent = "picture lost, reconnecting…";
-  pictureRetry = setTimeout(startPicture, 2000);
+function problem(answer) {
+  return answer.data.error || (answer.status ? `the server said ${answer.status}` : "cannot reach the server");
+}
+
+function streamPath(id) {
+  return `/api/streams/${encodeURIComponent(id)}`;
+}
+
+// ---- talking to the server, signing in when it asks --------------------------------
+
+/// `{ok, status, data}` for one JSON call. A 401 asks for the token (see `signIn`) and
+/// retries once; `ask: false` (background refreshes) only asks if the person has not
+/// already said no. Never throws: a network failure is status 0.
+async function api(method, path, body, { ask = true } = {}) {
+  const init = { method, cache: "no-store", headers: {} };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  try {
+    let response = await fetch(path, init);
+    if (response.status === 401 && (await signIn({ ask }))) response = await fetch(path, init);
+    const data = response.status === 204 ? {} : await response.json().catch(() => ({}));
+    return { ok: response.ok, status: response.status, data };
+  } catch (_) {
+    return { ok: false, status: 0, data: {} };
+  }
+}
+
+let signingIn = null;
+let declined = false;
+
+/// Resolves true once a session cookie is set. Callers waiting at the same time share one
+/// dialog.
+function signIn({ ask = true } = {}) {
+  if (!ask && declined) return Promise.resolve(false);
+  if (!signingIn) {
+    signingIn = askForToken().finally(() => { signingIn = null; });
+  }
+  return signingIn;
+}
+
+function askForToken() {
+  const dialog = $("signin");
+  const form = $("signin-form");
+  const input = $("signin-token");
+  const message = $("signin-message");
+  return new Promise((resolve) => {
+    const finish = (ok) => {
+      input.value = "";
+      form.onsubmit = null;
+      $("signin-cancel").onclick = null;
+      dialog.oncancel = null;
+      if (dialog.open) dialog.close();
+      declined = !ok;
+      resolve(ok);
+    };
+    form.onsubmit = async (event) => {
+      event.preventDefault();
+      const token = input.value.trim();
+      if (!token) return;
+      $("signin-submit").disabled = true;
+      try {
+        const response = await fetch("/api/session", {
+          method: "POST",
+          cache: "no-store",
+          headers: { authorization: `Bearer ${token}` },
+        });
+        if (response.ok) {
+          showSession(await response.json().catch(() => null));
+          finish(true);
+        } else if (response.status === 401) {
+          say(message, "That is not the server's token.", true);
+          input.select();
+        } else {
+          say(message, `the server said ${response.status}`, true);
+        }
+      } catch (err) {
+        // fetch refuses a header with characters outside Latin-1 before sending anything.
+        say(message, err instanceof TypeError && /header/i.test(err.message)
+          ? "A token has no such characters." : "Cannot reach the server.", true);
+      } finally {
+        $("signin-submit").disabled = false;
+      }
+    };
+    $("signin-cancel").onclick = () => finish(false);
+    dialog.oncancel = (event) => {
+      event.preventDefault();
+      finish(false);
+    };
+    say(message, "", false);
+    input.value = "";
+    dialog.showModal();
+    input.focus();
+  });
+}
+
+function showSession(session) {
+  if (!session) return;
+  kibitz.session = session;
+  const button = $("session");
+  button.hidden = !session.token_required;
+  button.textContent = session.authenticated ? "sign out" : "sign in";
+}
+
+async function loadSession() {
+  const answer = await api("GET", "/api/session", undefined, { ask: false });
+  if (!answer.ok) return;
+  showSession(answer.data);
+  if (answer.data.viewing_requires_token && !answer.data.authenticated) {
+    // Nothing can be shown without it; ask before opening any connection.
+    await signIn();
+  }
+}
+
+$("session").addEventListener("click", async () => {
+  if (kibitz.session && kibitz.session.authenticated) {
+    const answer = await api("DELETE", "/api/session", undefined, { ask: false });
+    showSession(answer.data);
+    if (kibitz.session && kibitz.session.viewing_requires_token) location.reload();
+  } else if (await signIn()) {
+    // Connections refused before signing in are easiest to open afresh.
+    if (kibitz.session.viewing_requires_token) location.reload();
+  }
 });
 
-// A tiny copy of the picture, sampled a few times a second, tells whether it moves.
+// ---- profiles, shared by both views ----------------------------------------------------
+
+let profileNames = [];
+
+async function loadProfiles() {
+  const answer = await api("GET", "/api/profiles", undefined, { ask: false });
+  if (!answer.ok) {
+    setTimeout(loadProfiles, 2000);
+    return;
+  }
+  profileNames = answer.data.profiles || [];
+  const limit = answer.data.max_instruction_chars;
+  if (typeof limit === "number") {
+    for (const id of ["instruction", "add-instruction"]) $(id).maxLength = limit;
+  }
+  fillProfiles($("profile"), null);
+  fillProfiles($("add-profile"), "server default");
+  for (const tile of tiles.values()) fillProfiles(tile.select, null);
+}
+
+/// Puts the profile names into `select`, first an empty choice labelled `blank` if given,
+/// keeping the choice (`data-current`, which holds it even before there are options).
+function fillProfiles(select, blank) {
+  const chosen = select.dataset.current || select.value;
+  const options = profileNames.map((name) => new Option(name, name));
+  if (blank) options.unshift(new Option(blank, ""));
+  select.replaceChildren(...options);
+  if (chosen) select.value = chosen;
+}
+
+/// A remove button that asks once more before it acts.
+function armedButton(button, action) {
+  const label = button.textContent;
+  let timer = null;
+  const disarm = () => {
+    clearTimeout(timer);
+    button.dataset.armed = "false";
+    button.textContent = label;
+  };
+  button.addEventListener("click", async (event) => {
+    event.preventDefault();
+    if (button.dataset.armed !== "true") {
+      button.dataset.armed = "true";
+      button.textContent = "really remove?";
+      timer = setTimeout(disarm, 4000);
+      return;
+    }
+    disarm();
+    button.disabled = true;
+    try {
+      await action();
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// ---- pictures ---------------------------------------------------------------------------
+
+// A tiny copy of a picture tells whether it moved since the last look.
 const sampler = document.createElement("canvas");
 sampler.width = 16;
 sampler.height = 9;
 const sampleContext = sampler.getContext("2d", { willReadFrequently: true });
 
-setInterval(() => {
-  if (!picture.naturalWidth) return;
+/// A hash of `img`'s pixels, or null while it cannot be drawn.
+function sample(img) {
+  if (!img.naturalWidth) return null;
   try {
-    sampleContext.drawImage(picture, 0, 0, sampler.width, sampler.height);
+    sampleContext.drawImage(img, 0, 0, sampler.width, sampler.height);
     const data = sampleContext.getImageData(0, 0, sampler.width, sampler.height).data;
     let hash = 0;
     for (let i = 0; i < data.length; i += 4) {
       hash = (Math.imul(hash, 31) + data[i] + 3 * data[i + 1] + 7 * data[i + 2]) >>> 0;
     }
-    if (kibitz.lastSample !== null && hash !== kibitz.lastSample) kibitz.pictureChanges += 1;
-    kibitz.lastSample = hash;
-    $("waiting").hidden = true;
+    return hash;
   } catch (_) {
     // A frame that is still decoding cannot be drawn; the next sample will do.
+    return null;
   }
-}, 250);
+}
 
-// ---- commentary --------------------------------------------------------------------
+// ---- the event stream, reconnecting by itself -----------------------------------------
+
+/// Opens `url` as an EventSource, calls `handlers[type]` with each event's JSON and
+/// `opened(again)` on every (re)connect. The browser retries network errors itself; a
+/// refused stream (CLOSED) is retried here with backoff.
+function listen(url, handlers, opened) {
+  let backoff = 1000;
+  let wasUp = false;
+  const connect = () => {
+    const source = new EventSource(url);
+    source.onopen = () => {
+      $("link").dataset.up = "true";
+      backoff = 1000;
+      opened(wasUp);
+      wasUp = true;
+    };
+    source.onerror = () => {
+      $("link").dataset.up = "false";
+      if (source.readyState === EventSource.CLOSED) {
+        source.close();
+        setTimeout(connect, backoff);
+        backoff = Math.min(backoff * 2, 15000);
+      }
+    };
+    for (const [type, handle] of Object.entries(handlers)) {
+      source.addEventListener(type, (message) => {
+        // The connection's own "error" is not an event from the server.
+        if (typeof message.data !== "string") return;
+        kibitz.events += 1;
+        try {
+          handle(JSON.parse(message.data));
+        } catch (err) {
+          console.warn("kibitz: bad event", type, err);
+        }
+      });
+    }
+  };
+  connect();
+}
+
+// ==== the overview: `/` ===================================================================
+
+/// id → the tile's elements and state.
+const tiles = new Map();
+
+function startOverview() {
+  kibitz.view = "overview";
+  $("overview").hidden = false;
+  listen("/api/events", overviewEvents, () => refreshList());
+  refreshList();
+  setInterval(refreshList, LIST_REFRESH_MS);
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) for (const tile of tiles.values()) pollThumb(tile);
+  });
+  $("add").addEventListener("submit", addStream);
+  for (const input of $("add").querySelectorAll("input, select")) {
+    input.addEventListener("input", () => input.removeAttribute("aria-invalid"));
+  }
+}
+
+const overviewEvents = {
+  stream_added(e) { showTile(e.summary); countTiles(); },
+  stream_changed(e) { showTile(e.summary); },
+  stream_removed(e) { dropTile(e.stream); countTiles(); },
+  source(e) {
+    const tile = tiles.get(e.stream);
+    if (tile) showTile({ ...tile.summary, state: e.state, detail: e.detail });
+  },
+  cycle_start(e) {
+    const tile = tiles.get(e.stream);
+    if (!tile) return;
+    tile.active = true;
+    tile.text = "";
+    showComment(tile);
+  },
+  token(e) {
+    const tile = tiles.get(e.stream);
+    if (!tile) return;
+    tile.active = true;
+    tile.text += e.text;
+    showComment(tile);
+  },
+  cycle_end(e) {
+    const tile = tiles.get(e.stream);
+    if (!tile) return;
+    tile.active = false;
+    tile.text = "";
+    if (!e.skipped && e.text) tile.summary.last_comment = e.text;
+    showComment(tile);
+  },
+  error(e) {
+    const tile = tiles.get(e.stream);
+    if (!tile) return;
+    tile.active = false;
+    tile.text = "";
+    showComment(tile);
+    say(tile.message, e.message, true);
+  },
+  // Events were lost: the list is the truth.
+  lagged() { refreshList(); },
+};
+
+async function refreshList() {
+  const answer = await api("GET", "/api/streams", undefined, { ask: false });
+  if (!answer.ok) return;
+  const listed = new Set();
+  for (const summary of answer.data.streams || []) {
+    listed.add(summary.id);
+    showTile(summary);
+  }
+  for (const id of [...tiles.keys()]) if (!listed.has(id)) dropTile(id);
+  kibitz.maxStreams = answer.data.max_streams ?? null;
+  countTiles();
+}
+
+function countTiles() {
+  const n = tiles.size;
+  const max = kibitz.maxStreams;
+  $("title").textContent = `${n} ${n === 1 ? "stream" : "streams"}` + (max ? ` of ${max}` : "");
+  $("overview-empty").hidden = n > 0;
+  const full = max !== null && n >= max;
+  $("add-submit").disabled = full;
+  $("add-submit").title = full ? `the server runs at most ${max} streams; remove one first` : "";
+}
+
+/// Creates or updates the tile for `summary`.
+function showTile(summary) {
+  let tile = tiles.get(summary.id);
+  if (!tile) {
+    tile = makeTile(summary.id);
+    tiles.set(summary.id, tile);
+    $("tiles").append(tile.li);
+    pollThumb(tile);
+  }
+  tile.summary = { ...tile.summary, ...summary };
+  const s = tile.summary;
+  tile.li.dataset.state = s.state;
+  tile.pill.dataset.state = s.state;
+  tile.pill.textContent = s.state;
+  tile.pill.title = s.detail || "video source";
+  tile.source.textContent = s.source;
+  tile.source.title = s.source;
+  tile.instruction.textContent = s.instruction ? `“${s.instruction}”` : "";
+  tile.instruction.hidden = !s.instruction;
+  tile.select.dataset.current = s.profile;
+  if (document.activeElement !== tile.select && !tile.changing) tile.select.value = s.profile;
+  if (s.state === "failed" || s.state === "ended") say(tile.message, s.detail || s.state, true);
+  else if (tile.message.classList.contains("error") && s.state === "live") say(tile.message, "", false);
+  Object.assign(kibitz.tiles[s.id], { state: s.state, profile: s.profile, comment: s.last_comment || null });
+  showComment(tile);
+}
+
+function makeTile(id) {
+  const li = document.createElement("li");
+  li.className = "tile";
+  li.dataset.id = id;
+  li.innerHTML = `
+    <a class="open" title="open this stream">
+      <div class="thumb">
+        <img alt="">
+        <span class="overlay">waiting for a picture…</span>
+        <span class="pill"></span>
+      </div>
+      <div class="name"><strong></strong><span class="muted source"></span></div>
+    </a>
+    <p class="comment" data-active="false"></p>
+    <p class="instruction muted" hidden></p>
+    <div class="tile-controls">
+      <select class="profile" aria-label="profile"></select>
+      <button type="button" class="remove danger" title="stop this stream and remove it">remove</button>
+    </div>
+    <p class="message" role="status"></p>`;
+  const tile = {
+    id,
+    li,
+    img: li.querySelector("img"),
+    overlay: li.querySelector(".overlay"),
+    pill: li.querySelector(".pill"),
+    source: li.querySelector(".source"),
+    comment: li.querySelector(".comment"),
+    instruction: li.querySelector(".instruction"),
+    select: li.querySelector(".profile"),
+    remove: li.querySelector(".remove"),
+    message: li.querySelector(".message"),
+    summary: { id },
+    active: false,
+    text: "",
+    gone: false,
+    polling: false,
+    timer: null,
+    url: null,
+    lastSample: null,
+    seq: null,
+    changing: false,
+  };
+  li.querySelector(".open").href = `/streams/${encodeURIComponent(id)}`;
+  li.querySelector("strong").textContent = id;
+  tile.img.alt = `${id}: the newest picture`;
+  fillProfiles(tile.select, null);
+  tile.select.addEventListener("change", () => changeTileProfile(tile));
+  armedButton(tile.remove, () => removeTile(tile));
+  kibitz.tiles[id] = { state: null, comment: null, profile: null, loads: 0, fresh: 0, changes: 0 };
+  return tile;
+}
+
+function dropTile(id) {
+  const tile = tiles.get(id);
+  if (!tile) return;
+  tile.gone = true;
+  clearTimeout(tile.timer);
+  if (tile.url) URL.revokeObjectURL(tile.url);
+  tile.li.remove();
+  tiles.delete(id);
+  delete kibitz.tiles[id];
+}
+
+function showComment(tile) {
+  const growing = tile.active && tile.text;
+  tile.comment.textContent = growing ? tile.text : tile.summary.last_comment || "";
+  tile.comment.dataset.active = growing ? "true" : "false";
+  kibitz.tiles[tile.id].comment = tile.summary.last_comment || null;
+}
+
+/// Fetches the stream's newest frame, shows it once decoded, and asks again
+/// THUMB_EVERY_MS later: never two at once per tile, none while the page is hidden.
+async function pollThumb(tile) {
+  if (tile.gone || tile.polling || document.hidden) return;
+  clearTimeout(tile.timer);
+  tile.polling = true;
+  let pause = THUMB_EVERY_MS;
+  try {
+    const response = await fetch(`${streamPath(tile.id)}/frame`, { cache: "no-store" });
+    if (response.ok) {
+      await showThumb(tile, await response.blob(), response.headers.get("x-frame-seq"));
+    } else {
+      // 503: no picture yet; 404: the stream went (its event removes the tile).
+      tile.overlay.hidden = false;
+      pause = THUMB_RETRY_MS;
+    }
+  } catch (_) {
+    pause = THUMB_RETRY_MS;
+  } finally {
+    tile.polling = false;
+  }
+  if (!tile.gone && !document.hidden) tile.timer = setTimeout(() => pollThumb(tile), pause);
+}
+
+async function showThumb(tile, blob, seq) {
+  const url = URL.createObjectURL(blob);
+  tile.img.src = url;
+  let shown = true;
+  try {
+    await tile.img.decode();
+  } catch (_) {
+    shown = false; // A broken picture: keep asking.
+  }
+  if (tile.url) URL.revokeObjectURL(tile.url);
+  tile.url = url;
+  if (tile.gone) return;
+  tile.overlay.hidden = shown;
+  if (!shown) return;
+  const stats = kibitz.tiles[tile.id];
+  stats.loads += 1;
+  if (seq !== null && seq !== tile.seq) stats.fresh += 1;
+  tile.seq = seq;
+  const hash = sample(tile.img);
+  if (hash !== null && tile.lastSample !== null && hash !== tile.lastSample) stats.changes += 1;
+  if (hash !== null) tile.lastSample = hash;
+}
+
+async function changeTileProfile(tile) {
+  const wanted = tile.select.value;
+  tile.changing = true;
+  say(tile.message, "…", false);
+  const answer = await api("PATCH", streamPath(tile.id), { profile: wanted });
+  tile.changing = false;
+  if (answer.ok) {
+    say(tile.message, `profile ${answer.data.profile}`, false);
+    showTile(answer.data);
+  } else {
+    say(tile.message, problem(answer), true);
+    tile.select.value = tile.summary.profile;
+  }
+}
+
+async function removeTile(tile) {
+  const answer = await api("DELETE", streamPath(tile.id));
+  if (answer.ok || answer.status === 404) {
+    dropTile(tile.id);
+    countTiles();
+  } else {
+    say(tile.message, problem(answer), true);
+  }
+}
+
+async function addStream(event) {
+  event.preventDefault();
+  const form = $("add");
+  const body = { source: $("add-source").value.trim() };
+  for (const field of ["id", "profile", "instruction"]) {
+    const value = $(`add-${field}`).value.trim();
+    if (value) body[field] = value;
+  }
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  $("add-submit").disabled = true;
+  say($("add-message"), "starting…", false);
+  const answer = await api("POST", "/api/streams", body);
+  $("add-submit").disabled = false;
+  if (answer.ok) {
+    showTile(answer.data);
+    countTiles();
+    form.reset();
+    say($("add-message"), `added ${answer.data.id}`, false);
+    return;
+  }
+  say($("add-message"), problem(answer), true);
+  const input = answer.data.field && $(`add-${answer.data.field}`);
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  }
+  countTiles();
+}
+
+// ==== one stream: `/streams/{id}` ==========================================================
+
+let base = null;
+const picture = $("picture");
+let pictureRetry = null;
+
+function startSingle(id) {
+  kibitz.view = "stream";
+  kibitz.stream = id;
+  base = streamPath(id);
+  document.title = `${id} · kibitz`;
+  $("title").textContent = id;
+  $("source").hidden = false;
+  $("single").hidden = false;
+  startPicture();
+  listen(`${base}/stream`, streamEvents, (again) => {
+    // After an outage the picture connection is likely gone as well.
+    if (again) startPicture();
+    refreshStatus();
+  });
+  refreshStatus();
+  setInterval(refreshStatus, STATUS_REFRESH_MS);
+  setInterval(samplePicture, 250);
+  setInterval(() => { if (kibitz.retryAt !== null) renderSource(); }, 1000);
+  $("profile").addEventListener("change", async (event) => {
+    const select = event.target;
+    if (!(await change({ profile: select.value }))) select.value = select.dataset.current || select.value;
+  });
+  $("controls").addEventListener("submit", (event) => {
+    event.preventDefault();
+    change({ instruction: $("instruction").value });
+  });
+  armedButton($("remove"), async () => {
+    const answer = await api("DELETE", base);
+    if (answer.ok) location.assign("/");
+    else say($("message"), problem(answer), true);
+  });
+}
+
+function startPicture() {
+  clearTimeout(pictureRetry);
+  // A fresh URL each time, so no cache hands back an old connection's picture.
+  picture.src = `${base}/mjpeg?since=${Date.now()}`;
+}
+
+picture.addEventListener("load", () => { $("waiting").hidden = true; });
+picture.addEventListener("error", () => {
+  if (!base) return;
+  $("waiting").hidden = false;
+  $("waiting").textContent = kibitz.gone ? "this stream is not running" : "picture lost, reconnecting…";
+  pictureRetry = setTimeout(startPicture, 2000);
+});
+
+function samplePicture() {
+  const hash = sample(picture);
+  if (hash === null) return;
+  if (kibitz.lastSample !== null && hash !== kibitz.lastSample) kibitz.pictureChanges += 1;
+  kibitz.lastSample = hash;
+  $("waiting").hidden = true;
+}
 
 function renderCurrent(active) {
   const current = $("current");
@@ -80,11 +668,21 @@ function renderCurrent(active) {
   current.dataset.active = active ? "true" : "false";
 }
 
-function addHistory(text, frames, latency, kind) {
+function addHistory(text, when, kind) {
   const item = document.createElement("li");
   if (kind) item.className = kind;
-  const when = document.createElement("span");
-  when.className = "when";
+  const label = document.createElement("span");
+  label.className = "when";
+  label.textContent = when;
+  item.append(label, document.createTextNode(text));
+  const history = $("history");
+  history.prepend(item);
+  while (history.children.length > HISTORY_LIMIT) history.lastElementChild.remove();
+  $("empty").hidden = true;
+}
+
+/// "0:12.0–0:14.0 · 1.2 s": the media time of the frames and how late the words came.
+function when(frames, latency) {
   const parts = [];
   if (frames && frames.length) {
     const first = clock(frames[0]);
@@ -92,15 +690,10 @@ function addHistory(text, frames, latency, kind) {
     parts.push(first === last ? first : `${first}–${last}`);
   }
   if (typeof latency === "number") parts.push(`${latency.toFixed(1)} s`);
-  when.textContent = parts.join(" · ");
-  item.append(when, document.createTextNode(text));
-  const history = $("history");
-  history.prepend(item);
-  while (history.children.length > HISTORY_LIMIT) history.lastElementChild.remove();
-  $("empty").hidden = true;
+  return parts.join(" · ");
 }
 
-const handlers = {
+const streamEvents = {
   cycle_start(e) {
     kibitz.cycle = e.cycle;
     kibitz.text = "";
@@ -112,6 +705,7 @@ const handlers = {
       kibitz.text = "";
     }
     kibitz.text += e.text;
+    kibitz.tokens += 1;
     renderCurrent(true);
   },
   cycle_end(e) {
@@ -121,13 +715,13 @@ const handlers = {
     renderCurrent(false);
     if (!e.skipped && e.text) {
       kibitz.comments += 1;
-      addHistory(e.text, e.frames, e.latency);
+      addHistory(e.text, when(e.frames, e.latency));
     }
     $("latency").textContent = secs(e.latency);
     $("delay").textContent = secs(e.target_delay);
   },
   error(e) {
-    addHistory(e.message, null, null, "error");
+    addHistory(e.message, "", "error");
     if (e.cycle === kibitz.cycle) {
       kibitz.text = "";
       renderCurrent(false);
@@ -157,131 +751,82 @@ function renderSource() {
   pill.textContent = label;
   pill.title = kibitz.sourceDetail || "video source";
 }
-setInterval(() => { if (kibitz.retryAt !== null) renderSource(); }, 1000);
 
-// ---- the event stream, reconnecting by itself ----------------------------------------
-
-let stream = null;
-let streamBackoff = 1000;
-let streamWasUp = false;
-
-function connect() {
-  stream = new EventSource("/api/stream");
-  stream.onopen = () => {
-    $("link").dataset.up = "true";
-    streamBackoff = 1000;
-    // After an outage the picture connection is likely gone as well.
-    if (streamWasUp) startPicture();
-    streamWasUp = true;
-    refreshStatus();
-  };
-  stream.onerror = () => {
-    $("link").dataset.up = "false";
-    // The browser retries network errors itself; a refused stream (CLOSED) is ours to retry.
-    if (stream.readyState === EventSource.CLOSED) {
-      stream.close();
-      setTimeout(connect, streamBackoff);
-      streamBackoff = Math.min(streamBackoff * 2, 15000);
-    }
-  };
-  for (const [type, handle] of Object.entries(handlers)) {
-    stream.addEventListener(type, (message) => {
-      kibitz.events += 1;
-      try {
-        handle(JSON.parse(message.data));
-      } catch (err) {
-        console.warn("kibitz: bad event", type, err);
-      }
-    });
-  }
-}
-
-// ---- status --------------------------------------------------------------------------
+let statusSeen = false;
 
 async function refreshStatus() {
-  try {
-    const response = await fetch("/api/status", { cache: "no-store" });
-    if (!response.ok) return;
-    const status = await response.json();
-    const source = status.source || {};
-    showSource(source.state, source.detail, source.retry_in);
-    $("fps").textContent = typeof source.fps === "number" ? source.fps.toFixed(source.fps % 1 ? 2 : 0) : "–";
-    $("delay").textContent = secs(status.target_delay);
-    const tally = status.commentary || {};
-    $("cycles").textContent = (tally.cycles || 0) - (tally.skipped || 0);
-    $("skipped").textContent = tally.skipped || 0;
-    if (typeof tally.last_latency === "number") $("latency").textContent = secs(tally.last_latency);
-    const engine = status.engine || {};
-    $("engine").textContent = [engine.kind, engine.model, engine.backend].filter(Boolean).join(" · ")
-      + (engine.healthy === false ? " · down" : "");
-  } catch (_) {
-    // The server is restarting; the next poll will tell.
+  const answer = await api("GET", `${base}/status`, undefined, { ask: false });
+  if (answer.status === 404) {
+    kibitz.gone = true;
+    showSource("stopped", answer.data.error, null);
+    $("waiting").hidden = false;
+    $("waiting").textContent = "this stream is not running";
+    return;
   }
+  if (!answer.ok) return; // The server is restarting; the next poll will tell.
+  if (kibitz.gone) {
+    kibitz.gone = false;
+    startPicture();
+  }
+  const status = answer.data;
+  const source = status.source || {};
+  showSource(source.state, source.detail, source.retry_in);
+  $("fps").textContent = typeof source.fps === "number" ? source.fps.toFixed(source.fps % 1 ? 2 : 0) : "–";
+  $("delay").textContent = secs(status.target_delay);
+  const tally = status.commentary || {};
+  $("cycles").textContent = (tally.cycles_done || 0) - (tally.cycles_skipped || 0);
+  $("skipped").textContent = tally.cycles_skipped || 0;
+  if (typeof tally.last_latency === "number") $("latency").textContent = secs(tally.last_latency);
+  const engine = status.engine || {};
+  $("engine").textContent = [engine.kind, engine.model, engine.backend].filter(Boolean).join(" · ")
+    + (engine.healthy === false ? " · down" : "");
+  showSelection(tally.profile, tally.instruction, !statusSeen);
+  if (!statusSeen && tally.last_comment && kibitz.comments === 0) {
+    // A newly opened view shows what was last said at once, not after the next cycle.
+    addHistory(tally.last_comment, "before you came", "earlier");
+  }
+  statusSeen = true;
 }
 
-// ---- controls ------------------------------------------------------------------------
-
-function say(text, isError) {
-  const message = $("message");
-  message.textContent = text;
-  message.className = isError ? "error" : "";
+/// Shows the stream's profile (and, when `withText`, its instruction) unless the person
+/// is busy with that control.
+function showSelection(profile, instruction, withText) {
+  const select = $("profile");
+  if (profile) {
+    select.dataset.current = profile;
+    if (document.activeElement !== select && !select.disabled) select.value = profile;
+  }
+  if (withText && typeof instruction === "string") $("instruction").value = instruction;
 }
 
 async function change(body) {
   $("apply").disabled = true;
+  $("profile").disabled = true;
   try {
-    const response = await fetch("/api/instruction", {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    const answer = await response.json().catch(() => ({}));
-    if (!response.ok) {
-      say(answer.error || `the server said ${response.status}`, true);
+    const answer = await api("PATCH", base, body);
+    if (!answer.ok) {
+      say($("message"), problem(answer), true);
       return false;
     }
-    $("profile").value = answer.profile;
-    say(answer.instruction
-      ? `profile ${answer.profile}, instruction set`
-      : `profile ${answer.profile}`, false);
+    const { profile, instruction } = answer.data;
+    $("profile").disabled = false;
+    showSelection(profile, instruction, "instruction" in body);
+    say($("message"), instruction ? `profile ${profile}, instruction set` : `profile ${profile}`, false);
     return true;
-  } catch (_) {
-    say("cannot reach the server", true);
-    return false;
   } finally {
     $("apply").disabled = false;
+    $("profile").disabled = false;
   }
 }
-
-async function loadProfiles() {
-  try {
-    const response = await fetch("/api/profiles", { cache: "no-store" });
-    const answer = await response.json();
-    const select = $("profile");
-    select.replaceChildren(...answer.profiles.map((name) => new Option(name, name)));
-    select.value = answer.current.profile;
-    select.dataset.current = answer.current.profile;
-    $("instruction").value = answer.current.instruction || "";
-  } catch (_) {
-    setTimeout(loadProfiles, 2000);
-  }
-}
-
-$("profile").addEventListener("change", async (event) => {
-  const select = event.target;
-  if (!(await change({ profile: select.value }))) select.value = select.dataset.current || select.value;
-  else select.dataset.current = select.value;
-});
-
-$("controls").addEventListener("submit", (event) => {
-  event.preventDefault();
-  change({ instruction: $("instruction").value });
-});
 
 // ---- start ---------------------------------------------------------------------------
 
-startPicture();
-loadProfiles();
-connect();
-refreshStatus();
-setInterval(refreshStatus, 2000);
+async function start() {
+  await loadSession();
+  loadProfiles();
+  const match = location.pathname.match(/^\/streams\/([^/]+)\/?$/);
+  if (match) startSingle(decodeURIComponent(match[1]));
+  else startOverview();
+}
+
+start();

@@ -1,0 +1,467 @@
+//! The stream API over HTTP, on real streams and registry with pattern sources and a
+//! scripted engine: add, change and delete at run time; the answers a client gets for
+//! every bad request; no cross-talk between streams; the state file; the token.
+
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body};
+use axum::http::{header, Method, Request, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use kibitz_server::fake::{Harness, Options};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// Generous: CI machines are small and busy.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn three() -> Options {
+    Options {
+        streams: vec!["a=one.mp4".into(), "b=two.mp4".into(), "c=three.mp4".into()],
+        ..Options::default()
+    }
+}
+
+async fn call(router: &Router, method: Method, path: &str, body: Option<&str>) -> Response {
+    call_with(router, method, path, body, &[]).await
+}
+
+async fn call_with(
+    router: &Router,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Response {
+    let mut request = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = match body {
+        Some(body) => request
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    };
+    router.clone().oneshot(request.unwrap()).await.unwrap()
+}
+
+async fn json_of(response: Response) -> Value {
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)))
+}
+
+async fn bytes_of(response: Response) -> Vec<u8> {
+    to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+/// Polls until `check` holds, or fails after [`WAIT`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The pattern source's JPEGs carry "NAME#k" in a comment segment.
+fn tag_of(jpeg: &[u8]) -> String {
+    let len = u16::from_be_bytes([jpeg[4], jpeg[5]]) as usize;
+    String::from_utf8(jpeg[6..4 + len].to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn each_stream_shows_its_own_pictures() {
+    let harness = Harness::with(three()).await;
+    let router = harness.router();
+    for (id, source) in [("a", "one.mp4"), ("b", "two.mp4"), ("c", "three.mp4")] {
+        let path = format!("/api/streams/{id}/frame");
+        eventually("a first frame", || async {
+            call(&router, Method::GET, &path, None).await.status() == StatusCode::OK
+        })
+        .await;
+        let jpeg = bytes_of(call(&router, Method::GET, &path, None).await).await;
+        assert!(tag_of(&jpeg).starts_with(&format!("{source}#")), "{id}: {}", tag_of(&jpeg));
+    }
+    // The single-stream routes follow the first stream.
+    let jpeg = bytes_of(call(&router, Method::GET, "/api/frame", None).await).await;
+    assert!(tag_of(&jpeg).starts_with("one.mp4#"));
+}
+
+#[tokio::test]
+async fn list_add_change_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let harness = Harness::with(Options {
+        state_file: Some(dir.path().join("streams.json")),
+        ..three()
+    })
+    .await;
+    let router = harness.router();
+
+    let list = json_of(call(&router, Method::GET, "/api/streams", None).await).await;
+    let ids: Vec<&str> = list["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    assert_eq!(list["max_streams"], 16);
+
+    let response = call(
+        &router,
+        Method::POST,
+        "/api/streams",
+        Some(r#"{"id": "door", "source": "rtsp://admin:pw@127.0.0.1:9/cam", "profile": "security"}"#),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()[header::LOCATION], "/api/streams/door");
+    let created = json_of(response).await;
+    assert_eq!(created["id"], "door");
+    assert_eq!(created["profile"], "security");
+    assert_eq!(created["origin"], "api");
+    assert_eq!(created["source"], "rtsp://***@127.0.0.1:9/cam", "credentials are never shown");
+
+    // Without an id, the first free `sN`.
+    let response = call(&router, Method::POST, "/api/streams", Some(r#"{"source": "https://127.0.0.1:9/live.m3u8"}"#)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(json_of(response).await["id"], "s1");
+
+    let response = call(
+        &router,
+        Method::PATCH,
+        "/api/streams/door",
+        Some(r#"{"profile": "nature", "instruction": " birds only ", "inference_interval": 0.5}"#),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let changed = json_of(response).await;
+    assert_eq!((changed["profile"].as_str(), changed["instruction"].as_str()), (Some("nature"), Some("birds only")));
+    // The loop took it: its snapshot says so.
+    let door = harness.stream("door");
+    eventually("the loop applies the change", || {
+        let door = door.clone();
+        async move {
+            let c = door.status().commentary;
+            c.profile == "nature" && c.instruction == "birds only"
+        }
+    })
+    .await;
+
+    // The state file holds the API streams.
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("streams.json")).unwrap()).unwrap();
+    let kept: Vec<&str> = state["streams"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(kept, ["door", "s1"]);
+
+    let response = call(&router, Method::DELETE, "/api/streams/door", None).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(door.is_stopped());
+    assert_eq!(door.status().buffers.display_bytes, 0, "DELETE frees the picture buffer");
+    assert_eq!(call(&router, Method::GET, "/api/streams/door", None).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(call(&router, Method::DELETE, "/api/streams/door", None).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(call(&router, Method::GET, "/api/streams/door/mjpeg", None).await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn every_bad_request_gets_its_status_and_reason() {
+    let harness = Harness::with(Options {
+        max_streams: 4,
+        ..three()
+    })
+    .await;
+    let router = harness.router();
+    let cases: &[(&str, StatusCode, &str)] = &[
+        ("{not json", StatusCode::BAD_REQUEST, "must be JSON"),
+        ("", StatusCode::BAD_REQUEST, "must be JSON"),
+        ("[1]", StatusCode::BAD_REQUEST, "JSON object"),
+        (r#"{"source": 3}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid type"),
+        (r#"{"sauce": "rtsp://x"}"#, StatusCode::UNPROCESSABLE_ENTITY, "unknown field `sauce`"),
+        (r#"{"id": "a", "source": "rtsp://127.0.0.1:9/x"}"#, StatusCode::CONFLICT, "already running"),
+        (r#"{"id": "Bad Id", "source": "rtsp://127.0.0.1:9/x"}"#, StatusCode::UNPROCESSABLE_ENTITY, "not a stream id"),
+        (r#"{"source": "rtsp://127.0.0.1:9/x", "capture_fps": 0}"#, StatusCode::UNPROCESSABLE_ENTITY, "capture_fps"),
+        (r#"{"source": "rtsp://127.0.0.1:9/x", "profile": "opera"}"#, StatusCode::UNPROCESSABLE_ENTITY, "unknown profile"),
+        (r#"{"source": "/etc/passwd"}"#, StatusCode::UNPROCESSABLE_ENTITY, "source"),
+        (r#"{"source": "concat:/etc/passwd|x.mp4"}"#, StatusCode::UNPROCESSABLE_ENTITY, "source"),
+        (r#"{"source": "http://169.254.169.254/latest/meta-data"}"#, StatusCode::UNPROCESSABLE_ENTITY, "source"),
+    ];
+    for (body, status, needle) in cases {
+        let response = call(&router, Method::POST, "/api/streams", Some(body)).await;
+        assert_eq!(response.status(), *status, "{body}");
+        let error = json_of(response).await;
+        let message = error["error"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    // A 422 about one field names it.
+    let response = call(&router, Method::POST, "/api/streams", Some(r#"{"source": "pipe:0"}"#)).await;
+    assert_eq!(json_of(response).await["field"], "source");
+
+    // The fourth fits, the fifth does not.
+    let add = |id: &str| format!(r#"{{"id": "{id}", "source": "rtsp://127.0.0.1:9/{id}"}}"#);
+    assert_eq!(call(&router, Method::POST, "/api/streams", Some(&add("d"))).await.status(), StatusCode::CREATED);
+    let response = call(&router, Method::POST, "/api/streams", Some(&add("e"))).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(json_of(response).await["error"].as_str().unwrap().contains("--max-streams"));
+
+    // Changes a running stream cannot take name their field.
+    let response = call(&router, Method::PATCH, "/api/streams/a", Some(r#"{"source": "other.mp4"}"#)).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(json_of(response).await["field"], "source");
+    let response = call(&router, Method::PATCH, "/api/streams/nope", Some(r#"{"profile": "sports"}"#)).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // A body past the limit is refused before it is read whole.
+    let huge = format!(r#"{{"source": "{}"}}"#, "x".repeat(200_000));
+    let response = call(&router, Method::POST, "/api/streams", Some(&huge)).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Nothing was lost on the way.
+    assert_eq!(harness.streams.len(), 4);
+}
+
+#[tokio::test]
+async fn the_single_stream_routes_follow_the_first_stream_still_running() {
+    let harness = Harness::with(three()).await;
+    let router = harness.router();
+    let first = |router: Router| async move {
+        json_of(call(&router, Method::GET, "/api/status", None).await).await["id"].clone()
+    };
+    assert_eq!(first(router.clone()).await, "a");
+    call(&router, Method::DELETE, "/api/streams/a", None).await;
+    assert_eq!(first(router.clone()).await, "b");
+    call(&router, Method::DELETE, "/api/streams/b", None).await;
+    call(&router, Method::DELETE, "/api/streams/c", None).await;
+    for path in ["/api/status", "/api/frame", "/api/mjpeg", "/api/stream"] {
+        let response = call(&router, Method::GET, path, None).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(json_of(response).await["error"].as_str().unwrap().contains("POST /api/streams"));
+    }
+}
+
+#[tokio::test]
+async fn metrics_label_every_stream() {
+    let harness = Harness::with(three()).await;
+    let router = harness.router();
+    eventually("every stream counts frames", || async {
+        let text = String::from_utf8(bytes_of(call(&router, Method::GET, "/metrics", None).await).await).unwrap();
+        ["a", "b", "c"].iter().all(|id| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("kibitz_source_frames_total{{stream=\"{id}\"}} ")))
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
+        })
+    })
+    .await;
+    let text = String::from_utf8(bytes_of(call(&router, Method::GET, "/metrics", None).await).await).unwrap();
+    assert!(text.contains("kibitz_streams 3"), "{text}");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split([' ', '{']).next().unwrap();
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no TYPE");
+    }
+}
+
+#[tokio::test]
+async fn api_streams_come_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("streams.json");
+    let options = || Options {
+        state_file: Some(state_file.clone()),
+        ..Options::default()
+    };
+    {
+        let harness = Harness::with(options()).await;
+        let router = harness.router();
+        let response = call(&router, Method::POST, "/api/streams", Some(r#"{"id": "door", "source": "rtsp://127.0.0.1:9/cam", "profile": "security"}"#)).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let response = call(&router, Method::PATCH, "/api/streams/s1", Some(r#"{"instruction": "count the cars"}"#)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        harness.streams.stop_all().await;
+    }
+    let harness = Harness::with(options()).await;
+    assert!(harness.streams.get("door").is_none(), "not before restore");
+    let warnings = harness.streams.restore().await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let door = harness.streams.get("door").expect("the API stream is back");
+    assert_eq!(door.spec().profile, "security");
+    assert_eq!(door.spec().source, "rtsp://127.0.0.1:9/cam");
+    assert_eq!(harness.stream("s1").spec().instruction, "count the cars", "the change to a command-line stream is back");
+}
+
+#[tokio::test]
+async fn the_token_guards_changes_and_the_cookie_carries_it() {
+    let harness = Harness::with(Options {
+        token: Some("s3cret-token".into()),
+        ..three()
+    })
+    .await;
+    let router = harness.router();
+    let add = r#"{"id": "d", "source": "rtsp://127.0.0.1:9/cam"}"#;
+
+    // Reading is open; changing is not, and a wrong token says nothing about the stream.
+    assert_eq!(call(&router, Method::GET, "/api/streams", None).await.status(), StatusCode::OK);
+    let refused = call(&router, Method::POST, "/api/streams", Some(add)).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let wrong = [("authorization", "Bearer nope")];
+    let existing = call_with(&router, Method::DELETE, "/api/streams/a", None, &wrong).await;
+    let missing = call_with(&router, Method::DELETE, "/api/streams/zzz", None, &wrong).await;
+    assert_eq!(existing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(bytes_of(existing).await, bytes_of(missing).await);
+    assert_eq!(harness.streams.len(), 3);
+
+    let bearer = [("authorization", "Bearer s3cret-token")];
+    let response = call_with(&router, Method::POST, "/api/streams", Some(add), &bearer).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    // The page's way: the token once for a cookie, then the cookie alone.
+    let response = call_with(&router, Method::POST, "/api/session", None, &bearer).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains("s3cret"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let with_cookie = [("cookie", pair.as_str())];
+    let response = call_with(&router, Method::PATCH, "/api/streams/d", Some(r#"{"profile": "sports"}"#), &with_cookie).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = call_with(&router, Method::DELETE, "/api/streams/d", None, &with_cookie).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn viewing_can_need_the_token_too() {
+    let harness = Harness::with(Options {
+        token: Some("s3cret-token".into()),
+        token_for_viewing: true,
+        ..Options::default()
+    })
+    .await;
+    let router = harness.router();
+    for path in ["/api/streams", "/api/streams/s1/frame", "/api/status", "/metrics", "/api/events"] {
+        assert_eq!(call(&router, Method::GET, path, None).await.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    for path in ["/healthz", "/", "/streams/s1", "/app.js"] {
+        assert_eq!(call(&router, Method::GET, path, None).await.status(), StatusCode::OK, "{path}");
+    }
+    let page = String::from_utf8(bytes_of(call(&router, Method::GET, "/", None).await).await).unwrap();
+    assert!(!page.contains("s3cret"), "the token never goes into the page");
+}
+
+#[tokio::test]
+async fn the_bus_tags_every_event_with_its_stream() {
+    let harness = Harness::with(three()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+    let client = reqwest::Client::new();
+    let mut response = client
+        .get(format!("http://{addr}/api/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // Add and remove a stream while reading.
+    let router = harness.router();
+    call(&router, Method::POST, "/api/streams", Some(r#"{"id": "d", "source": "rtsp://127.0.0.1:9/cam"}"#)).await;
+    call(&router, Method::DELETE, "/api/streams/d", None).await;
+
+    let mut text = String::new();
+    let mut ended = std::collections::BTreeMap::<String, u32>::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ["a", "b", "c"].iter().any(|id| ended.get(*id).copied().unwrap_or(0) < 2)
+        || !text.contains("stream_removed")
+    {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        ended.clear();
+        for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let Ok(event) = serde_json::from_str::<Value>(data) else { continue };
+            let stream = event["stream"].as_str().expect("every event names its stream").to_string();
+            if event["type"] == "cycle_end" {
+                *ended.entry(stream).or_default() += 1;
+            }
+        }
+    }
+    assert!(text.contains("event: stream_added"));
+    // Each cycle's frames were its own stream's: the fake engine saw pictures whose pixel
+    // value is the source's start index.
+    let requests = harness.engine.requests();
+    assert!(requests.len() >= 6);
+    for request in requests {
+        let kibitz_engine::Image::Rgb(first) = &request.frames[0].image else { panic!() };
+        let source = first.data[1];
+        assert!(request.frames.iter().all(|f| match &f.image {
+            kibitz_engine::Image::Rgb(rgb) => rgb.data[1] == source,
+            _ => false,
+        }), "a request mixed streams");
+    }
+    let _ = json!(null);
+}
+
+#[tokio::test]
+async fn websocket_controls_need_the_token() {
+    let harness = Harness::with(Options {
+        token: Some("s3cret-token".into()),
+        ..Options::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let reply = |cookie: Option<String>| async move {
+        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            format!("ws://{addr}/api/streams/s1/ws"),
+        )
+        .unwrap();
+        if let Some(cookie) = cookie {
+            request.headers_mut().insert("cookie", cookie.parse().unwrap());
+        }
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        socket
+            .send(Message::Text(r#"{"profile": "sports"}"#.into()))
+            .await
+            .unwrap();
+        loop {
+            let message = tokio::time::timeout(WAIT, socket.next())
+                .await
+                .expect("an answer")
+                .unwrap()
+                .unwrap();
+            let Message::Text(text) = message else { continue };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["type"] == "selection" || value["type"] == "rejected" {
+                return value;
+            }
+        }
+    };
+    let refused = reply(None).await;
+    assert_eq!(refused["type"], "rejected");
+    assert!(refused["reason"].as_str().unwrap().contains("token"));
+    assert_eq!(harness.stream("s1").spec().profile, "default");
+
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/session"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let accepted = reply(Some(cookie)).await;
+    assert_eq!(accepted["type"], "selection", "{accepted}");
+    assert_eq!(harness.stream("s1").spec().profile, "sports");
+}

@@ -1,0 +1,395 @@
+//! One running stream: source → frame stores → commentator → sync delay → events, and the
+//! [`StreamHandle`] every output attaches to.
+//!
+//! The stream owns its wiring and its one status ([`StreamStatus`]): what `/api/status`,
+//! `/metrics` and the page show is read from here and nowhere else. Outputs (MJPEG, SSE,
+//! WebSocket today; speech and WebRTC next) all attach the same way, through
+//! [`StreamHandle::attach`], and get the same [`Attachment`]: the stream's events, a
+//! [`Playout`] cursor over its delayed picture, and the token that ends them when the
+//! stream is removed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kibitz_commentator::{Commentator, Control, Event, FrameWindow, Snapshot};
+use kibitz_engine::Session;
+use kibitz_frames::{DisplayBuffer, DisplayFrame, InferenceWindow};
+use kibitz_media::{SourceConfig, SourceContext, SourceState};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::playout::{frame_period, Playout};
+use crate::sources::{RunningSource, Sources};
+use crate::spec::{StreamDefaults, StreamSpec};
+use crate::status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
+use crate::{StreamError, StreamId};
+
+/// Events a slow subscriber may fall behind by before it loses the oldest.
+const EVENT_BUFFER: usize = 1024;
+
+/// Where a stream came from: the command line (trusted, not kept in the state file) or
+/// the API (its source checked by the policy, kept in the state file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    Cli,
+    Api,
+}
+
+/// The kinds of output that attach to a stream; each is counted in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    Mjpeg,
+    Sse,
+    Ws,
+}
+
+/// What a stream needs from the server around it to start.
+#[derive(Clone)]
+pub struct StartContext {
+    pub defaults: Arc<StreamDefaults>,
+    pub sources: Arc<dyn Sources>,
+    pub scheduler: kibitz_engine::Scheduler,
+    /// Every stream's events, tagged with the stream (`/api/events`).
+    pub bus: broadcast::Sender<crate::StreamEvent>,
+}
+
+/// A running stream. Dropping it without [`Stream::stop`] still stops the commentary
+/// (its token is cancelled), but only `stop` waits for the decoder.
+pub struct Stream {
+    handle: StreamHandle,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// A cheap, cloneable view of a running stream: what outputs and handlers hold.
+#[derive(Clone)]
+pub struct StreamHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    id: StreamId,
+    origin: Origin,
+    spec: Mutex<StreamSpec>,
+    defaults: Arc<StreamDefaults>,
+    display: Arc<DisplayBuffer>,
+    window: Arc<InferenceWindow>,
+    source: Mutex<Option<Box<dyn RunningSource>>>,
+    events: broadcast::Sender<Event>,
+    controls: mpsc::Sender<Control>,
+    snapshot: watch::Receiver<Snapshot>,
+    viewers: [AtomicU64; 3],
+    frames_sent: AtomicU64,
+    stopped: CancellationToken,
+    started: Instant,
+}
+
+impl Stream {
+    /// Starts the source (off the runtime: a file is probed before this returns, so a
+    /// missing file is this call's error), then the commentary loop on its own engine
+    /// session, then the task that tags its events onto the bus.
+    pub async fn start(
+        spec: StreamSpec,
+        origin: Origin,
+        config: SourceConfig,
+        cx: &StartContext,
+    ) -> Result<Stream, StreamError> {
+        let defaults = cx.defaults.clone();
+        let window_size = defaults.window_size;
+        let display = Arc::new(DisplayBuffer::new(defaults.display_span));
+        let window = Arc::new(InferenceWindow::new(window_size));
+        let (events, _) = broadcast::channel::<Event>(EVENT_BUFFER);
+        let source_events = events.clone();
+        let source_cx = SourceContext::new(display.clone(), window.clone()).on_state(
+            move |state: &SourceState| {
+                let _ = source_events.send(Event::Source {
+                    state: state.name().into(),
+                    detail: state.detail(),
+                });
+            },
+        );
+        let sources = cx.sources.clone();
+        let source = tokio::task::spawn_blocking(move || sources.start(config, source_cx))
+            .await
+            .map_err(|e| StreamError::Internal(format!("the source start panicked: {e}")))?
+            .map_err(|e| StreamError::Open(e.to_string()))?;
+
+        let commentator = Commentator::new(spec.commentator(&defaults), now())
+            .map_err(|e| StreamError::Internal(e.to_string()))?;
+        let (snapshot_tx, snapshot) = watch::channel(commentator.snapshot());
+        let (controls, controls_rx) = mpsc::channel(16);
+        let stopped = CancellationToken::new();
+        let session: Session = cx.scheduler.open_session(spec.id.as_str());
+        let commentary = tokio::spawn(kibitz_commentator::run(
+            commentator,
+            window.clone() as Arc<dyn FrameWindow>,
+            session,
+            events.clone(),
+            controls_rx,
+            snapshot_tx,
+            stopped.clone(),
+        ));
+        let handle = StreamHandle {
+            shared: Arc::new(Shared {
+                id: spec.id.clone(),
+                origin,
+                spec: Mutex::new(spec),
+                defaults,
+                display,
+                window,
+                source: Mutex::new(Some(source)),
+                events,
+                controls,
+                snapshot,
+                viewers: Default::default(),
+                frames_sent: AtomicU64::new(0),
+                stopped,
+                started: Instant::now(),
+            }),
+        };
+        let forward = tokio::spawn(forward_events(handle.clone(), cx.bus.clone()));
+        Ok(Stream {
+            handle,
+            tasks: vec![commentary, forward],
+        })
+    }
+
+    pub fn handle(&self) -> &StreamHandle {
+        &self.handle
+    }
+
+    /// Ends the commentary (cancelling a request in flight), every attached output, and
+    /// the decoder, and frees the buffers even while someone still holds a handle.
+    pub async fn stop(mut self) {
+        let shared = &self.handle.shared;
+        shared.stopped.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        let source = shared
+            .source
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // Joining the decode thread blocks; a stuck network read is interrupted by it.
+        let _ = tokio::task::spawn_blocking(move || drop(source)).await;
+        shared.display.clear();
+        shared.window.clear();
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.handle.shared.stopped.cancel();
+    }
+}
+
+/// Counts an attached output while it lives.
+struct Attached {
+    shared: Arc<Shared>,
+    kind: OutputKind,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.shared.viewers[self.kind as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What every output gets when it attaches to a stream.
+pub struct Attachment {
+    pub handle: StreamHandle,
+    /// The stream's events from the moment of attaching.
+    pub events: broadcast::Receiver<Event>,
+    /// A cursor over the delayed picture; see [`Attachment::show`].
+    pub playout: Playout,
+    /// Cancelled when the stream is removed or the server stops.
+    pub stopped: CancellationToken,
+    _counted: Attached,
+}
+
+impl Attachment {
+    /// The frame to show at `now`, if a new one is due (see [`Playout::poll`]); when to ask
+    /// again is [`Playout::wake_at`].
+    pub fn show(&mut self, now: Instant) -> Option<DisplayFrame> {
+        let shared = &self.handle.shared;
+        let frame = self.playout.poll(
+            now,
+            self.handle.target_delay(),
+            self.handle.frame_period(),
+            |t| shared.display.at(t),
+        );
+        if frame.is_some() {
+            shared.frames_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        frame
+    }
+}
+
+impl StreamHandle {
+    pub fn id(&self) -> &StreamId {
+        &self.shared.id
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.shared.origin
+    }
+
+    pub fn spec(&self) -> StreamSpec {
+        lock(&self.shared.spec).clone()
+    }
+
+    /// Attaches an output: counted in status until the [`Attachment`] drops.
+    pub fn attach(&self, kind: OutputKind, now: Instant) -> Attachment {
+        self.shared.viewers[kind as usize].fetch_add(1, Ordering::Relaxed);
+        Attachment {
+            handle: self.clone(),
+            events: self.shared.events.subscribe(),
+            playout: Playout::new(now),
+            stopped: self.shared.stopped.clone(),
+            _counted: Attached {
+                shared: self.shared.clone(),
+                kind,
+            },
+        }
+    }
+
+    /// The newest picture (real time, not delayed).
+    pub fn latest_frame(&self) -> Option<DisplayFrame> {
+        self.shared.display.latest()
+    }
+
+    /// How late the picture is shown so it matches the words; never negative.
+    pub fn target_delay(&self) -> Duration {
+        let delay = self.shared.snapshot.borrow().target_delay;
+        if delay.is_finite() && delay > 0.0 {
+            Duration::from_secs_f64(delay)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// The source's frame period, or `MJPEG_FPS`'s while it is unknown.
+    pub fn frame_period(&self) -> Duration {
+        frame_period(self.shared.display.fps(), self.shared.defaults.mjpeg_fps)
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.is_cancelled()
+    }
+
+    /// Applies a checked new spec: the live settings go to the commentary loop, all or
+    /// nothing. The spec comes from [`StreamSpec::patch`], which did the checking.
+    pub(crate) fn apply(&self, next: StreamSpec) -> Result<(), StreamError> {
+        let current = self.spec();
+        let mut controls = Vec::with_capacity(3);
+        if next.profile != current.profile {
+            controls.push(Control::SetProfile(next.profile.clone()));
+        }
+        if next.instruction != current.instruction {
+            controls.push(Control::SetInstruction(next.instruction.clone()));
+        }
+        if next.inference_interval != current.inference_interval {
+            controls.push(Control::SetInterval(next.inference_interval));
+        }
+        if !controls.is_empty() {
+            let permits = self
+                .shared
+                .controls
+                .try_reserve_many(controls.len())
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(()) => StreamError::Busy(
+                        "the commentary loop has not taken the last change yet; try again".into(),
+                    ),
+                    mpsc::error::TrySendError::Closed(()) => StreamError::Stopped,
+                })?;
+            for (permit, control) in permits.zip(controls) {
+                permit.send(control);
+            }
+        }
+        *lock(&self.shared.spec) = next;
+        Ok(())
+    }
+
+    /// The one status of this stream.
+    pub fn status(&self) -> StreamStatus {
+        let shared = &self.shared;
+        let spec = self.spec();
+        let source = lock(&shared.source)
+            .as_ref()
+            .map(|s| s.status())
+            .map(SourceView::from)
+            .unwrap_or_else(|| SourceView::stopped(spec.source_shown()));
+        let viewers = |kind: OutputKind| shared.viewers[kind as usize].load(Ordering::Relaxed);
+        StreamStatus {
+            id: shared.id.clone(),
+            origin: shared.origin,
+            source,
+            buffers: BufferStatus {
+                display_frames: shared.display.len(),
+                display_seconds: shared.display.duration().as_secs_f64(),
+                display_bytes: shared.display.bytes(),
+                window_frames: shared.window.len(),
+                window_capacity: shared.window.capacity(),
+            },
+            commentary: shared.snapshot.borrow().clone(),
+            target_delay: self.target_delay().as_secs_f64(),
+            viewers: ViewerCounts {
+                mjpeg: viewers(OutputKind::Mjpeg),
+                sse: viewers(OutputKind::Sse),
+                ws: viewers(OutputKind::Ws),
+                mjpeg_frames_sent: shared.frames_sent.load(Ordering::Relaxed),
+            },
+            settings: spec.settings_shown(),
+            uptime_s: shared.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// The short form `GET /api/streams` lists.
+    pub fn summary(&self) -> StreamSummary {
+        StreamSummary::from(&self.status())
+    }
+}
+
+impl StreamSpec {
+    /// The settings as status shows them: the source without credentials.
+    fn settings_shown(&self) -> crate::StreamSettings {
+        crate::StreamSettings {
+            source: Some(self.source_shown()),
+            ..self.settings()
+        }
+    }
+}
+
+/// Tags the stream's events onto the bus until the stream stops.
+async fn forward_events(handle: StreamHandle, bus: broadcast::Sender<crate::StreamEvent>) {
+    let mut events = handle.shared.events.subscribe();
+    let stopped = handle.shared.stopped.clone();
+    loop {
+        let event = tokio::select! {
+            _ = stopped.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(event) => {
+                let _ = bus.send(crate::StreamEvent::commentary(handle.id().clone(), event));
+            }
+            // The bus's own subscribers see a `lagged` notice for what they miss; this
+            // hop only forwards.
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Tokio's clock, so tests with paused time drive the loop.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
