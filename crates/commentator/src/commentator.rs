@@ -122,6 +122,11 @@ pub struct Snapshot {
     pub last_comment: Option<String>,
     /// The pause between cycles now (`INFERENCE_INTERVAL`, changed by `Control::SetInterval`).
     pub interval_s: f64,
+    /// Sum of every completed cycle's latency, seconds (with `cycles_done`, a Prometheus
+    /// summary).
+    pub latency_sum_s: f64,
+    /// Sum of every completed cycle's time inside the engine, seconds.
+    pub inference_sum_s: f64,
 }
 
 struct Cycle {
@@ -418,6 +423,8 @@ impl Commentator {
         s.cycles_done += 1;
         s.cycles_skipped += u64::from(skipped);
         s.last_latency = Some(latency.as_secs_f64());
+        s.latency_sum_s += latency.as_secs_f64();
+        s.inference_sum_s += inference_ms / 1e3;
         s.last_inference_ms = Some(inference_ms);
         s.last_first_token_ms = cycle
             .first_token_at

@@ -22,9 +22,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Watch a video source and serve the live page with commentary.
+    /// Watch video streams and serve the live page with commentary (boxed: it has the most
+    /// flags by far).
     #[cfg(feature = "media")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Describe image files: streams the answer, then the stats.
     #[cfg(feature = "media")]
     Describe(DescribeArgs),

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             #[cfg(feature = "media")]
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             #[cfg(feature = "media")]
             Command::Describe(args) => describe::run(args).await,
             Command::Selftest(args) => selftest::run(args).await,

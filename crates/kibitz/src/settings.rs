@@ -113,7 +113,10 @@ impl Settings {
         let defaults_ok = match StreamSpec::resolve(&probe, Some(StreamId::nth(1)), &defaults) {
             Ok(_) => true,
             Err(e) => {
-                problems.extend(e.0.iter().map(|p| format!("{}: {}", flag(p.field), p.message)));
+                problems.extend(
+                    e.0.iter()
+                        .map(|p| format!("{}: {}", flag(p.field), p.message)),
+                );
                 false
             }
         };
@@ -126,15 +129,17 @@ impl Settings {
         if let Some(path) = &args.streams {
             match std::fs::read_to_string(path) {
                 Ok(text) => match kibitz_stream::parse_streams_file(&text) {
-                    Ok(streams) => inputs.extend(streams.into_iter().map(|(id, settings)| {
-                        StreamInput {
+                    Ok(streams) => {
+                        inputs.extend(streams.into_iter().map(|(id, settings)| StreamInput {
                             id: Some(id),
                             settings,
-                        }
-                    })),
+                        }))
+                    }
                     Err(e) => problems.push(format!("--streams {}: {e}", path.display())),
                 },
-                Err(e) => problems.push(format!("--streams {}: cannot read it: {e}", path.display())),
+                Err(e) => {
+                    problems.push(format!("--streams {}: cannot read it: {e}", path.display()))
+                }
             }
         }
         if inputs.len() > args.max_streams.max(1) {
@@ -196,7 +201,7 @@ mod tests {
         argv.extend_from_slice(extra);
         let cli = crate::flags::Cli::try_parse_from(argv)?;
         match cli.command {
-            crate::flags::Command::Serve(args) => Settings::from_args(args),
+            crate::flags::Command::Serve(args) => Settings::from_args(*args),
             _ => unreachable!(),
         }
     }

@@ -199,3 +199,43 @@ fn bad_images_and_flags_fail_cleanly() {
         .unwrap();
     assert_clean_failure(&out, "not-video.mp4");
 }
+
+#[test]
+fn every_stream_that_cannot_start_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kibitz()
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--engine",
+            "openai",
+            "--engine-url",
+            "http://127.0.0.1:9",
+            "--source",
+            "door=/nonexistent-door.mp4",
+            "--source",
+            "gate=/nonexistent-gate.mp4",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "stream 'door'");
+    assert!(text(&out).1.contains("stream 'gate'"), "{}", text(&out).1);
+
+    // Beyond loopback, changes need a token unless the user says otherwise.
+    let out = kibitz()
+        .args(["serve", "--bind", "0.0.0.0:0", "--source"])
+        .arg(fixture("bigbuckbunny.mp4"))
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "--allow-no-token");
+    let out = kibitz()
+        .args(["serve", "--token-for-viewing", "--source"])
+        .arg(fixture("bigbuckbunny.mp4"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("--token"), "{}", text(&out).1);
+}

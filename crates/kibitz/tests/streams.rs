@@ -33,9 +33,21 @@ fn start(args: &[String], dir: tempfile::TempDir) -> Server {
         .arg(&model)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_kibitz"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--max-tokens", "8", "--inference-interval", "0.3"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--max-tokens",
+            "8",
+            "--inference-interval",
+            "0.3",
+        ])
         .args(args)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
@@ -65,7 +77,13 @@ fn start(args: &[String], dir: tempfile::TempDir) -> Server {
 }
 
 /// One HTTP/1.1 request; returns the status and everything read within `how_long`.
-fn request(addr: SocketAddr, method: &str, path: &str, body: &str, how_long: Duration) -> (u16, Vec<u8>) {
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    how_long: Duration,
+) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).unwrap();
     write!(
         stream,
@@ -73,7 +91,9 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &str, how_long: Dur
         body.len()
     )
     .unwrap();
-    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let end = Instant::now() + how_long;
     let mut data = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -81,7 +101,11 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &str, how_long: Dur
         match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => data.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("{path}: {e}"),
         }
     }
@@ -142,7 +166,11 @@ fn mjpeg_sizes(body: &[u8]) -> Vec<(u16, u16)> {
 #[test]
 fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
     // A port nothing listens on: the camera is dead from the start.
-    let dead_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let streams_file = dir.path().join("streams.toml");
     std::fs::write(
@@ -155,7 +183,10 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
     .unwrap();
     let server = start(
         &[
-            format!("--source=small={}", fixture("testsrc2-360p25.mp4").display()),
+            format!(
+                "--source=small={}",
+                fixture("testsrc2-360p25.mp4").display()
+            ),
             format!("--source=bunny={}", fixture("bigbuckbunny.mp4").display()),
             format!("--streams={}", streams_file.display()),
         ],
@@ -163,24 +194,47 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
     );
 
     // Every live stream's cycles end, each event tagged with its stream, on one connection.
-    let (_, events) = request(server.addr, "GET", "/api/events", "", Duration::from_secs(15));
+    let (_, events) = request(
+        server.addr,
+        "GET",
+        "/api/events",
+        "",
+        Duration::from_secs(15),
+    );
     let text = String::from_utf8_lossy(&events);
     let mut ends = std::collections::BTreeMap::<String, usize>::new();
     for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        let Ok(event) = serde_json::from_str::<Value>(data) else { continue };
+        let Ok(event) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
         if event["type"] == "cycle_end" {
             assert_eq!(event["frames"].as_array().unwrap().len(), 4, "{event}");
-            *ends.entry(event["stream"].as_str().unwrap().to_string()).or_default() += 1;
+            *ends
+                .entry(event["stream"].as_str().unwrap().to_string())
+                .or_default() += 1;
         }
     }
     for id in ["small", "bunny", "clip"] {
-        assert!(ends.get(id).copied().unwrap_or(0) >= 1, "no cycle for {id} in 15 s: {ends:?}");
+        assert!(
+            ends.get(id).copied().unwrap_or(0) >= 1,
+            "no cycle for {id} in 15 s: {ends:?}"
+        );
     }
     assert!(!ends.contains_key("dead"), "{ends:?}");
 
     // Each stream's picture is its own source's (the sizes tell them apart).
-    for (id, size) in [("small", (640, 360)), ("bunny", (1280, 720)), ("clip", (320, 240))] {
-        let (status, body) = request(server.addr, "GET", &format!("/api/streams/{id}/mjpeg"), "", Duration::from_secs(2));
+    for (id, size) in [
+        ("small", (640, 360)),
+        ("bunny", (1280, 720)),
+        ("clip", (320, 240)),
+    ] {
+        let (status, body) = request(
+            server.addr,
+            "GET",
+            &format!("/api/streams/{id}/mjpeg"),
+            "",
+            Duration::from_secs(2),
+        );
         assert_eq!(status, 200, "{id}");
         let sizes = mjpeg_sizes(&body);
         assert!(sizes.len() >= 5, "{id}: {} frames", sizes.len());
@@ -198,25 +252,59 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["id"].as_str().unwrap().into(), s["state"].as_str().unwrap().into()))
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().into(),
+                s["state"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     for id in ["small", "bunny", "clip"] {
-        assert!(states.contains(&(id.to_string(), "live".to_string())), "{states:?}");
+        assert!(
+            states.contains(&(id.to_string(), "live".to_string())),
+            "{states:?}"
+        );
     }
-    assert_eq!(json(server.addr, "/api/streams/clip/status")["commentary"]["profile"], "nature");
+    assert_eq!(
+        json(server.addr, "/api/streams/clip/status")["commentary"]["profile"],
+        "nature"
+    );
 
     // Delete one: its buffers are gone from the server's memory count.
     let bytes = |addr| {
-        json(addr, "/api/streams")["streams"].as_array().unwrap().len()
+        json(addr, "/api/streams")["streams"]
+            .as_array()
+            .unwrap()
+            .len()
     };
-    let before = json(server.addr, "/api/streams/bunny/status")["buffers"]["display_bytes"].as_u64().unwrap();
+    let before = json(server.addr, "/api/streams/bunny/status")["buffers"]["display_bytes"]
+        .as_u64()
+        .unwrap();
     assert!(before > 100_000, "{before}");
-    let (status, _) = request(server.addr, "DELETE", "/api/streams/bunny", "", Duration::from_secs(10));
+    let (status, _) = request(
+        server.addr,
+        "DELETE",
+        "/api/streams/bunny",
+        "",
+        Duration::from_secs(10),
+    );
     assert_eq!(status, 204);
     assert_eq!(bytes(server.addr), 3);
-    let (status, _) = request(server.addr, "GET", "/api/streams/bunny/status", "", Duration::from_secs(2));
+    let (status, _) = request(
+        server.addr,
+        "GET",
+        "/api/streams/bunny/status",
+        "",
+        Duration::from_secs(2),
+    );
     assert_eq!(status, 404);
     // The others play on.
-    let (_, body) = request(server.addr, "GET", "/api/streams/small/mjpeg", "", Duration::from_secs(1));
+    let (_, body) = request(
+        server.addr,
+        "GET",
+        "/api/streams/small/mjpeg",
+        "",
+        Duration::from_secs(1),
+    );
     assert!(!mjpeg_sizes(&body).is_empty());
 }

@@ -1,6 +1,7 @@
 //! Benchmark: how many MJPEG viewers of a 720p25 stream the server keeps at full rate.
 //!
-//! The server runs on a fake display feed of ~100 KB 1280x720 JPEGs at 25 fps; raw TCP
+//! The server runs one stream of a pattern source showing ~100 KB 1280x720 JPEGs at 25 fps
+//! (real stream, registry and playout; a scripted engine); raw TCP
 //! viewers read `/api/mjpeg` as fast as they can and count parts. For each number of
 //! viewers it warms up, then measures every viewer's frame rate and the CPU time the
 //! server's threads used. "Full rate" means every viewer got at least 95 % of 25 fps.
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kibitz_server::fake::{pattern_jpeg, FakeDisplay, Harness};
+use kibitz_server::fake::{pattern_jpeg, Harness, Options as HarnessOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLOSING: &[u8] = b"\r\n--kibitzframe\r\n";
@@ -118,7 +119,12 @@ fn start_server(o: &Options) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         runtime.block_on(async move {
-            let harness = Harness::with_display(Arc::new(FakeDisplay::new(jpegs, fps)));
+            let harness = Harness::with(HarnessOptions {
+                fps,
+                pictures: Some(jpegs),
+                ..HarnessOptions::default()
+            })
+            .await;
             let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
             kibitz_server::serve(listener, harness.state.clone())

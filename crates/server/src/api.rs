@@ -35,7 +35,8 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
 
 /// `POST /api/streams`: `201` with `Location` and the new stream's summary.
 pub(crate) async fn add(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let settings: StreamSettings = parse(&body, r#"{"source": "rtsp://camera/stream", "id": "door"}"#)?;
+    let settings: StreamSettings =
+        parse(&body, r#"{"source": "rtsp://camera/stream", "id": "door"}"#)?;
     let handle = state.streams().add(settings).await?;
     state.count(|m: &Meters| &m.changes);
     let location = format!("/api/streams/{}", handle.id());
@@ -85,7 +86,13 @@ pub(crate) async fn instruction(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let selection: Selection = parse(&body, r#"{"profile": "sports", "instruction": "..."}"#)?;
-    let summary = apply_selection(&state, stream.id().as_str(), selection.profile, selection.instruction).await?;
+    let summary = apply_selection(
+        &state,
+        stream.id().as_str(),
+        selection.profile,
+        selection.instruction,
+    )
+    .await?;
     Ok(Json(json!({
         "profile": summary.profile,
         "instruction": summary.instruction,
@@ -189,9 +196,8 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Result<&'static st
 /// Not JSON → 400; JSON that does not fit `T` → 422 with serde's words (they name the
 /// field).
 fn parse<T: DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::BadRequest(format!("the body must be JSON like {example}: {e}"))
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be JSON like {example}: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::BadRequest(format!(
             "the body must be a JSON object like {example}"

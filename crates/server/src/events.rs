@@ -142,7 +142,10 @@ fn wire(event: &Event) -> String {
 }
 
 fn sse_message(value: &Value) -> sse::Event {
-    let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or("event");
+    let kind = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("event");
     sse::Event::default().event(kind).data(value.to_string())
 }
 

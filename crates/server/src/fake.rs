@@ -27,7 +27,6 @@ pub fn profiles() -> Vec<String> {
         .collect()
 }
 
-
 /// A test picture: a colour and a bar that depend on `index`, a gradient, and `noise`
 /// (0–255) of pseudo-random grain, which is what makes a JPEG big. Quality 80, 4:2:0, as
 /// the display buffer encodes.
@@ -81,7 +80,6 @@ pub fn pattern_jpeg(width: u32, height: u32, index: u32, noise: u8) -> Jpeg {
     }
 }
 
-
 /// How to build a [`Harness`].
 pub struct Options {
     /// Streams started as if from the command line (`ID=SOURCE`, sources are names only).
@@ -95,6 +93,8 @@ pub struct Options {
     pub max_streams: usize,
     pub state_file: Option<PathBuf>,
     pub media_dir: Option<PathBuf>,
+    /// Real-sized JPEGs every source shows in turn, instead of tiny tagged ones.
+    pub pictures: Option<Vec<Jpeg>>,
 }
 
 impl Default for Options {
@@ -118,6 +118,7 @@ impl Default for Options {
             max_streams: 16,
             state_file: None,
             media_dir: None,
+            pictures: None,
         }
     }
 }
@@ -139,7 +140,10 @@ impl Harness {
         let scheduler = Scheduler::new(Arc::new(options.engine.clone()), 1);
         let streams = Streams::new(RegistryConfig {
             defaults: options.defaults.clone(),
-            sources: Arc::new(PatternSources::new(options.fps)),
+            sources: Arc::new(match options.pictures.clone() {
+                Some(pictures) => PatternSources::with_pictures(options.fps, pictures),
+                None => PatternSources::new(options.fps),
+            }),
             scheduler,
             policy: SourcePolicy {
                 media_dir: options.media_dir.clone(),

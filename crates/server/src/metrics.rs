@@ -16,21 +16,96 @@ type Read = fn(&StreamStatus) -> Option<f64>;
 
 /// Per-stream families: name, type, help, how to read it from the status.
 const PER_STREAM: &[(&str, &str, &str, Read)] = &[
-    ("kibitz_source_frames_total", "counter", "Frames decoded from the source.", |s| Some(s.source.frames as f64)),
-    ("kibitz_source_reconnects_total", "counter", "Times the source was reconnected.", |s| Some(s.source.reconnects as f64)),
-    ("kibitz_source_live", "gauge", "1 while the source delivers frames.", |s| Some(f64::from(u8::from(s.source.state == "live")))),
-    ("kibitz_source_fps", "gauge", "The source's frame rate (0 while unknown).", |s| Some(s.source.fps.unwrap_or(0.0))),
-    ("kibitz_display_buffer_frames", "gauge", "Frames in the display buffer.", |s| Some(s.buffers.display_frames as f64)),
-    ("kibitz_display_buffer_bytes", "gauge", "JPEG bytes in the display buffer.", |s| Some(s.buffers.display_bytes as f64)),
-    ("kibitz_window_frames", "gauge", "Frames in the inference window.", |s| Some(s.buffers.window_frames as f64)),
-    ("kibitz_mjpeg_viewers", "gauge", "Open MJPEG streams.", |s| Some(s.viewers.mjpeg as f64)),
-    ("kibitz_mjpeg_frames_sent_total", "counter", "Frames written to MJPEG viewers, all together.", |s| Some(s.viewers.mjpeg_frames_sent as f64)),
-    ("kibitz_event_clients", "gauge", "Open per-stream event streams (SSE and WebSocket).", |s| Some((s.viewers.sse + s.viewers.ws) as f64)),
-    ("kibitz_cycles_total", "counter", "Commentary cycles finished, skipped ones included.", |s| Some(s.commentary.cycles_done as f64)),
-    ("kibitz_cycles_skipped_total", "counter", "Cycles where the model had nothing new to say.", |s| Some(s.commentary.cycles_skipped as f64)),
-    ("kibitz_cycle_errors_total", "counter", "Cycles that failed.", |s| Some(s.commentary.cycles_failed as f64)),
-    ("kibitz_last_cycle_latency_seconds", "gauge", "From the newest frame's capture to the end of the answer, last cycle.", |s| s.commentary.last_latency),
-    ("kibitz_target_delay_seconds", "gauge", "How far behind real time the picture is shown.", |s| Some(s.target_delay)),
+    (
+        "kibitz_source_frames_total",
+        "counter",
+        "Frames decoded from the source.",
+        |s| Some(s.source.frames as f64),
+    ),
+    (
+        "kibitz_source_reconnects_total",
+        "counter",
+        "Times the source was reconnected.",
+        |s| Some(s.source.reconnects as f64),
+    ),
+    (
+        "kibitz_source_live",
+        "gauge",
+        "1 while the source delivers frames.",
+        |s| Some(f64::from(u8::from(s.source.state == "live"))),
+    ),
+    (
+        "kibitz_source_fps",
+        "gauge",
+        "The source's frame rate (0 while unknown).",
+        |s| Some(s.source.fps.unwrap_or(0.0)),
+    ),
+    (
+        "kibitz_display_buffer_frames",
+        "gauge",
+        "Frames in the display buffer.",
+        |s| Some(s.buffers.display_frames as f64),
+    ),
+    (
+        "kibitz_display_buffer_bytes",
+        "gauge",
+        "JPEG bytes in the display buffer.",
+        |s| Some(s.buffers.display_bytes as f64),
+    ),
+    (
+        "kibitz_window_frames",
+        "gauge",
+        "Frames in the inference window.",
+        |s| Some(s.buffers.window_frames as f64),
+    ),
+    (
+        "kibitz_mjpeg_viewers",
+        "gauge",
+        "Open MJPEG streams.",
+        |s| Some(s.viewers.mjpeg as f64),
+    ),
+    (
+        "kibitz_mjpeg_frames_sent_total",
+        "counter",
+        "Frames written to MJPEG viewers, all together.",
+        |s| Some(s.viewers.mjpeg_frames_sent as f64),
+    ),
+    (
+        "kibitz_event_clients",
+        "gauge",
+        "Open per-stream event streams (SSE and WebSocket).",
+        |s| Some((s.viewers.sse + s.viewers.ws) as f64),
+    ),
+    (
+        "kibitz_cycles_total",
+        "counter",
+        "Commentary cycles finished, skipped ones included.",
+        |s| Some(s.commentary.cycles_done as f64),
+    ),
+    (
+        "kibitz_cycles_skipped_total",
+        "counter",
+        "Cycles where the model had nothing new to say.",
+        |s| Some(s.commentary.cycles_skipped as f64),
+    ),
+    (
+        "kibitz_cycle_errors_total",
+        "counter",
+        "Cycles that failed.",
+        |s| Some(s.commentary.cycles_failed as f64),
+    ),
+    (
+        "kibitz_last_cycle_latency_seconds",
+        "gauge",
+        "From the newest frame's capture to the end of the answer, last cycle.",
+        |s| s.commentary.last_latency,
+    ),
+    (
+        "kibitz_target_delay_seconds",
+        "gauge",
+        "How far behind real time the picture is shown.",
+        |s| Some(s.target_delay),
+    ),
 ];
 
 pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -45,9 +120,39 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         }
     }
 
+    // Summaries: a sum and a count per stream.
+    for (name, help, sum) in [
+        (
+            "kibitz_cycle_latency_seconds",
+            "From the newest frame's capture to the end of the answer.",
+            (|s: &StreamStatus| s.commentary.latency_sum_s) as fn(&StreamStatus) -> f64,
+        ),
+        (
+            "kibitz_inference_seconds",
+            "Time inside the engine per cycle.",
+            |s: &StreamStatus| s.commentary.inference_sum_s,
+        ),
+    ] {
+        out.header(name, "summary", help);
+        for status in &statuses {
+            let id = &status.id;
+            let _ = writeln!(out.0, "{name}_sum{{stream=\"{id}\"}} {}", sum(status));
+            let _ = writeln!(
+                out.0,
+                "{name}_count{{stream=\"{id}\"}} {}",
+                status.commentary.cycles_done
+            );
+        }
+    }
+
     let meters = &state.shared().meters;
     let load = |gauge: &std::sync::atomic::AtomicU64| gauge.load(Ordering::Relaxed) as f64;
-    out.one("kibitz_streams", "gauge", "Streams running.", statuses.len() as f64);
+    out.one(
+        "kibitz_streams",
+        "gauge",
+        "Streams running.",
+        statuses.len() as f64,
+    );
     out.one(
         "kibitz_bus_clients",
         "gauge",

@@ -134,4 +134,3 @@ fn part(frame: &DisplayFrame, first: bool) -> [Bytes; 3] {
         Bytes::from_static(CLOSING.as_bytes()),
     ]
 }
-

@@ -98,12 +98,11 @@ impl FromRequestParts<AppState> for Target {
         parts: &mut RequestParts,
         state: &AppState,
     ) -> Result<Target, ApiError> {
-        let id = Path::<std::collections::HashMap<String, String>>::from_request_parts(
-            parts, state,
-        )
-        .await
-        .ok()
-        .and_then(|Path(params)| params.get("id").cloned());
+        let id =
+            Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .ok()
+                .and_then(|Path(params)| params.get("id").cloned());
         let streams = state.streams();
         match id {
             Some(id) => streams

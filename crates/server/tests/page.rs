@@ -1,24 +1,30 @@
 //! The page in a real browser: headless Chromium driven through chromedriver's W3C
-//! WebDriver API, against the server running in this process on fake pictures and
-//! events. It checks what a person would: the picture moves, commentary appears, and the
-//! profile picker and instruction box reach the commentary loop (or show why not).
+//! WebDriver API, against a kibitz server in this process made of the fake harness
+//! (pattern-picture sources, a scripted engine, the real registry and routes). It checks
+//! what a person would: the overview shows every stream with a changing thumbnail, its
+//! state and latest comment; a tile opens the stream's own view with the moving picture
+//! and the commentary; profile, instruction, adding and removing reach the server; and
+//! with a token the page asks for it once and keeps it out of every URL.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use kibitz_commentator::{Control, CycleEnd, Event};
-use kibitz_server::fake::{pattern_jpeg, FakeDisplay, Harness};
-use kibitz_server::{PipelineStatus, SourceStatus};
+use kibitz_server::fake::{Harness, Options};
+use kibitz_server::ServerError;
 use serde_json::{json, Value};
+use tokio::task::JoinHandle;
 
 /// Generous: CI machines are small and busy.
 const WAIT: Duration = Duration::from_secs(60);
 /// The W3C WebDriver web element identifier key.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// One browser at a time: on a small machine, several Chromiums and servers at once starve
+/// each other into timeouts.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn tool(env: &str, default: &str) -> PathBuf {
     let path = PathBuf::from(std::env::var(env).unwrap_or_else(|_| default.to_string()));
@@ -199,16 +205,16 @@ impl Browser {
         )
         .await;
     }
-}
 
-impl Browser {
-    async fn screenshot(&self, path: &str) {
+    /// Saves what the window shows as a PNG, for a person to look at.
+    async fn screenshot(&self, path: &std::path::Path) {
         use base64::Engine as _;
         let png = self.command("GET", "/screenshot", None).await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(png.as_str().unwrap())
             .unwrap();
-        std::fs::write(path, png).unwrap();
+        std::fs::write(path, png)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 }
 
@@ -257,88 +263,234 @@ fn read_response(socket: &mut std::net::TcpStream) {
     }
 }
 
-/// What the commentary loop would say, over and over: a cycle streamed as tokens.
-async fn commentate(events: tokio::sync::broadcast::Sender<Event>) {
-    let _ = events.send(Event::Source {
-        state: "live".into(),
-        detail: None,
-    });
-    for cycle in 0.. {
-        let _ = events.send(Event::CycleStart {
-            cycle,
-            frames: vec![cycle as f64, cycle as f64 + 1.0],
-        });
-        for piece in ["a", " ball", " rolls"] {
-            tokio::time::sleep(Duration::from_millis(60)).await;
-            let _ = events.send(Event::Token {
-                cycle,
-                text: piece.into(),
-            });
+/// A kibitz server on a real socket, made of the fake harness.
+struct Site {
+    harness: Harness,
+    addr: SocketAddr,
+    server: JoinHandle<Result<(), ServerError>>,
+    http: reqwest::Client,
+}
+
+impl Site {
+    async fn start(options: Options) -> Site {
+        let harness = Harness::with(options).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+        Site {
+            harness,
+            addr,
+            server,
+            http: reqwest::Client::new(),
         }
-        let _ = events.send(Event::CycleEnd(CycleEnd {
-            cycle,
-            text: format!("a ball rolls, comment {cycle}"),
-            skipped: false,
-            frames: vec![cycle as f64, cycle as f64 + 1.0],
-            latency: 1.2,
-            inference_ms: 800.0,
-            target_delay: 0.0,
-            first_token_latency: None,
-        }));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `GET path` as JSON, from outside the browser.
+    async fn json(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(self.url(path))
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    async fn patch(&self, path: &str, body: Value) {
+        let response = self
+            .http
+            .patch(self.url(path))
+            .json(&body)
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "PATCH {path}: {}",
+            response.status()
+        );
+    }
+
+    /// Polls the server's own state until `check` holds.
+    async fn wait_until(&self, what: &str, check: impl Fn(&Harness) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check(&self.harness) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until stream `id` has finished a comment and then gone quiet: no cycle done
+    /// for a second.
+    async fn wait_quiet(&self, id: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut last = Value::Null;
+        loop {
+            let status = self.json(&format!("/api/streams/{id}/status")).await;
+            let commentary = &status["commentary"];
+            if commentary["last_comment"].is_string()
+                && commentary["cycle"].is_null()
+                && commentary["cycles_done"] == last
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream {id} did not go quiet: {commentary}"
+            );
+            last = commentary["cycles_done"].clone();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.harness.state.shutdown().cancel();
+        tokio::time::timeout(WAIT, self.server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+        self.harness.streams.stop_all().await;
     }
 }
 
+fn streams(ids: &[&str], token: Option<&str>) -> Options {
+    Options {
+        streams: ids.iter().map(|id| format!("{id}={id}.mp4")).collect(),
+        token: token.map(String::from),
+        ..Options::default()
+    }
+}
+
+/// Where the screenshots go for a person to look at: the workspace's `target/`.
+fn screenshot_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    std::fs::create_dir_all(&target).unwrap();
+    target.join(name)
+}
+
+fn tile(id: &str) -> String {
+    format!("#tiles .tile[data-id='{id}']")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_moving_picture_and_commentary_and_sends_changes() {
-    let jpegs = (0..4).map(|i| pattern_jpeg(320, 180, i, 0)).collect();
-    let mut harness = Harness::with_display(Arc::new(FakeDisplay::new(jpegs, 10.0)));
-    harness.status.set(PipelineStatus {
-        source: SourceStatus {
-            name: "test pattern".into(),
-            state: "live".into(),
-            ..SourceStatus::default()
-        },
-        ..PipelineStatus::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let server = tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
-    let talker = tokio::spawn(commentate(harness.events.clone()));
-
+async fn the_overview_shows_every_stream_and_a_tile_opens_its_view() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(streams(&["a", "b", "c"], None)).await;
     let browser = Browser::start().await;
-    browser.goto(&format!("http://{addr}/")).await;
+    browser.goto(&site.url("/")).await;
 
+    browser
+        .wait_for(
+            "three tiles show",
+            "return document.querySelectorAll('#tiles .tile').length === 3;",
+        )
+        .await;
+    for id in ["a", "b", "c"] {
+        let tile = tile(id);
+        browser
+            .wait_for(
+                &format!("{id}'s thumbnail shows and changes"),
+                &format!(
+                    "const t = window.kibitz.tiles['{id}'];
+                     return document.querySelector(\"{tile} img\").naturalWidth > 0
+                       && t.fresh >= 3 && t.changes >= 2;"
+                ),
+            )
+            .await;
+        browser
+            .wait_for(
+                &format!("{id}'s state and latest comment show"),
+                &format!(
+                    "return document.querySelector(\"{tile} .pill\").innerText === 'live'
+                       && document.querySelector(\"{tile} .comment\").innerText.includes('a ball rolls');"
+                ),
+            )
+            .await;
+    }
+
+    // One event connection for the whole page, and no stream held open per tile.
+    for id in ["a", "b", "c"] {
+        let viewers = &site.json(&format!("/api/streams/{id}/status")).await["viewers"];
+        assert_eq!(
+            (&viewers["mjpeg"], &viewers["sse"], &viewers["ws"]),
+            (&json!(0), &json!(0), &json!(0)),
+            "the overview holds a connection to {id}"
+        );
+    }
+    let metrics = site.http.get(site.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let bus_clients = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kibitz_bus_clients "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(bus_clients, Some(1.0), "not one /api/events client");
+    browser
+        .screenshot(&screenshot_path("page-overview.png"))
+        .await;
+
+    // A tile opens the stream's own view: the delayed picture and the words as they come.
+    browser.click(&format!("{} .open", tile("a"))).await;
+    browser
+        .wait_for(
+            "the stream's view opens",
+            "return location.pathname === '/streams/a' && window.kibitz.view === 'stream';",
+        )
+        .await;
     browser
         .wait_for(
             "the picture shows and changes",
-            "const img = document.getElementById('picture');
-             return img.naturalWidth === 320 && window.kibitz.pictureChanges >= 3;",
+            "return document.getElementById('picture').naturalWidth > 0
+               && window.kibitz.pictureChanges >= 3;",
         )
         .await;
     browser
         .wait_for(
-            "a finished comment is in the history",
-            "return document.getElementById('history').innerText.includes('a ball rolls, comment');",
+            "the commentary streams in and lands in the history",
+            "return window.kibitz.tokens >= 3 && window.kibitz.comments >= 1
+               && document.getElementById('history').innerText.includes('a ball rolls');",
         )
         .await;
     browser
-        .wait_for("the engine and source state show", "return document.getElementById('engine').innerText.includes('fake') && document.getElementById('source').innerText.startsWith('live');")
+        .wait_for(
+            "the source state and the engine show",
+            "return document.getElementById('source').innerText.startsWith('live')
+               && document.getElementById('engine').innerText.includes('fake');",
+        )
         .await;
+    browser
+        .screenshot(&screenshot_path("page-stream.png"))
+        .await;
+
+    // The profile picker reaches the stream.
     browser
         .wait_for(
             "the profiles are listed",
             "return document.querySelectorAll('#profile option').length === 5;",
         )
         .await;
-
-    // Choosing a profile in the picker reaches the loop.
     browser.click("#profile").await;
     browser.click("#profile option[value='sports']").await;
-    let control = tokio::time::timeout(WAIT, harness.controls.recv())
-        .await
-        .expect("a control in time");
-    assert_eq!(control, Some(Control::SetProfile("sports".into())));
+    site.wait_until("stream a's profile is sports", |h| {
+        h.stream("a").spec().profile == "sports"
+    })
+    .await;
     browser
         .wait_for(
             "the choice is confirmed",
@@ -346,7 +498,7 @@ async fn the_page_shows_moving_picture_and_commentary_and_sends_changes() {
         )
         .await;
 
-    // An instruction over the limit is refused, and the page says why.
+    // An instruction over the limit is refused, and the page says why; a good one goes in.
     browser
         .run("document.getElementById('instruction').value = 'x'.repeat(2001); return true;")
         .await;
@@ -355,45 +507,202 @@ async fn the_page_shows_moving_picture_and_commentary_and_sends_changes() {
         .wait_for(
             "the refusal's reason shows",
             "const m = document.getElementById('message');
-             return m.className === 'error' && m.innerText.includes('the limit is 2000');",
+             return m.classList.contains('error') && m.innerText.includes('2000');",
         )
         .await;
-    assert!(
-        harness.controls.try_recv().is_err(),
-        "a refused instruction reached the loop"
-    );
-
-    // A good one goes through.
+    assert_eq!(site.harness.stream("a").spec().instruction, "");
     browser.type_into("#instruction", "follow the ball").await;
     browser.click("#apply").await;
-    let control = tokio::time::timeout(WAIT, harness.controls.recv())
-        .await
-        .expect("a control in time");
-    assert_eq!(
-        control,
-        Some(Control::SetInstruction("follow the ball".into()))
-    );
+    site.wait_until("stream a's instruction is set", |h| {
+        h.stream("a").spec().instruction == "follow the ball"
+    })
+    .await;
 
-    // For a person to look at: KIBITZ_PAGE_SCREENSHOT=/tmp/page saves desktop and phone views.
-    if let Ok(prefix) = std::env::var("KIBITZ_PAGE_SCREENSHOT") {
-        browser.screenshot(&format!("{prefix}-desktop.png")).await;
-        browser
-            .command(
-                "POST",
-                "/window/rect",
-                Some(json!({ "width": 390, "height": 844 })),
-            )
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        browser.screenshot(&format!("{prefix}-phone.png")).await;
-    }
+    // A stream that has gone quiet: its view shows what it last said at once, from the
+    // status, with no new comment to wait for.
+    site.patch("/api/streams/c", json!({ "inference_interval": 3600 }))
+        .await;
+    site.wait_quiet("c").await;
+    browser.goto(&site.url("/streams/c")).await;
+    browser
+        .wait_for(
+            "c's last comment shows",
+            "const earlier = document.querySelector('#history li.earlier');
+             return window.kibitz.view === 'stream' && window.kibitz.comments === 0
+               && earlier !== null && earlier.innerText.includes('a ball rolls');",
+        )
+        .await;
 
     drop(browser);
-    talker.abort();
-    harness.state.shutdown().cancel();
-    tokio::time::timeout(WAIT, server)
-        .await
-        .expect("the server stops")
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_added_and_removed_from_the_overview() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(streams(&["a", "b", "c"], None)).await;
+    let browser = Browser::start().await;
+    browser.goto(&site.url("/")).await;
+    browser
+        .wait_for(
+            "three tiles show",
+            "return document.querySelectorAll('#tiles .tile').length === 3;",
+        )
+        .await;
+
+    // A source the API may not open: the reason shows beside the form, at the field.
+    browser.type_into("#add-source", "/etc/passwd").await;
+    browser.click("#add-submit").await;
+    browser
+        .wait_for(
+            "the refusal shows at the source field",
+            "return document.getElementById('add-message').classList.contains('error')
+               && document.getElementById('add-source').getAttribute('aria-invalid') === 'true';",
+        )
+        .await;
+
+    // An id already taken.
+    browser
+        .type_into("#add-source", "rtsp://127.0.0.1:9/cam")
+        .await;
+    browser.type_into("#add-id", "a").await;
+    browser.click("#add-submit").await;
+    browser
+        .wait_for(
+            "the conflict shows",
+            "const m = document.getElementById('add-message');
+             return m.classList.contains('error') && m.innerText.includes(\"'a'\");",
+        )
+        .await;
+    assert_eq!(site.harness.streams.list().len(), 3);
+
+    browser.type_into("#add-id", "d").await;
+    browser.click("#add-submit").await;
+    browser
+        .wait_for(
+            "a fourth tile shows, with a picture",
+            &format!(
+                "return document.querySelectorAll('#tiles .tile').length === 4
+                   && window.kibitz.tiles.d && window.kibitz.tiles.d.loads >= 1
+                   && document.querySelector(\"{} .pill\").innerText !== '';",
+                tile("d")
+            ),
+        )
+        .await;
+    assert!(site.harness.streams.get("d").is_some(), "d does not run");
+
+    // Remove asks once more, then the stream stops and its tile goes.
+    let remove = format!("{} .remove", tile("d"));
+    browser.click(&remove).await;
+    browser.click(&remove).await;
+    browser
+        .wait_for(
+            "the fourth tile is gone",
+            "return document.querySelectorAll('#tiles .tile').length === 3 && !window.kibitz.tiles.d;",
+        )
+        .await;
+    site.wait_until("d is stopped", |h| h.streams.get("d").is_none())
+        .await;
+
+    drop(browser);
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_page_asks_once_and_keeps_it_out_of_urls() {
+    const TOKEN: &str = "s3cret";
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(streams(&["a"], Some(TOKEN))).await;
+    let browser = Browser::start().await;
+    browser.goto(&site.url("/")).await;
+    browser
+        .wait_for(
+            "the tile shows (watching needs no token)",
+            "return document.querySelectorAll('#tiles .tile').length === 1;",
+        )
+        .await;
+
+    // Adding needs the token: the page asks for it.
+    browser
+        .type_into("#add-source", "rtsp://127.0.0.1:9/cam")
+        .await;
+    browser.type_into("#add-id", "d").await;
+    browser.click("#add-submit").await;
+    browser
+        .wait_for(
+            "the page asks for the token",
+            "return document.getElementById('signin').open;",
+        )
+        .await;
+    browser.type_into("#signin-token", "wrong").await;
+    browser.click("#signin-submit").await;
+    browser
+        .wait_for(
+            "a wrong token is refused",
+            "return document.getElementById('signin').open
+               && document.getElementById('signin-message').innerText.includes('not the');",
+        )
+        .await;
+    browser.type_into("#signin-token", TOKEN).await;
+    browser.click("#signin-submit").await;
+    browser
+        .wait_for(
+            "the add goes through once signed in",
+            "return !document.getElementById('signin').open
+               && document.querySelectorAll('#tiles .tile').length === 2;",
+        )
+        .await;
+    assert!(site.harness.streams.get("d").is_some(), "d does not run");
+
+    // The session cookie carries later changes: no second question.
+    let select = format!("{} .profile", tile("a"));
+    browser.click(&select).await;
+    browser
+        .click(&format!("{select} option[value='nature']"))
+        .await;
+    site.wait_until("stream a's profile is nature", |h| {
+        h.stream("a").spec().profile == "nature"
+    })
+    .await;
+    let remove = format!("{} .remove", tile("d"));
+    browser.click(&remove).await;
+    browser.click(&remove).await;
+    site.wait_until("d is stopped", |h| h.streams.get("d").is_none())
+        .await;
+    assert_eq!(
+        browser
+            .run("return document.getElementById('signin').open;")
+            .await,
+        false,
+        "the page asked for the token again"
+    );
+
+    // The token went into no URL the browser asked for, is not in the page, and the
+    // page cannot read the session cookie.
+    let urls = browser
+        .run("return performance.getEntries().map((e) => e.name);")
+        .await;
+    let urls: Vec<&str> = urls
+        .as_array()
         .unwrap()
-        .unwrap();
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(urls.iter().any(|u| u.contains("/api/session")), "{urls:?}");
+    assert!(!urls.iter().any(|u| u.contains(TOKEN)), "{urls:?}");
+    let page = browser
+        .run(
+            "return document.documentElement.outerHTML + location.href + document.cookie
+               + JSON.stringify(localStorage) + JSON.stringify(sessionStorage);",
+        )
+        .await;
+    let page = page.as_str().unwrap();
+    assert!(!page.contains(TOKEN), "the token is in the page");
+    assert!(
+        !page.contains("kibitz_session"),
+        "the page can read the session cookie"
+    );
+
+    drop(browser);
+    site.stop().await;
 }

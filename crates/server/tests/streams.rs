@@ -89,7 +89,11 @@ async fn each_stream_shows_its_own_pictures() {
         })
         .await;
         let jpeg = bytes_of(call(&router, Method::GET, &path, None).await).await;
-        assert!(tag_of(&jpeg).starts_with(&format!("{source}#")), "{id}: {}", tag_of(&jpeg));
+        assert!(
+            tag_of(&jpeg).starts_with(&format!("{source}#")),
+            "{id}: {}",
+            tag_of(&jpeg)
+        );
     }
     // The single-stream routes follow the first stream.
     let jpeg = bytes_of(call(&router, Method::GET, "/api/frame", None).await).await;
@@ -120,7 +124,9 @@ async fn list_add_change_delete() {
         &router,
         Method::POST,
         "/api/streams",
-        Some(r#"{"id": "door", "source": "rtsp://admin:pw@127.0.0.1:9/cam", "profile": "security"}"#),
+        Some(
+            r#"{"id": "door", "source": "rtsp://admin:pw@127.0.0.1:9/cam", "profile": "security"}"#,
+        ),
     )
     .await;
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -129,10 +135,19 @@ async fn list_add_change_delete() {
     assert_eq!(created["id"], "door");
     assert_eq!(created["profile"], "security");
     assert_eq!(created["origin"], "api");
-    assert_eq!(created["source"], "rtsp://***@127.0.0.1:9/cam", "credentials are never shown");
+    assert_eq!(
+        created["source"], "rtsp://***@127.0.0.1:9/cam",
+        "credentials are never shown"
+    );
 
     // Without an id, the first free `sN`.
-    let response = call(&router, Method::POST, "/api/streams", Some(r#"{"source": "https://127.0.0.1:9/live.m3u8"}"#)).await;
+    let response = call(
+        &router,
+        Method::POST,
+        "/api/streams",
+        Some(r#"{"source": "https://127.0.0.1:9/live.m3u8"}"#),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(json_of(response).await["id"], "s1");
 
@@ -145,7 +160,10 @@ async fn list_add_change_delete() {
     .await;
     assert_eq!(response.status(), StatusCode::OK);
     let changed = json_of(response).await;
-    assert_eq!((changed["profile"].as_str(), changed["instruction"].as_str()), (Some("nature"), Some("birds only")));
+    assert_eq!(
+        (changed["profile"].as_str(), changed["instruction"].as_str()),
+        (Some("nature"), Some("birds only"))
+    );
     // The loop took it: its snapshot says so.
     let door = harness.stream("door");
     eventually("the loop applies the change", || {
@@ -158,17 +176,43 @@ async fn list_add_change_delete() {
     .await;
 
     // The state file holds the API streams.
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("streams.json")).unwrap()).unwrap();
-    let kept: Vec<&str> = state["streams"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("streams.json")).unwrap())
+            .unwrap();
+    let kept: Vec<&str> = state["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
     assert_eq!(kept, ["door", "s1"]);
 
     let response = call(&router, Method::DELETE, "/api/streams/door", None).await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     assert!(door.is_stopped());
-    assert_eq!(door.status().buffers.display_bytes, 0, "DELETE frees the picture buffer");
-    assert_eq!(call(&router, Method::GET, "/api/streams/door", None).await.status(), StatusCode::NOT_FOUND);
-    assert_eq!(call(&router, Method::DELETE, "/api/streams/door", None).await.status(), StatusCode::NOT_FOUND);
-    assert_eq!(call(&router, Method::GET, "/api/streams/door/mjpeg", None).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        door.status().buffers.display_bytes,
+        0,
+        "DELETE frees the picture buffer"
+    );
+    assert_eq!(
+        call(&router, Method::GET, "/api/streams/door", None)
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&router, Method::DELETE, "/api/streams/door", None)
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&router, Method::GET, "/api/streams/door/mjpeg", None)
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -183,15 +227,51 @@ async fn every_bad_request_gets_its_status_and_reason() {
         ("{not json", StatusCode::BAD_REQUEST, "must be JSON"),
         ("", StatusCode::BAD_REQUEST, "must be JSON"),
         ("[1]", StatusCode::BAD_REQUEST, "JSON object"),
-        (r#"{"source": 3}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid type"),
-        (r#"{"sauce": "rtsp://x"}"#, StatusCode::UNPROCESSABLE_ENTITY, "unknown field `sauce`"),
-        (r#"{"id": "a", "source": "rtsp://127.0.0.1:9/x"}"#, StatusCode::CONFLICT, "already running"),
-        (r#"{"id": "Bad Id", "source": "rtsp://127.0.0.1:9/x"}"#, StatusCode::UNPROCESSABLE_ENTITY, "not a stream id"),
-        (r#"{"source": "rtsp://127.0.0.1:9/x", "capture_fps": 0}"#, StatusCode::UNPROCESSABLE_ENTITY, "capture_fps"),
-        (r#"{"source": "rtsp://127.0.0.1:9/x", "profile": "opera"}"#, StatusCode::UNPROCESSABLE_ENTITY, "unknown profile"),
-        (r#"{"source": "/etc/passwd"}"#, StatusCode::UNPROCESSABLE_ENTITY, "source"),
-        (r#"{"source": "concat:/etc/passwd|x.mp4"}"#, StatusCode::UNPROCESSABLE_ENTITY, "source"),
-        (r#"{"source": "http://169.254.169.254/latest/meta-data"}"#, StatusCode::UNPROCESSABLE_ENTITY, "source"),
+        (
+            r#"{"source": 3}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid type",
+        ),
+        (
+            r#"{"sauce": "rtsp://x"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown field `sauce`",
+        ),
+        (
+            r#"{"id": "a", "source": "rtsp://127.0.0.1:9/x"}"#,
+            StatusCode::CONFLICT,
+            "already running",
+        ),
+        (
+            r#"{"id": "Bad Id", "source": "rtsp://127.0.0.1:9/x"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not a stream id",
+        ),
+        (
+            r#"{"source": "rtsp://127.0.0.1:9/x", "capture_fps": 0}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "capture_fps",
+        ),
+        (
+            r#"{"source": "rtsp://127.0.0.1:9/x", "profile": "opera"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown profile",
+        ),
+        (
+            r#"{"source": "/etc/passwd"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "source",
+        ),
+        (
+            r#"{"source": "concat:/etc/passwd|x.mp4"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "source",
+        ),
+        (
+            r#"{"source": "http://169.254.169.254/latest/meta-data"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "source",
+        ),
     ];
     for (body, status, needle) in cases {
         let response = call(&router, Method::POST, "/api/streams", Some(body)).await;
@@ -201,21 +281,47 @@ async fn every_bad_request_gets_its_status_and_reason() {
         assert!(message.contains(needle), "{body}: {message}");
     }
     // A 422 about one field names it.
-    let response = call(&router, Method::POST, "/api/streams", Some(r#"{"source": "pipe:0"}"#)).await;
+    let response = call(
+        &router,
+        Method::POST,
+        "/api/streams",
+        Some(r#"{"source": "pipe:0"}"#),
+    )
+    .await;
     assert_eq!(json_of(response).await["field"], "source");
 
     // The fourth fits, the fifth does not.
     let add = |id: &str| format!(r#"{{"id": "{id}", "source": "rtsp://127.0.0.1:9/{id}"}}"#);
-    assert_eq!(call(&router, Method::POST, "/api/streams", Some(&add("d"))).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        call(&router, Method::POST, "/api/streams", Some(&add("d")))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
     let response = call(&router, Method::POST, "/api/streams", Some(&add("e"))).await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert!(json_of(response).await["error"].as_str().unwrap().contains("--max-streams"));
+    assert!(json_of(response).await["error"]
+        .as_str()
+        .unwrap()
+        .contains("--max-streams"));
 
     // Changes a running stream cannot take name their field.
-    let response = call(&router, Method::PATCH, "/api/streams/a", Some(r#"{"source": "other.mp4"}"#)).await;
+    let response = call(
+        &router,
+        Method::PATCH,
+        "/api/streams/a",
+        Some(r#"{"source": "other.mp4"}"#),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(json_of(response).await["field"], "source");
-    let response = call(&router, Method::PATCH, "/api/streams/nope", Some(r#"{"profile": "sports"}"#)).await;
+    let response = call(
+        &router,
+        Method::PATCH,
+        "/api/streams/nope",
+        Some(r#"{"profile": "sports"}"#),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 
     // A body past the limit is refused before it is read whole.
@@ -242,7 +348,10 @@ async fn the_single_stream_routes_follow_the_first_stream_still_running() {
     for path in ["/api/status", "/api/frame", "/api/mjpeg", "/api/stream"] {
         let response = call(&router, Method::GET, path, None).await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
-        assert!(json_of(response).await["error"].as_str().unwrap().contains("POST /api/streams"));
+        assert!(json_of(response).await["error"]
+            .as_str()
+            .unwrap()
+            .contains("POST /api/streams"));
     }
 }
 
@@ -251,20 +360,30 @@ async fn metrics_label_every_stream() {
     let harness = Harness::with(three()).await;
     let router = harness.router();
     eventually("every stream counts frames", || async {
-        let text = String::from_utf8(bytes_of(call(&router, Method::GET, "/metrics", None).await).await).unwrap();
+        let text =
+            String::from_utf8(bytes_of(call(&router, Method::GET, "/metrics", None).await).await)
+                .unwrap();
         ["a", "b", "c"].iter().all(|id| {
             text.lines()
-                .find_map(|l| l.strip_prefix(&format!("kibitz_source_frames_total{{stream=\"{id}\"}} ")))
+                .find_map(|l| {
+                    l.strip_prefix(&format!("kibitz_source_frames_total{{stream=\"{id}\"}} "))
+                })
                 .and_then(|v| v.parse::<f64>().ok())
                 .is_some_and(|v| v > 0.0)
         })
     })
     .await;
-    let text = String::from_utf8(bytes_of(call(&router, Method::GET, "/metrics", None).await).await).unwrap();
+    let text =
+        String::from_utf8(bytes_of(call(&router, Method::GET, "/metrics", None).await).await)
+            .unwrap();
     assert!(text.contains("kibitz_streams 3"), "{text}");
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let name = line.split([' ', '{']).next().unwrap();
-        assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no TYPE");
+        let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{name} has no TYPE"
+        );
     }
 }
 
@@ -279,9 +398,21 @@ async fn api_streams_come_back_after_a_restart() {
     {
         let harness = Harness::with(options()).await;
         let router = harness.router();
-        let response = call(&router, Method::POST, "/api/streams", Some(r#"{"id": "door", "source": "rtsp://127.0.0.1:9/cam", "profile": "security"}"#)).await;
+        let response = call(
+            &router,
+            Method::POST,
+            "/api/streams",
+            Some(r#"{"id": "door", "source": "rtsp://127.0.0.1:9/cam", "profile": "security"}"#),
+        )
+        .await;
         assert_eq!(response.status(), StatusCode::CREATED);
-        let response = call(&router, Method::PATCH, "/api/streams/s1", Some(r#"{"instruction": "count the cars"}"#)).await;
+        let response = call(
+            &router,
+            Method::PATCH,
+            "/api/streams/s1",
+            Some(r#"{"instruction": "count the cars"}"#),
+        )
+        .await;
         assert_eq!(response.status(), StatusCode::OK);
         harness.streams.stop_all().await;
     }
@@ -292,7 +423,11 @@ async fn api_streams_come_back_after_a_restart() {
     let door = harness.streams.get("door").expect("the API stream is back");
     assert_eq!(door.spec().profile, "security");
     assert_eq!(door.spec().source, "rtsp://127.0.0.1:9/cam");
-    assert_eq!(harness.stream("s1").spec().instruction, "count the cars", "the change to a command-line stream is back");
+    assert_eq!(
+        harness.stream("s1").spec().instruction,
+        "count the cars",
+        "the change to a command-line stream is back"
+    );
 }
 
 #[tokio::test]
@@ -306,7 +441,12 @@ async fn the_token_guards_changes_and_the_cookie_carries_it() {
     let add = r#"{"id": "d", "source": "rtsp://127.0.0.1:9/cam"}"#;
 
     // Reading is open; changing is not, and a wrong token says nothing about the stream.
-    assert_eq!(call(&router, Method::GET, "/api/streams", None).await.status(), StatusCode::OK);
+    assert_eq!(
+        call(&router, Method::GET, "/api/streams", None)
+            .await
+            .status(),
+        StatusCode::OK
+    );
     let refused = call(&router, Method::POST, "/api/streams", Some(add)).await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     let wrong = [("authorization", "Bearer nope")];
@@ -324,14 +464,34 @@ async fn the_token_guards_changes_and_the_cookie_carries_it() {
     // The page's way: the token once for a cookie, then the cookie alone.
     let response = call_with(&router, Method::POST, "/api/session", None, &bearer).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let cookie = response.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     assert!(!cookie.contains("s3cret"), "{cookie}");
     let pair = cookie.split(';').next().unwrap().to_string();
     let with_cookie = [("cookie", pair.as_str())];
-    let response = call_with(&router, Method::PATCH, "/api/streams/d", Some(r#"{"profile": "sports"}"#), &with_cookie).await;
+    let response = call_with(
+        &router,
+        Method::PATCH,
+        "/api/streams/d",
+        Some(r#"{"profile": "sports"}"#),
+        &with_cookie,
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
-    let response = call_with(&router, Method::DELETE, "/api/streams/d", None, &with_cookie).await;
+    let response = call_with(
+        &router,
+        Method::DELETE,
+        "/api/streams/d",
+        None,
+        &with_cookie,
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
 }
 
@@ -344,14 +504,32 @@ async fn viewing_can_need_the_token_too() {
     })
     .await;
     let router = harness.router();
-    for path in ["/api/streams", "/api/streams/s1/frame", "/api/status", "/metrics", "/api/events"] {
-        assert_eq!(call(&router, Method::GET, path, None).await.status(), StatusCode::UNAUTHORIZED, "{path}");
+    for path in [
+        "/api/streams",
+        "/api/streams/s1/frame",
+        "/api/status",
+        "/metrics",
+        "/api/events",
+    ] {
+        assert_eq!(
+            call(&router, Method::GET, path, None).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
     }
     for path in ["/healthz", "/", "/streams/s1", "/app.js"] {
-        assert_eq!(call(&router, Method::GET, path, None).await.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            call(&router, Method::GET, path, None).await.status(),
+            StatusCode::OK,
+            "{path}"
+        );
     }
-    let page = String::from_utf8(bytes_of(call(&router, Method::GET, "/", None).await).await).unwrap();
-    assert!(!page.contains("s3cret"), "the token never goes into the page");
+    let page =
+        String::from_utf8(bytes_of(call(&router, Method::GET, "/", None).await).await).unwrap();
+    assert!(
+        !page.contains("s3cret"),
+        "the token never goes into the page"
+    );
 }
 
 #[tokio::test]
@@ -370,13 +548,21 @@ async fn the_bus_tags_every_event_with_its_stream() {
 
     // Add and remove a stream while reading.
     let router = harness.router();
-    call(&router, Method::POST, "/api/streams", Some(r#"{"id": "d", "source": "rtsp://127.0.0.1:9/cam"}"#)).await;
+    call(
+        &router,
+        Method::POST,
+        "/api/streams",
+        Some(r#"{"id": "d", "source": "rtsp://127.0.0.1:9/cam"}"#),
+    )
+    .await;
     call(&router, Method::DELETE, "/api/streams/d", None).await;
 
     let mut text = String::new();
     let mut ended = std::collections::BTreeMap::<String, u32>::new();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while ["a", "b", "c"].iter().any(|id| ended.get(*id).copied().unwrap_or(0) < 2)
+    while ["a", "b", "c"]
+        .iter()
+        .any(|id| ended.get(*id).copied().unwrap_or(0) < 2)
         || !text.contains("stream_removed")
     {
         let chunk = tokio::time::timeout_at(deadline, response.chunk())
@@ -387,8 +573,13 @@ async fn the_bus_tags_every_event_with_its_stream() {
         text.push_str(&String::from_utf8_lossy(&chunk));
         ended.clear();
         for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
-            let Ok(event) = serde_json::from_str::<Value>(data) else { continue };
-            let stream = event["stream"].as_str().expect("every event names its stream").to_string();
+            let Ok(event) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            let stream = event["stream"]
+                .as_str()
+                .expect("every event names its stream")
+                .to_string();
             if event["type"] == "cycle_end" {
                 *ended.entry(stream).or_default() += 1;
             }
@@ -400,12 +591,17 @@ async fn the_bus_tags_every_event_with_its_stream() {
     let requests = harness.engine.requests();
     assert!(requests.len() >= 6);
     for request in requests {
-        let kibitz_engine::Image::Rgb(first) = &request.frames[0].image else { panic!() };
+        let kibitz_engine::Image::Rgb(first) = &request.frames[0].image else {
+            panic!()
+        };
         let source = first.data[1];
-        assert!(request.frames.iter().all(|f| match &f.image {
-            kibitz_engine::Image::Rgb(rgb) => rgb.data[1] == source,
-            _ => false,
-        }), "a request mixed streams");
+        assert!(
+            request.frames.iter().all(|f| match &f.image {
+                kibitz_engine::Image::Rgb(rgb) => rgb.data[1] == source,
+                _ => false,
+            }),
+            "a request mixed streams"
+        );
     }
     let _ = json!(null);
 }
@@ -424,12 +620,15 @@ async fn websocket_controls_need_the_token() {
     use tokio_tungstenite::tungstenite::Message;
 
     let reply = |cookie: Option<String>| async move {
-        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            format!("ws://{addr}/api/streams/s1/ws"),
-        )
-        .unwrap();
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{addr}/api/streams/s1/ws"),
+            )
+            .unwrap();
         if let Some(cookie) = cookie {
-            request.headers_mut().insert("cookie", cookie.parse().unwrap());
+            request
+                .headers_mut()
+                .insert("cookie", cookie.parse().unwrap());
         }
         let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         socket
@@ -442,7 +641,9 @@ async fn websocket_controls_need_the_token() {
                 .expect("an answer")
                 .unwrap()
                 .unwrap();
-            let Message::Text(text) = message else { continue };
+            let Message::Text(text) = message else {
+                continue;
+            };
             let value: Value = serde_json::from_str(&text).unwrap();
             if value["type"] == "selection" || value["type"] == "rejected" {
                 return value;
@@ -460,7 +661,13 @@ async fn websocket_controls_need_the_token() {
         .send()
         .await
         .unwrap();
-    let cookie = response.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let accepted = reply(Some(cookie)).await;
     assert_eq!(accepted["type"], "selection", "{accepted}");
     assert_eq!(harness.stream("s1").spec().profile, "sports");

@@ -28,7 +28,7 @@ pub use spec::{
     LIVE_FIELDS,
 };
 pub use status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
-pub use stream::{Attachment, OutputKind, Origin, StartContext, Stream, StreamHandle};
+pub use stream::{Attachment, Origin, OutputKind, StartContext, Stream, StreamHandle};
 
 /// What adding, changing or removing a stream can fail with. The server maps each to one
 /// HTTP status; the binary prints it as one line.
@@ -47,7 +47,9 @@ pub enum StreamError {
     #[error("a stream named '{0}' is already running; pick another id or delete it first")]
     Taken(StreamId),
     /// `--max-streams` are running (HTTP 429).
-    #[error("{0} streams are running, the most this server takes (--max-streams); delete one first")]
+    #[error(
+        "{0} streams are running, the most this server takes (--max-streams); delete one first"
+    )]
     Full(usize),
     /// No such stream (HTTP 404).
     #[error("no stream named '{0}'")]

@@ -168,7 +168,12 @@ mod tests {
             .poll(now + period, Duration::from_secs(3), period, &frames)
             .is_none());
         let resumed = playout
-            .poll(now + Duration::from_secs(4), Duration::from_secs(3), period, &frames)
+            .poll(
+                now + Duration::from_secs(4),
+                Duration::from_secs(3),
+                period,
+                &frames,
+            )
             .unwrap();
         assert!(resumed.seq > shown.seq);
     }
@@ -177,7 +182,13 @@ mod tests {
     fn period_is_clamped_and_falls_back() {
         assert_eq!(frame_period(Some(25.0), 10.0), Duration::from_millis(40));
         assert_eq!(frame_period(None, 10.0), Duration::from_millis(100));
-        assert_eq!(frame_period(Some(f64::NAN), 5.0), Duration::from_millis(200));
-        assert_eq!(frame_period(Some(10_000.0), 5.0), Duration::from_secs_f64(1.0 / 120.0));
+        assert_eq!(
+            frame_period(Some(f64::NAN), 5.0),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            frame_period(Some(10_000.0), 5.0),
+            Duration::from_secs_f64(1.0 / 120.0)
+        );
     }
 }

@@ -149,8 +149,8 @@ impl Streams {
             Some(_) => None,
             None => Some(self.free_id()),
         };
-        let spec = StreamSpec::resolve(&settings, id, self.defaults())
-            .map_err(StreamError::Invalid)?;
+        let spec =
+            StreamSpec::resolve(&settings, id, self.defaults()).map_err(StreamError::Invalid)?;
         if self.get(spec.id.as_str()).is_some() {
             return Err(StreamError::Taken(spec.id));
         }
@@ -354,9 +354,12 @@ async fn read_state(path: &Path) -> Result<Option<StateFile>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| format!("{} is not a kibitz state file ({e}); starting without it", path.display()))
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        format!(
+            "{} is not a kibitz state file ({e}); starting without it",
+            path.display()
+        )
+    })
 }
 
 /// Temp file, then rename: a crash mid-write leaves the old file, never half a new one.

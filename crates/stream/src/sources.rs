@@ -61,6 +61,8 @@ pub mod fake {
         pub fps: f64,
         pub width: u32,
         pub height: u32,
+        /// Shown in turn instead of the tagged pictures (benchmarks want real-sized JPEGs).
+        pub pictures: Option<Arc<Vec<Jpeg>>>,
         started: Arc<AtomicU64>,
     }
 
@@ -70,7 +72,16 @@ pub mod fake {
                 fps,
                 width: 32,
                 height: 16,
+                pictures: None,
                 started: Arc::default(),
+            }
+        }
+
+        /// Shows `pictures` in turn, at `fps`.
+        pub fn with_pictures(fps: f64, pictures: Vec<Jpeg>) -> PatternSources {
+            PatternSources {
+                pictures: Some(Arc::new(pictures)),
+                ..PatternSources::new(fps)
             }
         }
     }
@@ -133,6 +144,7 @@ pub mod fake {
             let stop = Arc::new(AtomicBool::new(false));
             let frames = Arc::new(AtomicU64::new(0));
             let (fps, w, h) = (self.fps, self.width, self.height);
+            let pictures = self.pictures.clone();
             let capture_every = (fps / config.capture_fps).round().max(1.0) as u64;
             let thread = {
                 let (stop, frames, name) = (stop.clone(), frames.clone(), name.clone());
@@ -145,9 +157,12 @@ pub mod fake {
                             pts: period * k as u32,
                             captured: Instant::now(),
                         };
-                        cx.display
-                            .push(stamp, tagged_jpeg(&format!("{name}#{k}")));
-                        if k % capture_every == 0 {
+                        let picture = match &pictures {
+                            Some(p) if !p.is_empty() => p[k as usize % p.len()].clone(),
+                            _ => tagged_jpeg(&format!("{name}#{k}")),
+                        };
+                        cx.display.push(stamp, picture);
+                        if k.is_multiple_of(capture_every) {
                             let mut data = vec![index; (w * h * 3) as usize];
                             data[0] = (k % 256) as u8;
                             cx.window.push(

@@ -193,7 +193,10 @@ impl StreamSpec {
         let spec = StreamSpec {
             id: id.unwrap_or_else(|| StreamId::nth(0)),
             source,
-            profile: settings.profile.clone().unwrap_or_else(|| d.profile.clone()),
+            profile: settings
+                .profile
+                .clone()
+                .unwrap_or_else(|| d.profile.clone()),
             instruction: settings
                 .instruction
                 .as_deref()
@@ -236,10 +239,18 @@ impl StreamSpec {
                 ),
             })
         };
-        if change.id.as_deref().is_some_and(|id| id != self.id.as_str()) {
+        if change
+            .id
+            .as_deref()
+            .is_some_and(|id| id != self.id.as_str())
+        {
             fixed("id", &mut problems);
         }
-        if change.source.as_deref().is_some_and(|s| s.trim() != self.source) {
+        if change
+            .source
+            .as_deref()
+            .is_some_and(|s| s.trim() != self.source)
+        {
             fixed("source", &mut problems);
         }
         if change.capture_fps.is_some_and(|v| v != self.capture_fps) {
@@ -286,9 +297,8 @@ impl StreamSpec {
 
     fn check(&self, d: &StreamDefaults) -> Vec<FieldError> {
         let mut problems = Vec::new();
-        let mut bad = |field: &'static str, message: String| {
-            problems.push(FieldError { field, message })
-        };
+        let mut bad =
+            |field: &'static str, message: String| problems.push(FieldError { field, message });
         if self.source.len() > MAX_SOURCE_LEN || self.source.contains(['\0', '\n', '\r']) {
             bad(
                 "source",

@@ -38,7 +38,10 @@ impl StreamInput {
 
 /// Resolves every input; ids left out become `s<position>` (the first free one from the
 /// stream's 1-based position on). Errors are one line each.
-pub fn plan(inputs: &[StreamInput], defaults: &StreamDefaults) -> Result<Vec<StreamSpec>, Vec<String>> {
+pub fn plan(
+    inputs: &[StreamInput],
+    defaults: &StreamDefaults,
+) -> Result<Vec<StreamSpec>, Vec<String>> {
     let mut problems = Vec::new();
     let given: Vec<&str> = inputs.iter().filter_map(|i| i.id.as_deref()).collect();
     let mut taken: Vec<String> = Vec::new();
@@ -83,7 +86,12 @@ mod tests {
         let door = StreamInput::from_source_flag("door=rtsp://cam/1");
         assert_eq!(door.id.as_deref(), Some("door"));
         assert_eq!(door.settings.source.as_deref(), Some("rtsp://cam/1"));
-        for plain in ["rtsp://cam/1?a=b", "game.mp4", "http://x/y=z", "Weird Name=x"] {
+        for plain in [
+            "rtsp://cam/1?a=b",
+            "game.mp4",
+            "http://x/y=z",
+            "Weird Name=x",
+        ] {
             let input = StreamInput::from_source_flag(plain);
             assert_eq!(input.id, None, "{plain}");
             assert_eq!(input.settings.source.as_deref(), Some(plain));
