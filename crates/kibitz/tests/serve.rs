@@ -1,113 +1,12 @@
 //! `kibitz serve` end to end: real video through FFmpeg, the real llama.cpp engine on the
 //! tiny model, real HTTP. Checks structure and rates with generous bounds, never wording.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod fixture;
+mod served;
 use fixture::fixture;
-
-/// A running `kibitz serve`, killed on drop.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _model: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(source: &Path) -> Server {
-    start_with(&[&format!("--source={}", source.display())])
-}
-
-/// `kibitz serve` on the tiny model with these extra arguments; its state file in a
-/// folder of its own.
-fn start_with(args: &[&str]) -> Server {
-    let model = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kibitz"))
-        .args(["make-test-model", "--size", "tiny"])
-        .arg(model.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kibitz"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--max-tokens",
-            "8",
-            "--inference-interval",
-            "0.5",
-        ])
-        .args(args)
-        .arg("--state-dir")
-        .arg(model.path().join("state"))
-        .arg("--model")
-        .arg(model.path())
-        .env("THREADS", "1")
-        .env("LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
-    Server {
-        child,
-        addr,
-        _model: model,
-    }
-}
-
-/// Reads a streaming response for `how_long` and returns the body bytes so far.
-fn read_for(addr: SocketAddr, path: &str, how_long: Duration) -> Vec<u8> {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let end = Instant::now() + how_long;
-    let mut body = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    while Instant::now() < end {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => body.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("{path}: {e}"),
-        }
-    }
-    body
-}
+use served::read_for;
 
 fn count(haystack: &[u8], needle: &[u8]) -> usize {
     haystack
@@ -126,7 +25,7 @@ fn cycle_ends(sse: &[u8]) -> Vec<serde_json::Value> {
 }
 
 fn live_commentary(source: &str, fps: f64) {
-    let server = start(&fixture(source));
+    let server = served::start(&[format!("--source={}", fixture(source).display())], "0.5");
     // Events first: every cycle streams tokens and ends with its latency and the new delay.
     let sse = read_for(server.addr, "/api/stream", Duration::from_secs(12));
     let ends = cycle_ends(&sse);

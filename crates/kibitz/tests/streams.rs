@@ -3,119 +3,15 @@
 //! dead camera beside them reconnects without disturbing them, and streams come and go
 //! through the API without a restart.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod fixture;
+mod served;
 use fixture::fixture;
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(args: &[String], dir: tempfile::TempDir) -> Server {
-    let model = dir.path().join("model");
-    let out = Command::new(env!("CARGO_BIN_EXE_kibitz"))
-        .args(["make-test-model", "--size", "tiny"])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kibitz"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--max-tokens",
-            "8",
-            "--inference-interval",
-            "0.3",
-        ])
-        .args(args)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--model")
-        .arg(&model)
-        .env("THREADS", "1")
-        .env("LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
-    Server {
-        child,
-        addr,
-        _dir: dir,
-    }
-}
-
-/// One HTTP/1.1 request; returns the status and everything read within `how_long`.
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-    how_long: Duration,
-) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let end = Instant::now() + how_long;
-    let mut data = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    while Instant::now() < end {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => data.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("{path}: {e}"),
-        }
-    }
-    let status = String::from_utf8_lossy(&data[..data.len().min(12)])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, data)
-}
+use served::{read_for, request};
 
 fn json(addr: SocketAddr, path: &str) -> Value {
     let (status, data) = request(addr, "GET", path, "", Duration::from_secs(5));
@@ -181,7 +77,7 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
         ),
     )
     .unwrap();
-    let server = start(
+    let server = served::start(
         &[
             format!(
                 "--source=small={}",
@@ -190,17 +86,11 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
             format!("--source=bunny={}", fixture("bigbuckbunny.mp4").display()),
             format!("--streams={}", streams_file.display()),
         ],
-        dir,
+        "0.3",
     );
 
     // Every live stream's cycles end, each event tagged with its stream, on one connection.
-    let (_, events) = request(
-        server.addr,
-        "GET",
-        "/api/events",
-        "",
-        Duration::from_secs(15),
-    );
+    let events = read_for(server.addr, "/api/events", Duration::from_secs(15));
     let text = String::from_utf8_lossy(&events);
     let mut ends = std::collections::BTreeMap::<String, usize>::new();
     for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
@@ -271,7 +161,7 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
     );
 
     // Delete one: its buffers are gone from the server's memory count.
-    let bytes = |addr| {
+    let streams = |addr| {
         json(addr, "/api/streams")["streams"]
             .as_array()
             .unwrap()
@@ -289,7 +179,7 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
         Duration::from_secs(10),
     );
     assert_eq!(status, 204);
-    assert_eq!(bytes(server.addr), 3);
+    assert_eq!(streams(server.addr), 3);
     let (status, _) = request(
         server.addr,
         "GET",
@@ -299,11 +189,9 @@ fn three_streams_and_a_dead_camera_each_get_their_own_pictures_and_words() {
     );
     assert_eq!(status, 404);
     // The others play on.
-    let (_, body) = request(
+    let body = read_for(
         server.addr,
-        "GET",
         "/api/streams/small/mjpeg",
-        "",
         Duration::from_secs(1),
     );
     assert!(!mjpeg_sizes(&body).is_empty());

@@ -672,3 +672,57 @@ async fn websocket_controls_need_the_token() {
     assert_eq!(accepted["type"], "selection", "{accepted}");
     assert_eq!(harness.stream("s1").spec().profile, "sports");
 }
+
+/// Reads a streaming response for `how_long`.
+async fn read_for(addr: std::net::SocketAddr, path: &str, how_long: Duration) -> String {
+    let mut response = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let mut body = Vec::new();
+    let end = tokio::time::Instant::now() + how_long;
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(end, response.chunk()).await {
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn mjpeg_plays_each_frame_once_at_the_source_rate_and_sse_carries_the_stream() {
+    let harness = Harness::with(three()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+    eventually("a picture", || async {
+        harness.stream("b").latest_frame().is_some()
+    })
+    .await;
+
+    let body = read_for(addr, "/api/streams/b/mjpeg", Duration::from_secs(3)).await;
+    let seqs: Vec<u64> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("X-Frame-Seq: "))
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    // 10 fps for 3 s; a busy CI box may lose a few, never repeat or reorder one.
+    assert!(
+        seqs.len() >= 15 && seqs.len() <= 33,
+        "{} frames",
+        seqs.len()
+    );
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    assert!(body.contains("two.mp4#"), "stream b shows its own source");
+    assert!(!body.contains("one.mp4#") && !body.contains("three.mp4#"));
+
+    let events = read_for(addr, "/api/streams/c/stream", Duration::from_secs(4)).await;
+    assert!(events.contains("event: cycle_end"), "{events}");
+    assert!(events.contains("\"text\":\"a ball rolls\""), "{events}");
+    // While attached, each output was counted in the stream's status; afterwards not.
+    eventually("viewers leave", || async {
+        let v = harness.stream("b").status().viewers;
+        v.mjpeg == 0 && v.mjpeg_frames_sent >= 15
+    })
+    .await;
+}
