@@ -27,9 +27,11 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// `GET /api/streams`.
 pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
     let streams: Vec<StreamSummary> = state.streams().list().iter().map(|s| s.summary()).collect();
+    let info = state.engine().info();
     Json(json!({
         "streams": streams,
         "max_streams": state.streams().max_streams(),
+        "engine": { "kind": info.kind, "model": info.model, "backend": info.backend },
     }))
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kibitz_server::fake::{Harness, Options};
+use kibitz_server::fake::{pattern_jpeg, Harness, Options};
 use kibitz_server::ServerError;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -206,6 +206,15 @@ impl Browser {
         .await;
     }
 
+    async fn resize(&self, width: u32, height: u32) {
+        self.command(
+            "POST",
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )
+        .await;
+    }
+
     /// Saves what the window shows as a PNG, for a person to look at.
     async fn screenshot(&self, path: &std::path::Path) {
         use base64::Engine as _;
@@ -368,9 +377,12 @@ impl Site {
     }
 }
 
+/// Streams `ids`, each showing real pictures (a colour and a bar that move each frame), so
+/// the browser has something to decode and to see change.
 fn streams(ids: &[&str], token: Option<&str>) -> Options {
     Options {
         streams: ids.iter().map(|id| format!("{id}={id}.mp4")).collect(),
+        pictures: Some((0..4).map(|i| pattern_jpeg(320, 180, i, 0)).collect()),
         token: token.map(String::from),
         ..Options::default()
     }
@@ -444,6 +456,12 @@ async fn the_overview_shows_every_stream_and_a_tile_opens_its_view() {
     browser
         .screenshot(&screenshot_path("page-overview.png"))
         .await;
+    browser.resize(390, 844).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    browser
+        .screenshot(&screenshot_path("page-overview-phone.png"))
+        .await;
+    browser.resize(1280, 900).await;
 
     // A tile opens the stream's own view: the delayed picture and the words as they come.
     browser.click(&format!("{} .open", tile("a"))).await;
@@ -634,6 +652,9 @@ async fn with_a_token_the_page_asks_once_and_keeps_it_out_of_urls() {
             "return document.getElementById('signin').open;",
         )
         .await;
+    browser
+        .screenshot(&screenshot_path("page-signin.png"))
+        .await;
     browser.type_into("#signin-token", "wrong").await;
     browser.click("#signin-submit").await;
     browser
@@ -702,6 +723,48 @@ async fn with_a_token_the_page_asks_once_and_keeps_it_out_of_urls() {
         !page.contains("kibitz_session"),
         "the page can read the session cookie"
     );
+
+    drop(browser);
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_watching_needs_the_token_the_page_asks_first() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(Options {
+        token_for_viewing: true,
+        ..streams(&["a", "b"], Some("s3cret"))
+    })
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&site.url("/")).await;
+    browser
+        .wait_for(
+            "the page asks for the token before showing anything",
+            "return document.getElementById('signin').open
+               && document.querySelectorAll('#tiles .tile').length === 0;",
+        )
+        .await;
+    browser.type_into("#signin-token", "s3cret").await;
+    browser.click("#signin-submit").await;
+    // The cookie alone now carries the picture fetches and the one event stream.
+    browser
+        .wait_for(
+            "both tiles show pictures and comments",
+            "const t = window.kibitz.tiles;
+             return !document.getElementById('signin').open && t.a && t.b
+               && t.a.fresh >= 2 && t.b.fresh >= 2
+               && document.querySelector(\"#tiles .tile[data-id='b'] .comment\").innerText.includes('a ball rolls');",
+        )
+        .await;
+    browser.goto(&site.url("/streams/b")).await;
+    browser
+        .wait_for(
+            "the stream's view plays without asking again",
+            "return !document.getElementById('signin').open
+               && window.kibitz.pictureChanges >= 2 && window.kibitz.tokens >= 1;",
+        )
+        .await;
 
     drop(browser);
     site.stop().await;

@@ -629,6 +629,7 @@ function startSingle(id) {
     const select = event.target;
     if (!(await change({ profile: select.value }))) select.value = select.dataset.current || select.value;
   });
+  $("instruction").addEventListener("input", () => { instructionEdited = true; });
   $("controls").addEventListener("submit", (event) => {
     event.preventDefault();
     change({ instruction: $("instruction").value });
@@ -780,7 +781,7 @@ async function refreshStatus() {
   const engine = status.engine || {};
   $("engine").textContent = [engine.kind, engine.model, engine.backend].filter(Boolean).join(" · ")
     + (engine.healthy === false ? " · down" : "");
-  showSelection(tally.profile, tally.instruction, !statusSeen);
+  showSelection(tally.profile, tally.instruction);
   if (!statusSeen && tally.last_comment && kibitz.comments === 0) {
     // A newly opened view shows what was last said at once, not after the next cycle.
     addHistory(tally.last_comment, "before you came", "earlier");
@@ -788,15 +789,20 @@ async function refreshStatus() {
   statusSeen = true;
 }
 
-/// Shows the stream's profile (and, when `withText`, its instruction) unless the person
-/// is busy with that control.
-function showSelection(profile, instruction, withText) {
+/// Whether the instruction box holds an edit not yet applied.
+let instructionEdited = false;
+
+/// Shows the stream's profile and instruction, except in a control the person is busy with.
+function showSelection(profile, instruction) {
   const select = $("profile");
   if (profile) {
     select.dataset.current = profile;
     if (document.activeElement !== select && !select.disabled) select.value = profile;
   }
-  if (withText && typeof instruction === "string") $("instruction").value = instruction;
+  const box = $("instruction");
+  if (typeof instruction === "string" && !instructionEdited && document.activeElement !== box) {
+    box.value = instruction;
+  }
 }
 
 async function change(body) {
@@ -810,7 +816,8 @@ async function change(body) {
     }
     const { profile, instruction } = answer.data;
     $("profile").disabled = false;
-    showSelection(profile, instruction, "instruction" in body);
+    if ("instruction" in body) instructionEdited = false;
+    showSelection(profile, instruction);
     say($("message"), instruction ? `profile ${profile}, instruction set` : `profile ${profile}`, false);
     return true;
   } finally {
