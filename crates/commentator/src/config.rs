@@ -16,6 +16,36 @@ pub const MAX_INSTRUCTION_CHARS: usize = 2000;
 /// typo (a value in milliseconds) is caught.
 pub const MAX_INTERVAL_SECS: f64 = 3600.0;
 
+/// The scene-change gate's default threshold, in grey levels of
+/// [`Thumbnail::difference`](crate::Thumbnail::difference): cycles whose frames differ less
+/// from those of the last answered cycle are not asked about.
+///
+/// Chosen on the test media (`scripts/fixtures.sh`, frames scaled to the model's 448x252,
+/// measured with `examples/scene_change.rs`):
+/// - moving content, consecutive 2 fps frames: Big Buck Bunny 6.0 to 42 (median 24),
+///   testsrc2 5.7 to 15 (median 11); even consecutive 25 fps frames score a median of
+///   2.0 (BBB) and 4.9 (testsrc2);
+/// - a still picture (`gray.png`, `photo.jpg`) repeated: 0; with independent noise of ±2
+///   levels per channel: at most 0.3; with temporal sensor noise (FFmpeg's `noise` filter,
+///   strength 4, 10 and 20, at 1280x720) through H.264 (crf 28, 2 s GOP) or MJPEG (q 8): at
+///   most 0.65 (strength 20, a very grainy picture), 0.43 at 10;
+/// - an object covering 5% of the picture appearing on the still picture: 0.14 to 0.16 per
+///   grey level of contrast where four regions meet (the least sensitive place), 0.6 inside
+///   one region.
+///
+/// 1.5 is well above the noisiest still scene (2.3 times) and far below moving content
+/// (nearly 4 times under the least 2 fps pair), and lets through a 5% object of about 10
+/// grey levels' contrast anywhere in the picture (2.5 inside one region). The whole
+/// picture's mean difference would have been no good: one pair of BBB 2 fps frames, a real
+/// change, scores only 1.5 by it, and a 5% object needs 30 levels of contrast to reach 1.5.
+pub const SCENE_CHANGE_THRESHOLD: f64 = 1.5;
+
+/// The longest the scene-change gate keeps the model from being asked, measured in capture
+/// time from the newest frame of the last answered cycle: after that a cycle asks however
+/// little changed, in case the change is one the thumbnails cannot see (small, or slow and
+/// too faint to add up). At 60 s a still camera costs one question a minute.
+pub const SCENE_MAX_QUIET: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommentatorConfig {
     /// Frames sent to the engine per cycle (`FRAMES_PER_INFERENCE`).
@@ -37,6 +67,17 @@ pub struct CommentatorConfig {
     pub profile: String,
     /// Extra free-text instruction for the model; empty for none.
     pub instruction: String,
+    /// The scene-change gate (`SCENE_CHANGE_THRESHOLD`), in grey levels, 0 to 255; 0 turns
+    /// it off. Before a cycle asks, each of its frames captured after the newest frame of
+    /// the last answered cycle (skips by the model included) is compared with that frame by
+    /// [`Thumbnail::difference`](crate::Thumbnail::difference): the largest mean absolute
+    /// difference of the twelve regions of a 4x3 grid over the picture, on 32x18 grey
+    /// thumbnails. When every one scores under the threshold, the cycle ends at once as
+    /// skipped, reason `unchanged`, without a question. Comparing with the last *answered*
+    /// frame, not the last looked at, lets a slow change add up until it counts; a cycle
+    /// asks anyway [`SCENE_MAX_QUIET`] after that frame, and after a change of profile or
+    /// instruction. Default [`SCENE_CHANGE_THRESHOLD`].
+    pub scene_change_threshold: f64,
 }
 
 impl Default for CommentatorConfig {
@@ -53,6 +94,7 @@ impl Default for CommentatorConfig {
             poll: Duration::from_millis(100),
             profile: DEFAULT_PROFILE.to_string(),
             instruction: String::new(),
+            scene_change_threshold: SCENE_CHANGE_THRESHOLD,
         }
     }
 }
@@ -91,6 +133,9 @@ impl CommentatorConfig {
         if let Err(e) = check_instruction(&self.instruction) {
             problems.push(e);
         }
+        if let Err(e) = check_scene_change_threshold(self.scene_change_threshold) {
+            problems.push(e);
+        }
         ConfigError::from_problems(problems)
     }
 }
@@ -109,6 +154,16 @@ pub(crate) fn check_delay_init(init: f64) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(ConfigError::NegativeDelay(init))
+    }
+}
+
+/// Checks the scene-change gate's threshold, in grey levels.
+pub(crate) fn check_scene_change_threshold(levels: f64) -> Result<(), ConfigError> {
+    // Written so that NaN fails too.
+    if (0.0..=255.0).contains(&levels) {
+        Ok(())
+    } else {
+        Err(ConfigError::SceneThresholdOutOfRange(levels))
     }
 }
 
@@ -161,6 +216,8 @@ pub enum ConfigError {
     UnknownProfile { name: String, known: String },
     #[error("the instruction is {chars} characters long: shorten it to at most {max}")]
     InstructionTooLong { chars: usize, max: usize },
+    #[error("SCENE_CHANGE_THRESHOLD is {0}: it must be 0 (gate off) to 255 grey levels (default {SCENE_CHANGE_THRESHOLD})")]
+    SceneThresholdOutOfRange(f64),
     #[error("{}", lines(.0))]
     Several(Vec<ConfigError>),
 }
@@ -268,6 +325,33 @@ mod tests {
             config.validate(),
             Err(ConfigError::IntervalOutOfRange(7200.0))
         );
+    }
+
+    #[test]
+    fn scene_change_threshold_bounds() {
+        for good in [0.0, SCENE_CHANGE_THRESHOLD, 255.0] {
+            assert!(check_scene_change_threshold(good).is_ok(), "{good}");
+        }
+        for bad in [-0.1, 255.5, f64::NAN, f64::INFINITY] {
+            let err = check_scene_change_threshold(bad).unwrap_err();
+            assert!(
+                err.to_string().starts_with("SCENE_CHANGE_THRESHOLD is "),
+                "{err}"
+            );
+        }
+        let config = CommentatorConfig {
+            scene_change_threshold: -1.0,
+            frame_stride: 0,
+            ..CommentatorConfig::default()
+        };
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains(
+                "SCENE_CHANGE_THRESHOLD is -1: it must be 0 (gate off) to 255 grey levels (default 1.5)"
+            ),
+            "{message}"
+        );
+        assert_eq!(message.lines().count(), 2, "{message}");
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! the machine asks for frames, the task first takes the stream's commentary turn and only
 //! then samples the window, so a cycle that waited gets the frames of the moment the engine
 //! became free (late binding). Controls and shutdown are still served while it waits. A turn
-//! the machine does not use (the frames were not fresh) goes straight back to the scheduler
-//! for the other streams.
+//! the machine does not use (the frames were not fresh, or the scene-change gate found them
+//! unchanged) goes straight back to the scheduler for the other streams.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -7,7 +7,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    /// A cycle began: these frames (media seconds) were sent to the engine.
+    /// A cycle began with these frames (media seconds), sent to the engine, unless the
+    /// `cycle_end` that follows at once has `reason` `"unchanged"`.
     CycleStart {
         cycle: u64,
         frames: Vec<f64>,
@@ -35,8 +36,14 @@ pub struct CycleEnd {
     pub cycle: u64,
     /// The whole answer, trimmed. Empty when skipped.
     pub text: String,
-    /// The model said nothing changed ("..." or nothing at all): not shown, not spoken.
+    /// Nothing to show or speak: the model said nothing changed ("..." or nothing at all),
+    /// or, with `reason`, the model was not asked.
     pub skipped: bool,
+    /// Why the cycle ended without asking the model: `"unchanged"`, the scene-change gate
+    /// found its frames no different from those of the last answered cycle (then
+    /// `inference_ms` is 0 and `latency` is the newest frame's age). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Media time (seconds) of each frame sent, oldest first.
     pub frames: Vec<f64>,
     /// From the capture of the newest frame to the end of the answer, in seconds.
@@ -72,5 +79,35 @@ impl Control {
             Control::SetInstruction(text) => crate::check_instruction(text),
             Control::SetInterval(secs) => crate::config::check_interval(*secs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_is_sent_only_when_there_is_one() {
+        let end = CycleEnd {
+            cycle: 3,
+            text: String::new(),
+            skipped: true,
+            reason: None,
+            frames: vec![1.0],
+            latency: 0.5,
+            inference_ms: 0.0,
+            target_delay: 5.0,
+            first_token_latency: None,
+        };
+        let json = serde_json::to_value(Event::CycleEnd(end.clone())).unwrap();
+        assert_eq!(json["type"], "cycle_end");
+        assert!(json.get("reason").is_none(), "{json}");
+        let json = serde_json::to_value(Event::CycleEnd(CycleEnd {
+            reason: Some("unchanged".into()),
+            ..end
+        }))
+        .unwrap();
+        assert_eq!(json["reason"], "unchanged");
+        assert_eq!(json["skipped"], true);
     }
 }

@@ -16,15 +16,18 @@ mod config;
 pub mod driver;
 pub mod event;
 mod profile;
+pub mod scene;
 mod sync;
 mod window;
 
 pub use commentator::{Commentator, Input, Output, Phase, Snapshot};
 pub use config::{
     check_instruction, CommentatorConfig, ConfigError, MAX_INSTRUCTION_CHARS, MAX_INTERVAL_SECS,
+    SCENE_CHANGE_THRESHOLD, SCENE_MAX_QUIET,
 };
 pub use driver::run;
 pub use event::{Control, CycleEnd, Event};
 pub use profile::{is_skip, Profile, Profiles, DEFAULT_PROFILE};
+pub use scene::Thumbnail;
 pub use sync::SyncDelay;
 pub use window::FrameWindow;

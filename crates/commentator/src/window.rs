@@ -16,7 +16,8 @@ impl FrameWindow for InferenceWindow {
 }
 
 /// A fake source for tests: frame `k` is captured at `start + k * period` with
-/// `pts = k * period`, and exists once the clock has reached it, until `stop`.
+/// `pts = k * period`, and exists once the clock has reached it, until `stop`. Its picture
+/// is [`fake::moving`] unless a test shows another.
 #[cfg(test)]
 pub(crate) mod fake {
     use std::sync::{Arc, Mutex};
@@ -24,11 +25,29 @@ pub(crate) mod fake {
 
     use super::*;
 
+    /// Frame `k`'s picture.
+    pub(crate) type Picture = Arc<dyn Fn(u64) -> Rgb + Send + Sync>;
+
     pub(crate) struct SteadyWindow {
         pub start: Instant,
         pub period: Duration,
         /// The source stalls here: no frame captured at or after it exists.
         pub stop: Mutex<Option<Instant>>,
+        picture: Mutex<Picture>,
+    }
+
+    /// The default picture, 2x1: the first pixel is grey level `k` (so tests can tell frames
+    /// apart by it), the second one of four greys 64 apart, so two frames fewer than 256
+    /// apart always differ by 4 grey levels or more, and the scene-change gate (default 1.5)
+    /// lets every cycle ask.
+    pub fn moving(k: u64) -> Rgb {
+        let a = k as u8;
+        let b = (k % 4 * 64) as u8;
+        Rgb {
+            width: 2,
+            height: 1,
+            data: Arc::from(vec![a, a, a, b, b, b]),
+        }
     }
 
     impl SteadyWindow {
@@ -37,7 +56,13 @@ pub(crate) mod fake {
                 start,
                 period,
                 stop: Mutex::new(None),
+                picture: Mutex::new(Arc::new(moving)),
             }
+        }
+
+        /// From now on, frame `k` shows `picture(k)` (frames already sampled keep theirs).
+        pub fn show(&self, picture: impl Fn(u64) -> Rgb + Send + Sync + 'static) {
+            *self.picture.lock().unwrap() = Arc::new(picture);
         }
 
         pub fn stall_at(&self, at: Instant) {
@@ -46,12 +71,8 @@ pub(crate) mod fake {
 
         pub fn frame(&self, k: u64) -> (Stamp, Rgb) {
             let offset = self.period * k as u32;
-            // The pixel values tell frames apart too.
-            let rgb = Rgb {
-                width: 2,
-                height: 1,
-                data: Arc::from(vec![k as u8; 6]),
-            };
+            let picture = Arc::clone(&self.picture.lock().unwrap());
+            let rgb = picture(k);
             (
                 Stamp {
                     pts: offset,
@@ -83,6 +104,51 @@ pub(crate) mod fake {
                 .collect();
             frames.reverse();
             frames
+        }
+    }
+
+    /// Size of the test scenes: 160x90, so a thumbnail cell is 5x5 pixels and a region of
+    /// the scene-change gate 40x30.
+    pub const SCENE_WIDTH: u32 = 160;
+    pub const SCENE_HEIGHT: u32 = 90;
+
+    /// Frame `k` of a still scene (eight grey bars) as a camera sees it: every frame with
+    /// its own noise of ±2 grey levels per channel, plus `extra(x, y)` levels.
+    pub fn scene(k: u64, extra: impl Fn(u32, u32) -> i32) -> Rgb {
+        let mut seed = k.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut data = Vec::with_capacity((SCENE_WIDTH * SCENE_HEIGHT * 3) as usize);
+        for y in 0..SCENE_HEIGHT {
+            for x in 0..SCENE_WIDTH {
+                let level = 40 + (x / 20) as i32 * 25 + extra(x, y);
+                for _ in 0..3 {
+                    // xorshift64
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let noise = (seed >> 33) as i32 % 5 - 2;
+                    data.push((level + noise).clamp(0, 255) as u8);
+                }
+            }
+        }
+        Rgb::new(SCENE_WIDTH, SCENE_HEIGHT, data).unwrap()
+    }
+
+    /// The still scene with nothing added.
+    pub fn still(k: u64) -> Rgb {
+        scene(k, |_, _| 0)
+    }
+
+    /// An object covering 5% of the scene (36x20 pixels of 160x90), `contrast` grey levels
+    /// brighter than what is behind it, centred on the point where four of the gate's
+    /// regions meet (80, 30), so that each holds only a quarter of it: the place where it
+    /// is hardest to see.
+    pub fn object(contrast: i32) -> impl Fn(u32, u32) -> i32 {
+        move |x, y| {
+            if (62..98).contains(&x) && (20..40).contains(&y) {
+                contrast
+            } else {
+                0
+            }
         }
     }
 

@@ -15,6 +15,8 @@
 //! - `fake` (feature `fake`, and in this crate's tests): scripted tokens with delays, for
 //!   tests of everything above the engine. Library builds leave it out.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -31,6 +33,33 @@ pub mod openai;
 pub mod scheduler;
 
 pub use scheduler::{Priority, Scheduler, SchedulerStatus, Session, Turn};
+
+/// Which stream a request or frame belongs to, for engines that keep state per stream (the
+/// llama engine keeps each stream's frames in its own KV-cache sequence). The scheduler makes
+/// one per [`Session`]; ids are unique in the process, names are for logs and status.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    id: u64,
+    name: Arc<str>,
+}
+
+impl StreamKey {
+    pub fn new(name: &str) -> StreamKey {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        StreamKey {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            name: Arc::from(name),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
 
 /// One picture handed to the model, with the time it was taken on the source's clock.
 #[derive(Debug, Clone)]
@@ -251,5 +280,36 @@ pub trait Engine: Send + Sync + 'static {
     /// Extra Prometheus lines for `/metrics`.
     fn metrics(&self) -> String {
         String::new()
+    }
+
+    /// Queues a request of `stream` (what [`Turn::submit`] calls). Engines that keep state
+    /// per stream use the key; the default forgets it and calls [`Engine::submit`].
+    fn submit_for(
+        &self,
+        stream: &StreamKey,
+        priority: Priority,
+        request: Request,
+    ) -> Result<Generation, EngineError> {
+        let _ = (stream, priority);
+        self.submit(request)
+    }
+
+    /// A frame of `stream`'s sampled set, handed over as soon as it is captured, so an engine
+    /// that keeps per-stream state can prepare it before the next request asks about it.
+    /// Frames come in time order. The default ignores them: every request carries its frames.
+    fn push_frame(&self, stream: &StreamKey, frame: Frame) {
+        let _ = (stream, frame);
+    }
+
+    /// `stream` is gone: free what the engine keeps for it. Its running request, if any, is
+    /// cancelled by its caller separately.
+    fn close_stream(&self, stream: &StreamKey) {
+        let _ = stream;
+    }
+
+    /// How many requests the engine serves well at once (the scheduler's `concurrency` for
+    /// it): 1 for an engine that runs one request at a time.
+    fn parallelism(&self) -> usize {
+        1
     }
 }

@@ -5,6 +5,14 @@
 //! sends frames and reads text. Several upstream URLs can be given; each request goes to the
 //! least busy one (see [`upstream`]), and a failing one rests for a while.
 //!
+//! Every stream uses the same engine and nothing is kept between requests (the servers do
+//! their own prefix caching). Each upstream takes at most [`OpenAiConfig::max_in_flight`]
+//! requests at once. The scheduler in front is sized to [`OpenAiEngine::capacity`] (its
+//! [`Engine::parallelism`]), so that cap is only reached when an upstream rests and the
+//! others take its share: then a request waits in the engine for a free slot (a parked
+//! task, never a blocked thread) for at most the first-token timeout, and ends with
+//! [`EngineError::Busy`] if none came free. The upstream is not blamed for that.
+//!
 //! A request becomes `POST {base}/chat/completions` with `stream: true`: a system message
 //! and one user message whose content is the frames as base64 JPEG `image_url` parts, in
 //! time order, then the prompt text. Thinking is switched off through
@@ -42,7 +50,7 @@ mod sse;
 mod upstream;
 
 use sse::{excerpt, parse_event, Event, SseParser, ThinkFilter, Timings, Usage};
-use upstream::{Lease, Outcome, Pool};
+use upstream::{Choice, Lease, NoLease, Outcome, Pool};
 
 /// How long to wait before trying the only upstream again after a connection failure.
 const SAME_UPSTREAM_PAUSE: Duration = Duration::from_millis(200);
@@ -61,7 +69,8 @@ pub struct OpenAiConfig {
     pub api_key: Option<String>,
     /// To open a TCP (and TLS) connection.
     pub connect_timeout: Duration,
-    /// From sending a request to its first piece of text.
+    /// From sending a request to its first piece of text. Also the longest a request
+    /// waits for a free slot while every upstream is at its cap.
     pub first_token_timeout: Duration,
     /// From `submit` to the end of the answer.
     pub total_timeout: Duration,
@@ -69,6 +78,9 @@ pub struct OpenAiConfig {
     pub cooldown: Duration,
     /// …up to this.
     pub max_cooldown: Duration,
+    /// Most requests open on one upstream at once (at least 1). vLLM and SGLang batch
+    /// many; a llama-server has as many as its `--parallel` slots.
+    pub max_in_flight: usize,
     /// JPEG quality (1–100) for frames handed over as RGB.
     pub jpeg_quality: u8,
 }
@@ -84,6 +96,7 @@ impl OpenAiConfig {
             total_timeout: Duration::from_secs(120),
             cooldown: Duration::from_secs(10),
             max_cooldown: Duration::from_secs(60),
+            max_in_flight: 4,
             jpeg_quality: 85,
         }
     }
@@ -107,6 +120,7 @@ impl fmt::Debug for OpenAiConfig {
             .field("total_timeout", &self.total_timeout)
             .field("cooldown", &self.cooldown)
             .field("max_cooldown", &self.max_cooldown)
+            .field("max_in_flight", &self.max_in_flight)
             .field("jpeg_quality", &self.jpeg_quality)
             .finish()
     }
@@ -243,6 +257,20 @@ impl OpenAiEngine {
                 Err(e) => problems.push(e),
             }
         }
+        if config.max_in_flight == 0 {
+            problems.push("--engine-max-inflight must be at least 1".into());
+        }
+        for (flag, value) in [
+            ("--engine-connect-timeout", config.connect_timeout),
+            ("--engine-first-token-timeout", config.first_token_timeout),
+            ("--engine-total-timeout", config.total_timeout),
+            ("--engine-cooldown", config.cooldown),
+            ("--engine-max-cooldown", config.max_cooldown),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{flag} must be more than 0 seconds"));
+            }
+        }
         if !(1..=100).contains(&config.jpeg_quality) {
             problems.push(format!(
                 "JPEG quality {} is outside 1..=100",
@@ -277,7 +305,12 @@ impl OpenAiEngine {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| EngineError::Unavailable(format!("cannot set up the HTTP client: {e}")))?;
-        let pool = Arc::new(Pool::new(upstreams, config.cooldown, config.max_cooldown));
+        let pool = Arc::new(Pool::new(
+            upstreams,
+            config.cooldown,
+            config.max_cooldown,
+            config.max_in_flight,
+        ));
         let model = OnceCell::new_with(config.model.clone());
         Ok(OpenAiEngine {
             inner: Arc::new(Inner {
@@ -299,6 +332,12 @@ impl OpenAiEngine {
         let engine = Self::new(config)?;
         engine.model().await?;
         Ok(engine)
+    }
+
+    /// Requests the engine runs at once without waiting: upstreams × `max_in_flight`
+    /// (resting upstreams included). Size the scheduler in front with it.
+    pub fn capacity(&self) -> usize {
+        self.inner.pool.capacity()
     }
 
     /// The model name: as configured, or the first one the upstreams list (asked once).
@@ -447,6 +486,11 @@ impl Engine for OpenAiEngine {
         self.inner.in_flight.load(Ordering::SeqCst)
     }
 
+    /// [`capacity`](OpenAiEngine::capacity): upstreams × `max_in_flight`.
+    fn parallelism(&self) -> usize {
+        self.capacity()
+    }
+
     /// True when some upstream is not resting and answers `GET /models` with anything
     /// below 500 within the connect timeout plus two seconds.
     fn health(&self) -> BoxFuture<'_, bool> {
@@ -472,11 +516,18 @@ impl Engine for OpenAiEngine {
         let inner = &self.inner;
         json!({
             "model": inner.model.get(),
-            "policy": "least requests in flight, ties round-robin",
+            "policy": "least requests in flight, ties round-robin, at most max_in_flight each",
+            "max_in_flight": inner.pool.max_in_flight(),
+            "capacity": inner.pool.capacity(),
+            "waiting": inner.pool.waiting(),
             "timeouts_ms": {
                 "connect": inner.config.connect_timeout.as_millis() as u64,
                 "first_token": inner.config.first_token_timeout.as_millis() as u64,
                 "total": inner.config.total_timeout.as_millis() as u64,
+            },
+            "cooldown_ms": {
+                "first": inner.config.cooldown.as_millis() as u64,
+                "max": inner.config.max_cooldown.as_millis() as u64,
             },
             "upstreams": inner.pool.status(Instant::now()),
         })
@@ -542,23 +593,37 @@ async fn answer(
     // What went wrong on the first try, when a second one follows.
     let mut previous: Option<String> = None;
     loop {
-        let lease = match retry_same.take() {
+        let choice = match retry_same.take() {
             Some(i) => {
                 tokio::time::sleep(SAME_UPSTREAM_PAUSE).await;
-                inner.pool.lease_index(i)
+                Choice::Only(i)
             }
-            None => match inner.pool.lease(&tried, Instant::now()) {
-                Some(lease) => lease,
-                None => {
-                    let why = inner.pool.why_none(Instant::now());
-                    let message = match previous {
-                        Some(first) if inner.pool.upstreams().len() == 1 => first,
-                        Some(first) => format!("{first}; no other upstream could take it: {why}"),
-                        None => why,
-                    };
-                    return Err(EngineError::Unavailable(inner.redact(message)).into());
-                }
-            },
+            None => Choice::Any { skip: &tried },
+        };
+        let lease = match take_slot(inner, choice, total_deadline).await {
+            Ok(lease) => lease,
+            Err(NoSlot::Resting) => {
+                let why = inner.pool.why_none(Instant::now());
+                let message = match previous {
+                    Some(first) if inner.pool.upstreams().len() == 1 => first,
+                    Some(first) => format!("{first}; no other upstream could take it: {why}"),
+                    None => why,
+                };
+                return Err(EngineError::Unavailable(inner.redact(message)).into());
+            }
+            Err(NoSlot::Full { waited }) => {
+                let why = format!(
+                    "every upstream that could take it has {} requests in flight, its cap \
+                     (--engine-max-inflight), and none came free within {:.1} s",
+                    inner.pool.max_in_flight(),
+                    waited.as_secs_f64()
+                );
+                let message = match previous {
+                    Some(first) => format!("{first}; then {why}"),
+                    None => why,
+                };
+                return Err(EngineError::Busy(inner.redact(message)).into());
+            }
         };
         let index = lease.index;
         let first_try = tried.is_empty();
@@ -615,6 +680,52 @@ async fn answer(
             None => error,
         }
         .into());
+    }
+}
+
+/// Why [`take_slot`] gave no lease.
+enum NoSlot {
+    /// Every candidate rests or is being probed.
+    Resting,
+    /// Candidates stayed at their cap for this long.
+    Full { waited: Duration },
+}
+
+/// A slot on an upstream that `choice` allows. While every candidate is at its cap, waits
+/// (parked on the pool's `freed`, or until a resting candidate's rest ends) for at most the
+/// first-token timeout: a request that cannot even start by then is stale, and no
+/// upstream is to blame.
+async fn take_slot(
+    inner: &Inner,
+    choice: Choice<'_>,
+    total_deadline: Instant,
+) -> Result<Lease, NoSlot> {
+    let start = Instant::now();
+    let deadline = (start + inner.config.first_token_timeout).min(total_deadline);
+    // Counts this request in the status's `waiting` from its first wait to its end here.
+    let mut waiting = None;
+    loop {
+        // Registered before asking, so a slot freed in between still wakes this task.
+        let freed = inner.pool.freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let now = Instant::now();
+        let rest_ends = match inner.pool.lease(choice, now) {
+            Ok(lease) => return Ok(lease),
+            Err(NoLease::Resting) => return Err(NoSlot::Resting),
+            Err(NoLease::Full { rest_ends }) => rest_ends,
+        };
+        if now >= deadline {
+            return Err(NoSlot::Full {
+                waited: now - start,
+            });
+        }
+        waiting.get_or_insert_with(|| inner.pool.wait_guard());
+        let wake = rest_ends.map_or(deadline, |ends| ends.min(deadline));
+        tokio::select! {
+            () = &mut freed => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
     }
 }
 
@@ -1059,10 +1170,19 @@ mod tests {
     fn bad_settings_are_all_reported_at_once() {
         let mut config = OpenAiConfig::new(["nope", "http://a:1/v1", "http://a:1", "ftp://b"]);
         config.jpeg_quality = 0;
+        config.max_in_flight = 0;
+        config.first_token_timeout = Duration::ZERO;
         let EngineError::Unavailable(message) = OpenAiEngine::new(config).unwrap_err() else {
             panic!()
         };
-        for part in ["'nope'", "twice", "ftp://b", "JPEG quality"] {
+        for part in [
+            "'nope'",
+            "twice",
+            "ftp://b",
+            "JPEG quality",
+            "--engine-max-inflight must be at least 1",
+            "--engine-first-token-timeout must be more than 0",
+        ] {
             assert!(message.contains(part), "{part} missing in: {message}");
         }
         assert!(matches!(

@@ -39,7 +39,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Engine, EngineError, Generation, Output};
+use crate::{Engine, EngineError, Frame, Generation, Output, StreamKey};
 
 /// What a request is for; a waiting request of an earlier kind goes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -72,6 +72,8 @@ pub struct Session {
 pub struct Turn {
     slot: Slot,
     stream: Arc<str>,
+    key: StreamKey,
+    priority: Priority,
     closed: CancellationToken,
 }
 
@@ -146,6 +148,8 @@ struct SessionInner {
     shared: Arc<Shared>,
     id: u64,
     stream: Arc<str>,
+    /// Names this session to the engine (its per-stream state).
+    key: StreamKey,
     /// Cancelled on close: running answers of this session stop, turns refuse to submit.
     closed: CancellationToken,
 }
@@ -190,6 +194,7 @@ impl Scheduler {
             inner: Arc::new(SessionInner {
                 shared: self.shared.clone(),
                 id,
+                key: StreamKey::new(&stream),
                 stream,
                 closed: CancellationToken::new(),
             }),
@@ -235,6 +240,11 @@ impl Session {
         &self.inner.stream
     }
 
+    /// What names this session to the engine.
+    pub fn key(&self) -> &StreamKey {
+        &self.inner.key
+    }
+
     /// Waits for this session's turn at `priority`. `newest` is the capture time of the
     /// newest frame this caller sent last time (`None` if it never asked): among waiting
     /// callers of one priority the one with the oldest goes first. Build the request only
@@ -260,7 +270,7 @@ impl Session {
             let (mut withdraw, grant) = queued?;
             let slot = grant.await.map_err(|_| self.inner.closed_error())?;
             withdraw.ticket = None;
-            Ok(self.inner.turn(slot))
+            Ok(self.inner.turn(slot, priority))
         }
     }
 
@@ -281,7 +291,17 @@ impl Session {
         }
         let slot = shared.take_slot(&mut state, self.inner.id);
         drop(state);
-        Ok(self.inner.turn(slot))
+        Ok(self.inner.turn(slot, Priority::Commentary))
+    }
+
+    /// Hands a frame of this stream's sampled set to the engine as soon as it is captured
+    /// (in time order), so the engine can prepare it before the next request: the llama
+    /// engine vision-encodes it and adds it to the stream's KV-cache sequence, and a request
+    /// whose frames are all there only evaluates its question. Ignored after close.
+    pub fn push_frame(&self, frame: Frame) {
+        if !self.inner.closed.is_cancelled() {
+            self.inner.shared.engine.push_frame(&self.inner.key, frame);
+        }
     }
 
     /// Ends the session for every clone: waiting turns fail, turns not yet submitted refuse
@@ -317,10 +337,12 @@ impl Session {
 }
 
 impl SessionInner {
-    fn turn(&self, slot: Slot) -> Turn {
+    fn turn(&self, slot: Slot, priority: Priority) -> Turn {
         Turn {
             slot,
             stream: self.stream.clone(),
+            key: self.key.clone(),
+            priority,
             closed: self.closed.clone(),
         }
     }
@@ -330,6 +352,9 @@ impl SessionInner {
     }
 
     fn close(&self) {
+        if !self.closed.is_cancelled() {
+            self.shared.engine.close_stream(&self.key);
+        }
         self.closed.cancel();
         let mut state = self.shared.lock();
         state.sessions.remove(&self.id);
@@ -358,7 +383,11 @@ impl Turn {
         if self.closed.is_cancelled() {
             return Err(closed_error(&self.stream));
         }
-        let upstream = self.slot.shared.engine.submit(request)?;
+        let upstream =
+            self.slot
+                .shared
+                .engine
+                .submit_for(&self.key, self.priority, request)?;
         let (tx, generation) = Generation::channel();
         tokio::spawn(forward(upstream, tx, self));
         Ok(generation)
@@ -377,6 +406,7 @@ async fn forward(
         slot,
         stream,
         closed,
+        ..
     } = turn;
     loop {
         let item = tokio::select! {

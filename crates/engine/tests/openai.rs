@@ -25,7 +25,7 @@ use kibitz_frames::{Jpeg, Rgb};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 const KEY: &str = "sk-test-secret-4f9a";
 /// Upper bound for anything that should happen "soon"; only hit when something hangs.
@@ -223,6 +223,71 @@ async fn answer_happily(mut socket: TcpStream) {
         send_chunk(&mut socket, &event).await;
     }
     end_chunks(&mut socket).await;
+}
+
+/// A server that holds every request until [`Gated::release`], counting the requests it
+/// holds: `open` now and `most` at once. A request leaves the count before the first byte
+/// of its answer, so the count never runs behind the engine's own.
+struct Gated {
+    raw: Raw,
+    open: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    gate: watch::Sender<bool>,
+}
+
+impl Gated {
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    fn most(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.raw.connections.load(Ordering::SeqCst)
+    }
+
+    fn release(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+/// `first` is sent before the hold (`None`: nothing, not even the headers).
+async fn gated_server(first: Option<&'static str>) -> Gated {
+    let open = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (gate, held) = watch::channel(false);
+    let (open2, most2) = (open.clone(), most.clone());
+    let raw = raw_server(move |_, mut socket, _| {
+        let (open, most, mut held) = (open2.clone(), most2.clone(), held.clone());
+        async move {
+            let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now_open, Ordering::SeqCst);
+            if let Some(text) = first {
+                start_sse(&mut socket).await;
+                send_chunk(&mut socket, &chunk(text)).await;
+            }
+            let _ = tokio::time::timeout(PATIENCE, held.wait_for(|go| *go)).await;
+            if first.is_none() {
+                open.fetch_sub(1, Ordering::SeqCst);
+                answer_happily(socket).await;
+            } else {
+                for event in happy_events() {
+                    send_chunk(&mut socket, &event).await;
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+                end_chunks(&mut socket).await;
+            }
+        }
+    })
+    .await;
+    Gated {
+        raw,
+        open,
+        most,
+        gate,
+    }
 }
 
 /// A port with nothing listening: connections are refused.
@@ -860,4 +925,163 @@ async fn when_both_upstreams_fail_the_error_tells_both_stories() {
     assert!(error.to_string().contains("resting"), "{error}");
     let requests = a.connections.load(Ordering::SeqCst) + b.connections.load(Ordering::SeqCst);
     assert_eq!(requests, 2);
+}
+
+#[tokio::test]
+async fn five_requests_on_one_upstream_with_cap_two_never_open_more_than_two() {
+    let server = gated_server(None).await;
+    let mut settings = config(&[&server.raw.url]);
+    settings.max_in_flight = 2;
+    let engine = OpenAiEngine::new(settings).unwrap();
+    assert_eq!(engine.capacity(), 2);
+    let generations: Vec<Generation> = (0..5)
+        .map(|_| engine.submit(request().0).unwrap())
+        .collect();
+    eventually(
+        "two requests open at the upstream, three waiting in the engine",
+        || server.open() == 2 && engine.status()["waiting"] == 3,
+    )
+    .await;
+    assert_eq!(engine.in_flight(), 5, "waiting requests are accepted ones");
+    let status = engine.status();
+    let shown = upstream(&status, &server.raw.url);
+    assert_eq!(
+        (&shown["in_flight"], &shown["max_in_flight"]),
+        (&json!(2), &json!(2)),
+        "{status}"
+    );
+    assert_eq!(status["capacity"], 2);
+    let metrics = engine.metrics();
+    for line in [
+        format!(
+            "kibitz_upstream_in_flight{{url=\"{}\"}} 2\n",
+            server.raw.url
+        ),
+        format!(
+            "kibitz_upstream_max_in_flight{{url=\"{}\"}} 2\n",
+            server.raw.url
+        ),
+        "kibitz_upstream_waiting 3\n".to_string(),
+    ] {
+        assert!(metrics.contains(&line), "{line} missing in:\n{metrics}");
+    }
+    // Held a while longer, the upstream still sees only two.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((server.open(), server.requests()), (2, 2));
+
+    server.release();
+    let answers = futures::future::join_all(generations.into_iter().map(run)).await;
+    for (pieces, result) in answers {
+        result.unwrap();
+        assert_eq!(pieces.concat(), "A dog runs.");
+    }
+    assert_eq!(server.requests(), 5);
+    assert_eq!(
+        server.most(),
+        2,
+        "never more than the cap open at the upstream"
+    );
+    eventually("nothing in flight or waiting", || {
+        engine.in_flight() == 0 && engine.status()["waiting"] == 0
+    })
+    .await;
+    let status = engine.status();
+    assert_eq!(upstream(&status, &server.raw.url)["ok"], 5, "{status}");
+}
+
+#[tokio::test]
+async fn two_upstreams_with_cap_two_take_two_each_and_the_fifth_waits() {
+    let (a, b) = (gated_server(None).await, gated_server(None).await);
+    let mut settings = config(&[&a.raw.url, &b.raw.url]);
+    settings.max_in_flight = 2;
+    let engine = OpenAiEngine::new(settings).unwrap();
+    assert_eq!(engine.capacity(), 4);
+    let generations: Vec<Generation> = (0..5)
+        .map(|_| engine.submit(request().0).unwrap())
+        .collect();
+    eventually("two open on each upstream and one waiting", || {
+        a.open() == 2 && b.open() == 2 && engine.status()["waiting"] == 1
+    })
+    .await;
+    a.release();
+    b.release();
+    let answers = futures::future::join_all(generations.into_iter().map(run)).await;
+    for (pieces, result) in answers {
+        result.unwrap();
+        assert_eq!(pieces.concat(), "A dog runs.");
+    }
+    assert_eq!(a.requests() + b.requests(), 5);
+    assert!(
+        a.most() <= 2 && b.most() <= 2,
+        "{} / {}",
+        a.most(),
+        b.most()
+    );
+}
+
+#[tokio::test]
+async fn a_request_past_the_cap_waits_at_most_the_first_token_timeout_then_is_busy() {
+    let server = gated_server(Some("Hi")).await;
+    let mut settings = config(&[&server.raw.url]);
+    settings.max_in_flight = 1;
+    settings.first_token_timeout = Duration::from_millis(500);
+    let engine = OpenAiEngine::new(settings).unwrap();
+    // The first request holds the only slot; its text keeps it clear of the timeout.
+    let mut first = engine.submit(request().0).unwrap();
+    let hi = tokio::time::timeout(PATIENCE, first.next()).await.unwrap();
+    assert_eq!(hi.unwrap().unwrap(), Output::Text("Hi".into()));
+
+    let started = tokio::time::Instant::now();
+    let (pieces, result) = ask(&engine).await;
+    let waited = started.elapsed();
+    assert!(pieces.is_empty());
+    let error = result.unwrap_err();
+    assert!(
+        matches!(&error, EngineError::Busy(m) if m.contains("--engine-max-inflight")),
+        "{error}"
+    );
+    assert!(
+        waited >= Duration::from_millis(450),
+        "gave up after {waited:?}"
+    );
+    assert_eq!(
+        server.requests(),
+        1,
+        "the upstream never saw the second request"
+    );
+    let status = engine.status();
+    let shown = upstream(&status, &server.raw.url);
+    assert_eq!(
+        (&shown["up"], &shown["errors"], &shown["timeouts"]),
+        (&json!(true), &json!(0), &json!(0)),
+        "a full upstream is not to blame: {status}"
+    );
+
+    server.release();
+    let (pieces, result) = run(first).await;
+    result.unwrap();
+    assert_eq!(pieces.concat(), "A dog runs.");
+}
+
+#[tokio::test]
+async fn the_cooldown_setting_sets_how_long_a_failed_upstream_rests() {
+    let dead = dead_url().await;
+    let good = good_server(vec![]).await;
+    let mut settings = config(&[&dead, &good.url]);
+    settings.cooldown = Duration::from_millis(300);
+    settings.max_cooldown = Duration::from_millis(300);
+    let engine = OpenAiEngine::new(settings).unwrap();
+    assert_eq!(
+        engine.status()["cooldown_ms"],
+        json!({ "first": 300, "max": 300 })
+    );
+    ask(&engine).await.1.unwrap();
+    let status = engine.status();
+    let rest = upstream(&status, &dead)["resting_for_ms"].as_u64().unwrap();
+    assert!(rest <= 300, "{status}");
+    // Back in the running well before the default of 10 s.
+    eventually("the dead upstream is up again after its 0.3 s rest", || {
+        upstream(&engine.status(), &dead)["up"] == true
+    })
+    .await;
 }

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use kibitz_engine::models::{self, ModelQuery};
+use anyhow::bail;
 use kibitz_engine::openai::{OpenAiConfig, OpenAiEngine};
 use kibitz_engine::{Engine, Sampling};
 
-use crate::flags::{EngineArgs, EngineKind, FlashAttn, SamplingArgs};
+use crate::flags::{EngineArgs, EngineKind, SamplingArgs};
 
 pub fn cache_dir(args: &EngineArgs) -> PathBuf {
     args.cache_dir.clone().unwrap_or_else(|| {
@@ -49,7 +49,72 @@ pub fn problems(args: &EngineArgs) -> Vec<String> {
     if args.engine == EngineKind::Openai && args.engine_url.is_empty() {
         p.push("--engine openai needs --engine-url URL (env ENGINE_URL)".into());
     }
+    if args.engine_max_inflight == 0 {
+        p.push("--engine-max-inflight must be at least 1".into());
+    }
+    let durations = openai_durations(args);
+    p.extend(durations.iter().filter_map(|d| d.as_ref().err().cloned()));
+    if let [.., Ok(cooldown), Ok(max_cooldown)] = durations {
+        if max_cooldown < cooldown {
+            p.push(format!(
+                "--engine-cooldown {} is above --engine-max-cooldown {} (the longest rest); \
+                 raise --engine-max-cooldown too",
+                args.engine_cooldown, args.engine_max_cooldown
+            ));
+        }
+    }
     p
+}
+
+/// The openai engine's timeouts and cooldowns from their flags, in `OpenAiConfig` order:
+/// connect, first token, total, cooldown, max cooldown. Each is checked on its own.
+fn openai_durations(args: &EngineArgs) -> [Result<Duration, String>; 5] {
+    [
+        ("--engine-connect-timeout", args.engine_connect_timeout),
+        (
+            "--engine-first-token-timeout",
+            args.engine_first_token_timeout,
+        ),
+        ("--engine-total-timeout", args.engine_total_timeout),
+        ("--engine-cooldown", args.engine_cooldown),
+        ("--engine-max-cooldown", args.engine_max_cooldown),
+    ]
+    .map(|(flag, seconds)| seconds_flag(flag, seconds))
+}
+
+/// A number of seconds that must be above zero and finite, as a `Duration`; a week at
+/// most, so a typo (`--engine-total-timeout 1e12`) is caught rather than waited out.
+fn seconds_flag(flag: &str, seconds: f64) -> Result<Duration, String> {
+    const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!(
+            "{flag} {seconds} must be a number of seconds above 0"
+        ));
+    }
+    if seconds > MAX_SECONDS {
+        return Err(format!("{flag} {seconds} is more than a week of seconds"));
+    }
+    let duration = Duration::from_secs_f64(seconds);
+    if duration.is_zero() {
+        return Err(format!("{flag} {seconds} is less than a nanosecond"));
+    }
+    Ok(duration)
+}
+
+/// The openai engine's settings from the flags; [`problems`] must have passed.
+fn openai_config(args: &EngineArgs) -> anyhow::Result<OpenAiConfig> {
+    let mut config = OpenAiConfig::new(args.engine_url.clone());
+    config.model = args.engine_model.clone();
+    config.api_key = args.api_key.clone();
+    config.max_in_flight = args.engine_max_inflight;
+    let [connect, first_token, total, cooldown, max_cooldown] =
+        openai_durations(args).map(|d| d.map_err(anyhow::Error::msg));
+    config.connect_timeout = connect?;
+    config.first_token_timeout = first_token?;
+    config.total_timeout = total?;
+    config.cooldown = cooldown?;
+    config.max_cooldown = max_cooldown?;
+    Ok(config)
 }
 
 pub async fn build(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
@@ -60,10 +125,9 @@ pub async fn build(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
     match args.engine {
         EngineKind::Llama => build_llama(args).await,
         EngineKind::Openai => {
-            let mut config = OpenAiConfig::new(args.engine_url.clone());
-            config.model = args.engine_model.clone();
-            config.api_key = args.api_key.clone();
-            let engine = OpenAiEngine::new(config)?;
+            // Its `parallelism()` is upstreams × --engine-max-inflight: size the scheduler
+            // with it.
+            let engine = OpenAiEngine::new(openai_config(args)?)?;
             Ok(Arc::new(engine))
         }
     }
@@ -71,7 +135,10 @@ pub async fn build(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
 
 #[cfg(feature = "llama")]
 async fn build_llama(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
+    use crate::flags::FlashAttn;
+    use anyhow::Context;
     use kibitz_engine::llama::{FlashAttention, LlamaConfig, LlamaEngine};
+    use kibitz_engine::models::{self, ModelQuery};
     use std::io::IsTerminal;
 
     let mut query = ModelQuery::new(args.model.clone(), cache_dir(args));
@@ -101,4 +168,125 @@ async fn build_llama(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
 #[cfg(not(feature = "llama"))]
 async fn build_llama(_: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
     bail!("this kibitz was built without the llama engine; rebuild with --features llama, or use --engine openai")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use kibitz_engine::{EngineError, Request};
+
+    fn parse(flags: &[&str]) -> EngineArgs {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            engine: EngineArgs,
+        }
+        let argv = std::iter::once("kibitz").chain(flags.iter().copied());
+        Flags::try_parse_from(argv).unwrap().engine
+    }
+
+    #[test]
+    fn openai_flag_defaults_are_the_engines_own() {
+        let args = parse(&["--engine-url", "http://127.0.0.1:1/v1"]);
+        assert!(problems(&args).is_empty(), "{:?}", problems(&args));
+        let from_flags = format!("{:?}", openai_config(&args).unwrap());
+        let own = format!("{:?}", OpenAiConfig::new(["http://127.0.0.1:1/v1"]));
+        assert_eq!(from_flags, own);
+    }
+
+    #[test]
+    fn each_bad_timeout_or_cap_is_one_line_naming_its_flag() {
+        let args = parse(&[
+            "--engine-connect-timeout",
+            "0",
+            "--engine-first-token-timeout",
+            "-1",
+            "--engine-total-timeout",
+            "nan",
+            "--engine-cooldown",
+            "inf",
+            "--engine-max-cooldown",
+            "1e12",
+            "--engine-max-inflight",
+            "0",
+        ]);
+        let p = problems(&args);
+        for flag in [
+            "--engine-connect-timeout 0 ",
+            "--engine-first-token-timeout -1 ",
+            "--engine-total-timeout NaN ",
+            "--engine-cooldown inf ",
+            "--engine-max-cooldown 1000000000000 ",
+            "--engine-max-inflight ",
+        ] {
+            assert_eq!(
+                p.iter().filter(|line| line.starts_with(flag)).count(),
+                1,
+                "{flag}: {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), 6, "{p:#?}");
+
+        let args = parse(&["--engine-cooldown", "30", "--engine-max-cooldown", "20"]);
+        assert_eq!(
+            problems(&args),
+            [
+                "--engine-cooldown 30 is above --engine-max-cooldown 20 (the longest rest); \
+                 raise --engine-max-cooldown too"
+            ]
+        );
+    }
+
+    /// The first-token timeout given as a flag is the one that fires, against a loopback
+    /// server that accepts the connection and never answers.
+    #[tokio::test]
+    async fn the_first_token_timeout_flag_is_honoured() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let args = parse(&[
+            "--engine",
+            "openai",
+            "--engine-url",
+            &url,
+            "--engine-model",
+            "m",
+            "--engine-first-token-timeout",
+            "0.3",
+            "--engine-max-inflight",
+            "3",
+        ]);
+        let engine = build(&args).await.unwrap();
+        assert_eq!(
+            engine.parallelism(),
+            3,
+            "one upstream × --engine-max-inflight 3"
+        );
+        assert_eq!(engine.status()["timeouts_ms"]["first_token"], 300);
+        let started = tokio::time::Instant::now();
+        let mut generation = engine.submit(Request::new(Vec::new(), "s", "u")).unwrap();
+        let item = tokio::time::timeout(Duration::from_secs(30), generation.next())
+            .await
+            .expect("the engine hung");
+        let waited = started.elapsed();
+        let error = match item {
+            Some(Err(e)) => e,
+            other => panic!("expected a timeout, got {other:?}"),
+        };
+        assert!(
+            matches!(&error, EngineError::Timeout(m) if m.contains("first-token") && m.contains("300ms")),
+            "{error}"
+        );
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        silent.abort();
+    }
 }

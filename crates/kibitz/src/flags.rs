@@ -35,6 +35,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a random-weight model pair of MiniCPM-o 4.5's layout (for tests and benchmarks).
     MakeTestModel(MakeTestModelArgs),
+    /// Speak a text with a voice into a WAV file; prints time to first audio and real-time
+    /// factor.
+    Say(SayArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,6 +103,51 @@ pub struct EngineArgs {
     pub engine_model: Option<String>,
     #[arg(long, env = "ENGINE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Most requests open on one OpenAI-compatible upstream at once; more wait for a slot.
+    /// vLLM and SGLang batch many; for llama-server, its `--parallel`.
+    #[arg(long, env = "ENGINE_MAX_INFLIGHT", default_value_t = 4)]
+    pub engine_max_inflight: usize,
+    /// Seconds to open a connection to an upstream.
+    #[arg(
+        long,
+        env = "ENGINE_CONNECT_TIMEOUT",
+        default_value_t = 5.0,
+        allow_negative_numbers = true
+    )]
+    pub engine_connect_timeout: f64,
+    /// Seconds from sending a request to its first text; also the longest a request waits
+    /// for a free slot when every upstream is at its cap.
+    #[arg(
+        long,
+        env = "ENGINE_FIRST_TOKEN_TIMEOUT",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
+    pub engine_first_token_timeout: f64,
+    /// Seconds from a request to the end of its answer.
+    #[arg(
+        long,
+        env = "ENGINE_TOTAL_TIMEOUT",
+        default_value_t = 120.0,
+        allow_negative_numbers = true
+    )]
+    pub engine_total_timeout: f64,
+    /// Seconds an upstream rests after a failure; doubles on each failure in a row…
+    #[arg(
+        long,
+        env = "ENGINE_COOLDOWN",
+        default_value_t = 10.0,
+        allow_negative_numbers = true
+    )]
+    pub engine_cooldown: f64,
+    /// …up to this many seconds.
+    #[arg(
+        long,
+        env = "ENGINE_MAX_COOLDOWN",
+        default_value_t = 60.0,
+        allow_negative_numbers = true
+    )]
+    pub engine_max_cooldown: f64,
 }
 
 /// How the model samples, shared by every command that generates.
@@ -187,6 +235,15 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub stream_delay_ema_alpha: f64,
+    /// Grey levels (0-255) that some part of the picture must change by since the last
+    /// answered cycle for a cycle to ask the model; 0 asks every cycle. See docs/design.md.
+    #[arg(
+        long,
+        env = "SCENE_CHANGE_THRESHOLD",
+        default_value_t = kibitz_commentator::SCENE_CHANGE_THRESHOLD,
+        allow_negative_numbers = true
+    )]
+    pub scene_change_threshold: f64,
     #[arg(long, env = "JPEG_QUALITY", default_value_t = 80)]
     pub jpeg_quality: i32,
     /// Scale the displayed video down to this width (0 = as decoded).
@@ -312,4 +369,47 @@ pub struct MakeTestModelArgs {
     /// LLM weight type: Q4_K_M, Q8_0, F16.
     #[arg(long)]
     pub quant: Option<String>,
+}
+
+/// Which voice speaks, and how (shared by every command that speaks).
+#[derive(Debug, Clone, Args)]
+pub struct VoiceArgs {
+    /// `espeak` (the espeak-ng program), `piper:PATH` (a Piper .onnx voice with its
+    /// .onnx.json beside; ONNX Runtime 1.22 from ORT_DYLIB_PATH), `openai:URL` (an
+    /// OpenAI-compatible /v1/audio/speech) or `off`.
+    #[arg(long, env = "VOICE", default_value = "espeak", value_parser = kibitz_voice::VoiceSpec::parse)]
+    pub voice: kibitz_voice::VoiceSpec,
+    /// Language of the commentary and its voice: `en`, `de`, `fr`, … (espeak's voice unless
+    /// --espeak-voice; a piper voice speaks its own and warns if it differs).
+    #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
+    pub language: String,
+    /// An espeak-ng voice instead of the language's, e.g. `en-us`, `en+f3`.
+    #[arg(long, env = "ESPEAK_VOICE")]
+    pub espeak_voice: Option<String>,
+    /// Speaking rate in words per minute (espeak; piper is scaled to match).
+    #[arg(long, env = "VOICE_RATE", default_value_t = 175)]
+    pub voice_rate: u32,
+    /// openai: the speech model's name.
+    #[arg(long, env = "VOICE_MODEL", default_value = "tts-1")]
+    pub voice_model: String,
+    /// openai: the server's voice name.
+    #[arg(long, env = "VOICE_NAME", default_value = "alloy")]
+    pub voice_name: String,
+    /// openai: seconds a sentence's request may take, answer included.
+    #[arg(long, env = "VOICE_TIMEOUT", default_value_t = 10.0)]
+    pub voice_timeout: f64,
+    /// The espeak-ng program.
+    #[arg(long, env = "ESPEAK_PROGRAM", default_value = "espeak-ng", hide = true)]
+    pub espeak_program: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SayArgs {
+    /// What to say (cleaned as commentary is: markup and URLs dropped, at most 600 characters).
+    pub text: String,
+    /// The file to write: `.wav` (16-bit mono PCM at the voice's rate) or `.ogg` (Opus, 48 kHz).
+    #[arg(short, long, default_value = "say.wav")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub voice: VoiceArgs,
 }

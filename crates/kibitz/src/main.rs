@@ -7,6 +7,7 @@ mod bench;
 mod describe;
 mod engine;
 mod flags;
+mod say;
 mod selftest;
 #[cfg(feature = "media")]
 mod serve;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
             Command::Selftest(args) => selftest::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::MakeTestModel(args) => selftest::make_test_model(args).await,
+            Command::Say(args) => say::run(args).await,
         }
     });
     match result {

@@ -30,11 +30,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let engine = crate::engine::build(&settings.engine).await?;
     let info = engine.info();
     tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
-    let concurrency = match settings.engine.engine {
-        // One request at a time through llama.cpp; one per upstream for OpenAI servers.
-        crate::flags::EngineKind::Llama => 1,
-        crate::flags::EngineKind::Openai => settings.engine.engine_url.len().max(1),
-    };
+    // How many requests the engine takes at once: its batch for llama, upstreams × their
+    // cap for OpenAI-compatible servers.
+    let concurrency = engine.parallelism();
     let scheduler = Scheduler::new(engine, concurrency);
 
     let streams = Streams::new(RegistryConfig {

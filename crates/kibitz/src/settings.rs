@@ -82,6 +82,7 @@ impl Settings {
             inference_interval: args.inference_interval,
             stream_delay_init: args.stream_delay_init,
             stream_delay_ema_alpha: args.stream_delay_ema_alpha,
+            scene_change_threshold: args.scene_change_threshold,
             window_size: args.window_size.max(1),
             display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
                 args.display_buffer_seconds

@@ -111,6 +111,8 @@ impl Default for Options {
                 // No sync delay: tests see the newest picture at once.
                 stream_delay_init: 0.0,
                 inference_interval: 0.2,
+                // The pattern pictures barely change; these tests are not about the gate.
+                scene_change_threshold: 0.0,
                 ..StreamDefaults::default()
             },
             token: None,

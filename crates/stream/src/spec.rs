@@ -50,6 +50,9 @@ pub struct StreamSettings {
     pub stream_delay_init: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_delay_ema_alpha: Option<f64>,
+    /// Grey levels of change below which a cycle is not asked (0: always ask).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scene_change_threshold: Option<f64>,
 }
 
 /// One stream, complete and checked.
@@ -67,6 +70,7 @@ pub struct StreamSpec {
     pub inference_interval: f64,
     pub stream_delay_init: f64,
     pub stream_delay_ema_alpha: f64,
+    pub scene_change_threshold: f64,
 }
 
 /// The global flags: per-stream defaults, and the settings every stream shares.
@@ -80,6 +84,7 @@ pub struct StreamDefaults {
     pub inference_interval: f64,
     pub stream_delay_init: f64,
     pub stream_delay_ema_alpha: f64,
+    pub scene_change_threshold: f64,
     /// Frames the inference window keeps (`WINDOW_SIZE`).
     pub window_size: usize,
     /// Picture the display buffer keeps (`DISPLAY_BUFFER_SECONDS`).
@@ -107,6 +112,7 @@ impl Default for StreamDefaults {
             inference_interval: c.interval.as_secs_f64(),
             stream_delay_init: c.delay_init,
             stream_delay_ema_alpha: c.delay_alpha,
+            scene_change_threshold: c.scene_change_threshold,
             window_size: 32,
             display_span: Duration::from_secs(15),
             jpeg_quality: kibitz_frames::JPEG_QUALITY,
@@ -213,6 +219,9 @@ impl StreamSpec {
             stream_delay_ema_alpha: settings
                 .stream_delay_ema_alpha
                 .unwrap_or(d.stream_delay_ema_alpha),
+            scene_change_threshold: settings
+                .scene_change_threshold
+                .unwrap_or(d.scene_change_threshold),
         };
         problems.extend(spec.check(defaults));
         if problems.is_empty() {
@@ -276,6 +285,12 @@ impl StreamSpec {
             .is_some_and(|v| v != self.stream_delay_ema_alpha)
         {
             fixed("stream_delay_ema_alpha", &mut problems);
+        }
+        if change
+            .scene_change_threshold
+            .is_some_and(|v| v != self.scene_change_threshold)
+        {
+            fixed("scene_change_threshold", &mut problems);
         }
         let mut next = self.clone();
         if let Some(profile) = &change.profile {
@@ -373,6 +388,15 @@ impl StreamSpec {
                 ),
             );
         }
+        if !(self.scene_change_threshold >= 0.0 && self.scene_change_threshold <= 255.0) {
+            bad(
+                "scene_change_threshold",
+                format!(
+                    "must be 0 (ask every cycle) to 255 grey levels, got {}",
+                    self.scene_change_threshold
+                ),
+            );
+        }
         problems
     }
 
@@ -397,6 +421,7 @@ impl StreamSpec {
             cycle_timeout: d.cycle_timeout,
             profile: self.profile.clone(),
             instruction: self.instruction.clone(),
+            scene_change_threshold: self.scene_change_threshold,
             ..CommentatorConfig::default()
         }
     }
@@ -414,6 +439,7 @@ impl StreamSpec {
             inference_interval: Some(self.inference_interval),
             stream_delay_init: Some(self.stream_delay_init),
             stream_delay_ema_alpha: Some(self.stream_delay_ema_alpha),
+            scene_change_threshold: Some(self.scene_change_threshold),
         }
     }
 }
@@ -481,6 +507,7 @@ mod tests {
             inference_interval: Some(f64::NAN),
             stream_delay_init: Some(-2.0),
             stream_delay_ema_alpha: Some(1.5),
+            scene_change_threshold: Some(-1.0),
         };
         let Problems(problems) =
             StreamSpec::resolve(&settings, None, &StreamDefaults::default()).unwrap_err();
@@ -497,7 +524,8 @@ mod tests {
                 "frame_stride",
                 "inference_interval",
                 "stream_delay_init",
-                "stream_delay_ema_alpha"
+                "stream_delay_ema_alpha",
+                "scene_change_threshold"
             ]
         );
         assert!(problems[2].message.contains("unknown profile 'opera'"));

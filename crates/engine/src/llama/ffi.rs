@@ -1,9 +1,10 @@
 //! Owned handles over llama.cpp's C API (through `llama-cpp-sys-2`).
 //!
-//! The safe `llama-cpp-2` wrapper keeps its raw pointers private, and the multimodal path
-//! needs `mtmd_batch_encode` + `mtmd_helper_decode_image_chunk` on the same contexts to time
-//! vision encoding apart from prefill and to encode a cycle's frames in one batch. So this
-//! module owns the pointers itself. Every handle here lives on the engine's one worker
+//! The safe `llama-cpp-2` wrapper keeps its raw pointers private, and the batched engine
+//! needs what it does not offer: several sequences in one context, batches that mix
+//! sequences, image embeddings fed as batches of our own (several streams' frames in one
+//! `llama_decode`), KV-cache position edits (`llama_memory_seq_rm` / `_add`) and one vision
+//! encode per chunk timed apart from the LLM. So this module owns the pointers itself. Every handle here lives on the engine's one worker
 //! thread; none is `Send`, which keeps llama.cpp's single-threaded contexts single-threaded.
 
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -92,8 +93,45 @@ impl Model {
         unsafe { sys::llama_model_n_embd_inp(self.0.as_ptr()) as usize }
     }
 
+    pub fn n_vocab(&self) -> usize {
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()) as usize }
+    }
+
     pub fn n_layer(&self) -> i32 {
         unsafe { sys::llama_model_n_layer(self.0.as_ptr()) }
+    }
+
+    /// Text to tokens. `add_special` adds the vocabulary's BOS (none for Qwen3); special
+    /// tokens written in the text (`<|im_start|>`) are parsed as such.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<Token> {
+        let mut out = vec![0 as Token; text.len() + 8];
+        let mut n = unsafe {
+            sys::llama_tokenize(
+                self.vocab(),
+                text.as_ptr().cast(),
+                text.len() as i32,
+                out.as_mut_ptr(),
+                out.len() as i32,
+                add_special,
+                true,
+            )
+        };
+        if n < 0 {
+            out.resize((-n) as usize, 0);
+            n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab(),
+                    text.as_ptr().cast(),
+                    text.len() as i32,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    add_special,
+                    true,
+                )
+            };
+        }
+        out.truncate(n.max(0) as usize);
+        out
     }
 
     pub fn is_end(&self, token: Token) -> bool {
@@ -142,6 +180,10 @@ impl Drop for Model {
 pub struct ContextParams {
     pub n_ctx: u32,
     pub n_batch: u32,
+    /// Sequences (streams) the context holds at once.
+    pub n_seq_max: u32,
+    /// One KV buffer shared by every sequence (else each gets `n_ctx / n_seq_max` cells).
+    pub kv_unified: bool,
     pub threads: i32,
     pub flash_attn: sys::llama_flash_attn_type,
 }
@@ -154,7 +196,8 @@ impl Context {
         params.n_ctx = p.n_ctx;
         params.n_batch = p.n_batch;
         params.n_ubatch = p.n_batch.min(512);
-        params.n_seq_max = 1;
+        params.n_seq_max = p.n_seq_max.max(1);
+        params.kv_unified = p.kv_unified;
         params.n_threads = p.threads;
         params.n_threads_batch = p.threads;
         params.flash_attn_type = p.flash_attn;
@@ -173,38 +216,58 @@ impl Context {
         unsafe { sys::llama_n_batch(self.0.as_ptr()) }
     }
 
-    /// Forgets positions `from..` of the one sequence.
-    pub fn forget_from(&mut self, from: i32) {
-        unsafe {
-            let mem = sys::llama_get_memory(self.0.as_ptr());
-            sys::llama_memory_seq_rm(mem, 0, from, -1);
+    fn memory(&self) -> sys::llama_memory_t {
+        unsafe { sys::llama_get_memory(self.0.as_ptr()) }
+    }
+
+    /// Forgets positions `p0..p1` of sequence `seq` (`p1 < 0`: to the end; `p0 < 0`: from
+    /// the start). Removing a whole sequence never fails.
+    pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) }
+    }
+
+    /// Moves positions `p0..` of `seq` by `delta` (the keys are re-rotated, RoPE shift).
+    pub fn seq_shift(&mut self, seq: i32, p0: i32, delta: i32) {
+        unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, -1, delta) }
+    }
+
+    /// Largest position `seq` holds, -1 when empty.
+    pub fn seq_pos_max(&self, seq: i32) -> i32 {
+        unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq) }
+    }
+
+    /// Smallest position `seq` holds, -1 when empty.
+    pub fn seq_pos_min(&self, seq: i32) -> i32 {
+        unsafe { sys::llama_memory_seq_pos_min(self.memory(), seq) }
+    }
+
+    pub fn can_shift(&self) -> bool {
+        unsafe { sys::llama_memory_can_shift(self.memory()) }
+    }
+
+    /// Evaluates a batch (tokens or embeddings). Its logits stay readable by batch index
+    /// until the next decode.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), String> {
+        if batch.raw.n_tokens == 0 {
+            return Ok(());
+        }
+        // SAFETY: the batch's arrays hold `n_tokens` filled entries (see `Batch::push*`).
+        match unsafe { sys::llama_decode(self.0.as_ptr(), batch.raw) } {
+            0 => Ok(()),
+            1 => Err("the KV cache is full (raise --context-size or lower --max-streams)".into()),
+            rc => Err(format!("llama_decode failed ({rc})")),
         }
     }
 
-    /// Evaluates `tokens` at positions `pos..`, in pieces of `n_batch`. Logits only for the
-    /// last token, and only if `logits_last`.
-    pub fn decode_tokens(
-        &mut self,
-        batch: &mut Batch,
-        tokens: &[Token],
-        pos: i32,
-        logits_last: bool,
-    ) -> Result<(), String> {
-        let n_batch = batch.capacity;
-        for (i, piece) in tokens.chunks(n_batch).enumerate() {
-            batch.clear();
-            let base = pos + (i * n_batch) as i32;
-            let last_piece = (i + 1) * n_batch >= tokens.len();
-            for (j, &t) in piece.iter().enumerate() {
-                let logits = logits_last && last_piece && j + 1 == piece.len();
-                batch.push(t, base + j as i32, logits);
-            }
-            let rc = unsafe { sys::llama_decode(self.0.as_ptr(), batch.raw) };
-            if rc != 0 {
-                return Err(format!("llama_decode failed ({rc}) at position {base}"));
-            }
+    /// The logits of batch entry `i` of the last decode (`n_vocab` floats).
+    pub fn logits(&self, i: i32, n_vocab: usize) -> &[f32] {
+        // SAFETY: llama.cpp keeps the logits of every entry flagged for them until the next
+        // decode; `i` is such an entry (the caller's bookkeeping), else it returns null.
+        unsafe {
+            let ptr = sys::llama_get_logits_ith(self.0.as_ptr(), i);
+            assert!(!ptr.is_null(), "no logits for batch entry {i}");
+            std::slice::from_raw_parts(ptr, n_vocab)
         }
-        Ok(())
     }
 
     pub fn as_ptr(&self) -> *mut sys::llama_context {
@@ -218,9 +281,13 @@ impl Drop for Context {
     }
 }
 
+/// A `llama_batch` of tokens, or (made by [`Batch::embeddings`]) of embedding rows, each
+/// entry with its own position and sequence.
 pub struct Batch {
     raw: sys::llama_batch,
     capacity: usize,
+    /// Floats a row for an embeddings batch, 0 for tokens.
+    width: usize,
 }
 
 impl Batch {
@@ -228,26 +295,63 @@ impl Batch {
         Batch {
             raw: unsafe { sys::llama_batch_init(capacity as i32, 0, 1) },
             capacity,
+            width: 0,
         }
     }
 
-    fn clear(&mut self) {
+    /// A batch of `capacity` embedding rows of `width` floats.
+    pub fn embeddings(capacity: usize, width: usize) -> Batch {
+        Batch {
+            raw: unsafe { sys::llama_batch_init(capacity as i32, width as i32, 1) },
+            capacity,
+            width,
+        }
+    }
+
+    pub fn clear(&mut self) {
         self.raw.n_tokens = 0;
     }
 
-    fn push(&mut self, token: Token, pos: i32, logits: bool) {
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn room(&self) -> usize {
+        self.capacity - self.len()
+    }
+
+    /// Adds a token; returns its index in the batch (where its logits are read).
+    pub fn push(&mut self, token: Token, pos: i32, seq: i32, logits: bool) -> i32 {
+        assert!(self.width == 0, "a token pushed into an embeddings batch");
+        let i = self.entry(pos, seq, logits);
+        // SAFETY: `entry` checked `i < capacity`; a token batch has a token array.
+        unsafe { *self.raw.token.add(i) = token };
+        i as i32
+    }
+
+    /// Adds one embedding row (`width` floats).
+    pub fn push_row(&mut self, row: &[f32], pos: i32, seq: i32) {
+        assert!(self.width > 0 && row.len() == self.width, "bad embedding row");
+        let i = self.entry(pos, seq, false);
+        // SAFETY: llama_batch_init allocated `capacity * width` floats for `embd`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), self.raw.embd.add(i * self.width), self.width)
+        };
+    }
+
+    fn entry(&mut self, pos: i32, seq: i32, logits: bool) -> usize {
         let i = self.raw.n_tokens as usize;
         assert!(i < self.capacity, "batch overflow");
         // SAFETY: llama_batch_init allocated `capacity` entries of each array and one
         // sequence id slot per entry.
         unsafe {
-            *self.raw.token.add(i) = token;
             *self.raw.pos.add(i) = pos;
             *self.raw.n_seq_id.add(i) = 1;
-            *(*self.raw.seq_id.add(i)) = 0;
+            *(*self.raw.seq_id.add(i)) = seq;
             *self.raw.logits.add(i) = logits as i8;
         }
         self.raw.n_tokens += 1;
+        i
     }
 }
 
@@ -283,10 +387,10 @@ impl Sampler {
         }
     }
 
-    /// Samples from the logits of the last evaluated token and records the choice.
-    pub fn sample(&mut self, ctx: &mut Context) -> Token {
+    /// Samples from the logits of entry `index` of the last batch and records the choice.
+    pub fn sample(&mut self, ctx: &mut Context, index: i32) -> Token {
         unsafe {
-            let t = sys::llama_sampler_sample(self.0.as_ptr(), ctx.as_ptr(), -1);
+            let t = sys::llama_sampler_sample(self.0.as_ptr(), ctx.as_ptr(), index);
             sys::llama_sampler_accept(self.0.as_ptr(), t);
             t
         }
@@ -369,118 +473,42 @@ impl Mtmd {
         }
     }
 
-    /// Encodes the image chunks `wanted` picks, in as few batches as llama.cpp allows, and
-    /// returns each one's embeddings (`width` floats a token) by chunk index.
-    pub fn encode_images(
-        &mut self,
-        chunks: &Chunks,
-        width: usize,
-        wanted: impl Fn(usize) -> bool,
-    ) -> Result<Vec<(usize, Vec<f32>)>, String> {
-        let mut out = Vec::new();
-        let mut batch: Option<(MtmdBatch, Vec<usize>)> = None;
-        for i in (0..chunks.len()).filter(|&i| chunks.kind(i) == ChunkKind::Image && wanted(i)) {
-            loop {
-                let (b, members) = batch.get_or_insert_with(|| (MtmdBatch::new(self), Vec::new()));
-                match unsafe { sys::mtmd_batch_add_chunk(b.ptr.as_ptr(), chunks.get(i)) } {
-                    0 => {
-                        members.push(i);
-                        break;
-                    }
-                    // Full, or this chunk can't share the batch: encode what we have.
-                    2 | 3 if !members.is_empty() => {
-                        let (full, members) = batch.take().unwrap();
-                        out.extend(full.encode(chunks, &members, width)?);
-                    }
-                    rc => return Err(format!("mtmd_batch_add_chunk failed ({rc})")),
-                }
-            }
+    /// Whether image embeddings can be fed as plain batches of rows, one position each, in
+    /// causal attention (true for MiniCPM-V; not for M-RoPE or non-causal projectors).
+    pub fn plain_embeddings(&self, chunks: &Chunks, index: usize) -> bool {
+        unsafe {
+            !sys::mtmd_decode_use_mrope(self.0.as_ptr())
+                && !sys::mtmd_decode_use_non_causal(self.0.as_ptr(), chunks.get(index))
         }
-        if let Some((last, members)) = batch.take() {
-            out.extend(last.encode(chunks, &members, width)?);
-        }
-        Ok(out)
     }
 
-    /// Feeds one image chunk's embeddings to the LLM at `pos`; returns the next position.
-    pub fn decode_image(
+    /// Runs the vision encoder on one image chunk; its embeddings, `width` floats a token.
+    /// (MiniCPM-V's projector can't batch images: `clip_graph::support_batch()` is false for
+    /// it, so one chunk a call loses nothing.)
+    pub fn encode_chunk(
         &mut self,
-        ctx: &mut Context,
         chunks: &Chunks,
         index: usize,
-        embeddings: &[f32],
-        pos: i32,
-    ) -> Result<i32, String> {
-        let chunk = chunks.get(index);
-        let mut next = pos;
-        // llama.cpp reads the embeddings through a mutable pointer but does not write them.
-        let rc = unsafe {
-            sys::mtmd_helper_decode_image_chunk(
-                self.0.as_ptr(),
-                ctx.as_ptr(),
-                chunk,
-                embeddings.as_ptr() as *mut f32,
-                pos,
-                0,
-                ctx.n_batch() as i32,
-                &mut next,
-                None,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != 0 {
-            return Err(format!("decoding image embeddings failed ({rc})"));
+        width: usize,
+    ) -> Result<Vec<f32>, String> {
+        match unsafe { sys::mtmd_encode_chunk(self.0.as_ptr(), chunks.get(index)) } {
+            0 => {}
+            rc => return Err(format!("vision encoding failed ({rc})")),
         }
-        Ok(next)
+        let ptr = unsafe { sys::mtmd_get_output_embd(self.0.as_ptr()) };
+        if ptr.is_null() {
+            return Err(format!("no embeddings for image chunk {index}"));
+        }
+        let n = chunks.n_tokens(index) * width;
+        // SAFETY: after a successful encode the output buffer holds the chunk's tokens x
+        // `width` floats, valid until the next encode.
+        Ok(unsafe { std::slice::from_raw_parts(ptr, n) }.to_vec())
     }
 }
 
 impl Drop for Mtmd {
     fn drop(&mut self) {
         unsafe { sys::mtmd_free(self.0.as_ptr()) }
-    }
-}
-
-struct MtmdBatch {
-    ptr: NonNull<sys::mtmd_batch>,
-}
-
-impl MtmdBatch {
-    fn new(mtmd: &Mtmd) -> MtmdBatch {
-        let ptr = NonNull::new(unsafe { sys::mtmd_batch_init(mtmd.0.as_ptr()) })
-            .expect("mtmd_batch_init returned null");
-        MtmdBatch { ptr }
-    }
-
-    /// Runs the vision encoder on the batch and copies each member's embeddings out.
-    fn encode(
-        self,
-        chunks: &Chunks,
-        members: &[usize],
-        width: usize,
-    ) -> Result<Vec<(usize, Vec<f32>)>, String> {
-        match unsafe { sys::mtmd_batch_encode(self.ptr.as_ptr()) } {
-            0 => {}
-            rc => return Err(format!("vision encoding failed ({rc})")),
-        }
-        members
-            .iter()
-            .map(|&i| {
-                let ptr =
-                    unsafe { sys::mtmd_batch_get_output_embd(self.ptr.as_ptr(), chunks.get(i)) };
-                if ptr.is_null() {
-                    return Err(format!("no embeddings for image chunk {i}"));
-                }
-                let n = chunks.n_tokens(i) * width;
-                Ok((i, unsafe { std::slice::from_raw_parts(ptr, n) }.to_vec()))
-            })
-            .collect()
-    }
-}
-
-impl Drop for MtmdBatch {
-    fn drop(&mut self) {
-        unsafe { sys::mtmd_batch_free(self.ptr.as_ptr()) }
     }
 }
 
@@ -517,16 +545,6 @@ impl Chunks {
             return &[];
         }
         unsafe { std::slice::from_raw_parts(ptr, n) }
-    }
-
-    /// The id of the bitmap an image chunk came from (see [`Bitmap::set_id`]).
-    pub fn id(&self, i: usize) -> Option<String> {
-        let ptr = unsafe { sys::mtmd_input_chunk_get_id(self.get(i)) };
-        (!ptr.is_null()).then(|| {
-            unsafe { CStr::from_ptr(ptr) }
-                .to_string_lossy()
-                .into_owned()
-        })
     }
 
     pub fn n_tokens(&self, i: usize) -> usize {

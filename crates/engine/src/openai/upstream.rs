@@ -6,6 +6,10 @@
 //!
 //! - A request goes to the upstream with the fewest requests in flight; ties go round-robin,
 //!   so an idle cluster still spreads its load.
+//! - No upstream takes more than `max_in_flight` requests at once (vLLM and SGLang batch
+//!   well, llama-server has a fixed number of slots). When every candidate is at its cap,
+//!   [`Pool::lease`] says so ([`NoLease::Full`]) and the caller waits on [`Pool::freed`]:
+//!   the pool itself never blocks.
 //! - An upstream that fails rests for a cooldown (doubling on each failure in a row, up to a
 //!   limit) and is left out meanwhile. When the rest is over, one request probes it
 //!   (half-open); while that probe runs the others keep going elsewhere. A success clears
@@ -17,6 +21,8 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde_json::json;
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How a request on one upstream ended, for its counters.
@@ -62,6 +68,25 @@ impl State {
     }
 }
 
+/// Which upstreams a request may go to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Choice<'a> {
+    /// Any that is not resting, not being probed and not in the list (tried already).
+    Any { skip: &'a [usize] },
+    /// This one, resting or not (a second try on the only upstream there is).
+    Only(usize),
+}
+
+/// Why [`Pool::lease`] gave nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoLease {
+    /// A candidate could take the request but is at its cap: wait until a request ends
+    /// ([`Pool::freed`]) or, when set, until a candidate's rest is over, then ask again.
+    Full { rest_ends: Option<Instant> },
+    /// Every candidate rests or is being probed: [`Pool::why_none`] says more.
+    Resting,
+}
+
 pub(crate) struct Pool {
     upstreams: Vec<Upstream>,
     states: Mutex<Vec<State>>,
@@ -69,6 +94,12 @@ pub(crate) struct Pool {
     cursor: Mutex<usize>,
     cooldown: Duration,
     max_cooldown: Duration,
+    /// Most requests open on one upstream at once.
+    max_in_flight: usize,
+    /// Requests waiting for a free slot because every candidate is at its cap.
+    waiting: Mutex<usize>,
+    /// Woken whenever a request ends somewhere, which may free a slot.
+    freed: Notify,
 }
 
 /// A request's hold on one upstream: counts it in flight until it is finished or dropped
@@ -100,7 +131,13 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    pub fn new(upstreams: Vec<Upstream>, cooldown: Duration, max_cooldown: Duration) -> Self {
+    /// `max_in_flight` is at least 1 (0 is taken as 1).
+    pub fn new(
+        upstreams: Vec<Upstream>,
+        cooldown: Duration,
+        max_cooldown: Duration,
+        max_in_flight: usize,
+    ) -> Self {
         let states = vec![State::default(); upstreams.len()];
         Pool {
             upstreams,
@@ -108,6 +145,9 @@ impl Pool {
             cursor: Mutex::new(0),
             cooldown,
             max_cooldown: max_cooldown.max(cooldown),
+            max_in_flight: max_in_flight.max(1),
+            waiting: Mutex::new(0),
+            freed: Notify::new(),
         }
     }
 
@@ -115,17 +155,58 @@ impl Pool {
         &self.upstreams
     }
 
-    /// Picks the least-loaded upstream that is not resting and not in `skip`, and counts
-    /// the request on it. `None` when every candidate rests (or is being probed).
-    pub fn lease(self: &Arc<Self>, skip: &[usize], now: Instant) -> Option<Lease> {
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Requests that may be open at once over all upstreams, resting ones included.
+    pub fn capacity(&self) -> usize {
+        self.upstreams.len().saturating_mul(self.max_in_flight)
+    }
+
+    /// Completes when some request ends after this call. Enable it (or poll it once)
+    /// *before* [`lease`](Self::lease) says [`NoLease::Full`], so no ending is missed.
+    pub fn freed(&self) -> Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// Counts a caller as waiting for a slot while the guard lives.
+    pub fn wait_guard(self: &Arc<Self>) -> Waiting {
+        *self.waiting.lock().unwrap() += 1;
+        Waiting(self.clone())
+    }
+
+    /// Picks the least-loaded upstream that `choice` allows and that has a free slot, and
+    /// counts the request on it.
+    pub fn lease(self: &Arc<Self>, choice: Choice<'_>, now: Instant) -> Result<Lease, NoLease> {
         let mut states = self.states.lock().unwrap();
+        let skip = match choice {
+            Choice::Only(i) => {
+                return if states[i].in_flight < self.max_in_flight {
+                    Ok(self.take(&mut states[i], i))
+                } else {
+                    Err(NoLease::Full { rest_ends: None })
+                };
+            }
+            Choice::Any { skip } => skip,
+        };
         let mut cursor = self.cursor.lock().unwrap();
         let n = self.upstreams.len();
         let mut best: Option<usize> = None;
+        let mut full = false;
+        let mut rest_ends: Option<Instant> = None;
         for offset in 0..n {
             let i = (*cursor + offset) % n;
             let s = &states[i];
-            if skip.contains(&i) || s.resting(now) || s.probing {
+            if skip.contains(&i) || s.probing {
+                continue;
+            }
+            if let Some(until) = s.resting_until.filter(|&until| until > now) {
+                rest_ends = Some(rest_ends.map_or(until, |soonest| soonest.min(until)));
+                continue;
+            }
+            if s.in_flight >= self.max_in_flight {
+                full = true;
                 continue;
             }
             // Strictly fewer, so the first in round-robin order wins a tie.
@@ -133,16 +214,14 @@ impl Pool {
                 best = Some(i);
             }
         }
-        let i = best?;
-        *cursor = (i + 1) % n;
-        Some(self.take(&mut states[i], i))
-    }
-
-    /// Counts a request on upstream `i` whatever its state (a second try on the only
-    /// upstream there is).
-    pub fn lease_index(self: &Arc<Self>, i: usize) -> Lease {
-        let mut states = self.states.lock().unwrap();
-        self.take(&mut states[i], i)
+        match best {
+            Some(i) => {
+                *cursor = (i + 1) % n;
+                Ok(self.take(&mut states[i], i))
+            }
+            None if full => Err(NoLease::Full { rest_ends }),
+            None => Err(NoLease::Resting),
+        }
     }
 
     fn take(self: &Arc<Self>, s: &mut State, i: usize) -> Lease {
@@ -158,6 +237,12 @@ impl Pool {
     }
 
     fn record(&self, i: usize, outcome: Outcome, error: Option<String>, now: Instant) {
+        self.count_end(i, outcome, error, now);
+        // After the lock is let go: whoever wakes finds the slot free.
+        self.freed.notify_waiters();
+    }
+
+    fn count_end(&self, i: usize, outcome: Outcome, error: Option<String>, now: Instant) {
         let mut states = self.states.lock().unwrap();
         let s = &mut states[i];
         s.in_flight -= 1;
@@ -234,6 +319,11 @@ impl Pool {
         message
     }
 
+    /// Requests waiting for a free slot now.
+    pub fn waiting(&self) -> usize {
+        *self.waiting.lock().unwrap()
+    }
+
     pub fn status(&self, now: Instant) -> serde_json::Value {
         let states = self.states.lock().unwrap();
         let list: Vec<_> = self
@@ -249,6 +339,7 @@ impl Pool {
                     "url": u.shown,
                     "up": resting_ms.is_none(),
                     "in_flight": s.in_flight,
+                    "max_in_flight": self.max_in_flight,
                     "ok": s.ok,
                     "errors": s.errors,
                     "timeouts": s.timeouts,
@@ -283,6 +374,22 @@ impl Pool {
                 s.in_flight
             );
         }
+        out.push_str(
+            "# HELP kibitz_upstream_max_in_flight Most requests each upstream takes at once (--engine-max-inflight).\n",
+        );
+        out.push_str("# TYPE kibitz_upstream_max_in_flight gauge\n");
+        for (url, _) in &rows {
+            let _ = writeln!(
+                out,
+                "kibitz_upstream_max_in_flight{{url=\"{url}\"}} {}",
+                self.max_in_flight
+            );
+        }
+        out.push_str(
+            "# HELP kibitz_upstream_waiting Requests waiting for a free slot, every upstream being at its cap.\n",
+        );
+        out.push_str("# TYPE kibitz_upstream_waiting gauge\n");
+        let _ = writeln!(out, "kibitz_upstream_waiting {}", self.waiting());
         out.push_str("# HELP kibitz_upstream_requests_total Requests finished on each upstream, by result.\n");
         out.push_str("# TYPE kibitz_upstream_requests_total counter\n");
         for (url, s) in &rows {
@@ -308,6 +415,15 @@ impl Pool {
     }
 }
 
+/// A caller waiting for a slot, counted in [`Pool::waiting`] while this lives.
+pub(crate) struct Waiting(Arc<Pool>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        *self.0.waiting.lock().unwrap() -= 1;
+    }
+}
+
 /// A Prometheus label value: backslash, quote and newline escaped.
 fn label(value: &str) -> String {
     value
@@ -321,6 +437,10 @@ mod tests {
     use super::*;
 
     fn pool(n: usize) -> Arc<Pool> {
+        pool_with_cap(n, 3)
+    }
+
+    fn pool_with_cap(n: usize, cap: usize) -> Arc<Pool> {
         let upstreams = (0..n)
             .map(|i| {
                 let base = Url::parse(&format!("http://u{i}:8000/v1")).unwrap();
@@ -334,26 +454,30 @@ mod tests {
             upstreams,
             Duration::from_secs(10),
             Duration::from_secs(60),
+            cap,
         ))
     }
+
+    const ANY: Choice<'static> = Choice::Any { skip: &[] };
+    const NOT_1: Choice<'static> = Choice::Any { skip: &[1] };
 
     #[test]
     fn least_in_flight_then_round_robin() {
         let pool = pool(3);
         let now = Instant::now();
-        let a = pool.lease(&[], now).unwrap();
-        let b = pool.lease(&[], now).unwrap();
-        let c = pool.lease(&[], now).unwrap();
+        let a = pool.lease(ANY, now).unwrap();
+        let b = pool.lease(ANY, now).unwrap();
+        let c = pool.lease(ANY, now).unwrap();
         assert_eq!([a.index, b.index, c.index], [0, 1, 2]);
         // u1 frees up: it alone has the fewest in flight.
         b.finish(Outcome::Ok, None, now);
-        let d = pool.lease(&[], now).unwrap();
+        let d = pool.lease(ANY, now).unwrap();
         assert_eq!(d.index, 1);
         drop((a, c, d));
         // All idle again: the round-robin goes on from after the last pick.
         let picks: Vec<usize> = (0..3)
             .map(|_| {
-                let l = pool.lease(&[], now).unwrap();
+                let l = pool.lease(ANY, now).unwrap();
                 let i = l.index;
                 l.finish(Outcome::Ok, None, now);
                 i
@@ -363,10 +487,71 @@ mod tests {
     }
 
     #[test]
+    fn no_upstream_takes_more_than_its_cap() {
+        let pool = pool_with_cap(2, 2);
+        let now = Instant::now();
+        let leases: Vec<Lease> = (0..4).map(|_| pool.lease(ANY, now).unwrap()).collect();
+        let picks: Vec<usize> = leases.iter().map(|l| l.index).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+        assert_eq!(pool.capacity(), 4);
+        assert_eq!(
+            pool.lease(ANY, now).err(),
+            Some(NoLease::Full { rest_ends: None })
+        );
+        assert_eq!(
+            pool.lease(Choice::Only(1), now).err(),
+            Some(NoLease::Full { rest_ends: None }),
+            "a second try on one upstream keeps to its cap too"
+        );
+        let status = pool.status(now);
+        assert_eq!(
+            (
+                status[1]["in_flight"].as_u64(),
+                status[1]["max_in_flight"].as_u64()
+            ),
+            (Some(2), Some(2))
+        );
+
+        // A request that ends frees its slot, and says so to whoever waits.
+        let freed = pool.freed();
+        let mut leases = leases.into_iter();
+        leases.next().unwrap().finish(Outcome::Ok, None, now);
+        assert!(futures::FutureExt::now_or_never(freed).is_some());
+        assert_eq!(pool.lease(ANY, now).unwrap().index, 0);
+    }
+
+    #[test]
+    fn full_while_another_rests_says_when_the_rest_ends() {
+        let pool = pool_with_cap(2, 1);
+        let now = Instant::now();
+        pool.lease(Choice::Only(0), now)
+            .unwrap()
+            .finish(Outcome::Error { rest: true }, None, now);
+        let busy = pool.lease(ANY, now).unwrap();
+        assert_eq!(busy.index, 1);
+        assert_eq!(
+            pool.lease(ANY, now).err(),
+            Some(NoLease::Full {
+                rest_ends: Some(now + Duration::from_secs(10))
+            })
+        );
+        // Only resting ones left to try: no use waiting.
+        assert_eq!(
+            pool.lease(Choice::Any { skip: &[1] }, now).err(),
+            Some(NoLease::Resting)
+        );
+        let waiting = pool.wait_guard();
+        assert!(pool.metrics(now).contains("kibitz_upstream_waiting 1\n"));
+        drop(waiting);
+        assert_eq!(pool.waiting(), 0);
+        drop(busy);
+    }
+
+    #[test]
     fn a_failed_upstream_rests_with_doubling_cooldown_then_is_probed_once() {
         let pool = pool(2);
         let t0 = Instant::now();
-        let a = pool.lease(&[1], t0).unwrap();
+        let a = pool.lease(NOT_1, t0).unwrap();
         a.finish(
             Outcome::Error { rest: true },
             Some("connection refused".into()),
@@ -374,24 +559,27 @@ mod tests {
         );
         // Resting: every request goes to u1.
         for _ in 0..3 {
-            let l = pool.lease(&[], t0 + Duration::from_secs(9)).unwrap();
+            let l = pool.lease(ANY, t0 + Duration::from_secs(9)).unwrap();
             assert_eq!(l.index, 1);
             l.finish(Outcome::Ok, None, t0);
         }
-        assert!(pool.lease(&[1], t0 + Duration::from_secs(9)).is_none());
+        assert_eq!(
+            pool.lease(NOT_1, t0 + Duration::from_secs(9)).err(),
+            Some(NoLease::Resting)
+        );
         // Rest over: one probe goes to u0, and while it runs u0 is left alone.
         let t1 = t0 + Duration::from_secs(10);
-        let probe = pool.lease(&[1], t1).unwrap();
+        let probe = pool.lease(NOT_1, t1).unwrap();
         assert_eq!(probe.index, 0);
         assert!(
-            pool.lease(&[1], t1).is_none(),
+            pool.lease(NOT_1, t1).is_err(),
             "a second request must not join the probe"
         );
         probe.finish(Outcome::Timeout, Some("first-token timeout".into()), t1);
         // Failed again: twice the rest.
-        assert!(pool.lease(&[1], t1 + Duration::from_secs(19)).is_none());
+        assert!(pool.lease(NOT_1, t1 + Duration::from_secs(19)).is_err());
         let t2 = t1 + Duration::from_secs(20);
-        let probe = pool.lease(&[1], t2).unwrap();
+        let probe = pool.lease(NOT_1, t2).unwrap();
         probe.finish(Outcome::Ok, None, t2);
         assert!(pool.status(t2)[0]["up"].as_bool().unwrap());
         assert_eq!(pool.status(t2)[0]["failures_in_row"], 0);
@@ -402,7 +590,7 @@ mod tests {
         let pool = pool(1);
         let mut now = Instant::now();
         for _ in 0..8 {
-            let l = pool.lease_index(0);
+            let l = pool.lease(Choice::Only(0), now).unwrap();
             l.finish(Outcome::Error { rest: true }, None, now);
             now += Duration::from_secs(1000);
         }
@@ -416,12 +604,12 @@ mod tests {
     fn request_errors_and_cancellations_do_not_rest_the_upstream() {
         let pool = pool(1);
         let now = Instant::now();
-        pool.lease(&[], now).unwrap().finish(
+        pool.lease(ANY, now).unwrap().finish(
             Outcome::Error { rest: false },
             Some("HTTP 400".into()),
             now,
         );
-        drop(pool.lease(&[], now).unwrap());
+        drop(pool.lease(ANY, now).unwrap());
         assert_eq!(pool.up(now), [0]);
         let status = pool.status(now);
         assert_eq!(status[0]["errors"], 1);
@@ -434,12 +622,12 @@ mod tests {
     fn none_available_says_why() {
         let pool = pool(1);
         let now = Instant::now();
-        pool.lease(&[], now).unwrap().finish(
+        pool.lease(ANY, now).unwrap().finish(
             Outcome::Error { rest: true },
             Some("HTTP 503".into()),
             now,
         );
-        assert!(pool.lease(&[], now).is_none());
+        assert_eq!(pool.lease(ANY, now).err(), Some(NoLease::Resting));
         let why = pool.why_none(now);
         assert!(
             why.contains("resting") && why.contains("10.0 s") && why.contains("HTTP 503"),
@@ -452,8 +640,8 @@ mod tests {
     fn metrics_have_one_line_per_upstream_and_result() {
         let pool = pool(2);
         let now = Instant::now();
-        pool.lease(&[], now).unwrap().finish(Outcome::Ok, None, now);
-        pool.lease(&[], now)
+        pool.lease(ANY, now).unwrap().finish(Outcome::Ok, None, now);
+        pool.lease(ANY, now)
             .unwrap()
             .finish(Outcome::Error { rest: true }, None, now);
         let m = pool.metrics(now);
@@ -475,6 +663,11 @@ mod tests {
             m.contains("kibitz_upstream_up{url=\"http://u0:8000/v1\"} 1"),
             "{m}"
         );
+        assert!(
+            m.contains("kibitz_upstream_max_in_flight{url=\"http://u1:8000/v1\"} 3"),
+            "{m}"
+        );
+        assert!(m.contains("kibitz_upstream_waiting 0\n"), "{m}");
         assert!(
             m.contains("kibitz_upstream_up{url=\"http://u1:8000/v1\"} 0"),
             "{m}"

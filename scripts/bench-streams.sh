@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# Several 720p25 streams in one `kibitz serve`: CPU and memory per added stream, how many
+# the machine decodes at full rate, and the memory DELETE gives back.
+# Results and method: docs/benchmarks.md, "Several streams (CPU, memory, DELETE)".
+#
+#   cargo build --release -p kibitz --no-default-features --features media
+#   scripts/fixtures.sh
+#   scripts/bench-streams.sh                        # glibc malloc defaults
+#   MALLOC_ARENA_MAX=2 scripts/bench-streams.sh     # the environment reaches the server
+#
+# The server gets a dead OpenAI upstream (127.0.0.1:9), so no model is needed: each
+# stream's commentary loop fails a cycle a second and waits, the rest of the pipeline
+# (decode, display JPEG, 2 fps capture, playout) runs as in production. Streams s2, s3, …
+# are added through `POST /api/streams`, alternating bigbuckbunny.mp4 and testsrc2-720p25.mp4
+# (s1, from --source, is testsrc2). After each: BENCH_SETTLE s to settle, then a
+# BENCH_WINDOW s window: the process's CPU (utime + stime of /proc/PID/stat; the
+# `kibitz-decode` threads apart), VmRSS at the window's end, every stream's frames over the
+# window and its `source.fps` (the server's own 2 s measure). It stops BENCH_PAST steps
+# after the first step where a stream falls below BENCH_MIN_FPS or the process reaches
+# BENCH_MAX_CORES, or at BENCH_MAX streams. Then it deletes all streams but s1 and samples
+# memory BENCH_AFTER seconds later; with BENCH_TRIM=1 and gdb present it then calls
+# malloc_trim(0) in the server to tell memory malloc keeps from memory still in use.
+#
+# Loopback only. Every wait is bounded; the server is stopped on exit. Needs curl, python3.
+# Logs, per-step TSV and the server's stderr go to BENCH_OUT (default: a new temp folder).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bin="${KIBITZ_BIN:-$root/target/release/kibitz}"
+max="${BENCH_MAX:-20}"             # most streams, s1 included
+settle="${BENCH_SETTLE:-10}"
+window="${BENCH_WINDOW:-10}"
+min_fps="${BENCH_MIN_FPS:-24}"
+max_cores="${BENCH_MAX_CORES:-1.9}"
+past="${BENCH_PAST:-1}"            # steps measured after the first that falls behind
+after="${BENCH_AFTER:-5 15 30}"    # seconds after the DELETEs to sample memory
+quiet_load="${BENCH_QUIET_LOAD:-0.7}"
+quiet_wait="${BENCH_QUIET_WAIT:-300}"
+trim="${BENCH_TRIM:-1}"
+out="${BENCH_OUT:-$(mktemp -d /tmp/bench-streams.XXXXXX)}"
+files=("$root/fixtures/bigbuckbunny.mp4" "$root/fixtures/testsrc2-720p25.mp4")
+first="$root/fixtures/testsrc2-720p25.mp4"
+
+for tool in curl python3; do
+    command -v "$tool" >/dev/null || { echo "bench-streams: needs $tool" >&2; exit 1; }
+done
+[[ -x "$bin" ]] || { echo "bench-streams: no $bin; build it first (see the top of this script)" >&2; exit 1; }
+for f in "${files[@]}"; do
+    [[ -s "$f" ]] || { echo "bench-streams: no $f; run scripts/fixtures.sh" >&2; exit 1; }
+done
+mkdir -p "$out/state"
+hz="$(getconf CLK_TCK)"
+log() { echo "$*" | tee -a "$out/bench.log"; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+gt() { python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$1" "$2"; }
+
+# --- a quiet machine first (bounded) -------------------------------------------------
+waited=0
+while gt "$(load1)" "$quiet_load" && ((waited < quiet_wait)); do
+    ((waited == 0)) && log "bench-streams: load $(load1) > $quiet_load, waiting up to ${quiet_wait}s"
+    sleep 10; waited=$((waited + 10))
+done
+gt "$(load1)" "$quiet_load" && log "bench-streams: WARNING: starting at load $(load1) anyway"
+
+log "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+log "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(free -m | awk '/^Mem:/ {print $2 " MiB"}'), $(uname -r), $(ldd --version | head -1)"
+log "ffmpeg: $(ffmpeg -version 2>/dev/null | head -1 || echo '?')"
+log "binary: $bin ($(stat -c %y "$bin" | cut -d. -f1))"
+log "malloc env: $(env | grep -E '^(MALLOC_|GLIBC_TUNABLES)' | tr '\n' ' ' || true)"
+log "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+log "out: $out"
+# The upstream must be dead: nothing may answer on 127.0.0.1:9.
+if curl -s -o /dev/null -m 2 http://127.0.0.1:9/ ; then
+    log "bench-streams: WARNING: something answers on 127.0.0.1:9; commentary cycles will reach it"
+fi
+
+# --- the server ------------------------------------------------------------------------
+pid=""
+stop() {
+    [[ -n "$pid" ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    pid=""
+}
+trap stop EXIT
+trap 'exit 130' INT TERM
+
+"$bin" serve --bind 127.0.0.1:0 --engine openai --engine-url http://127.0.0.1:9 \
+    --media-dir "$root/fixtures" --state-dir "$out/state" --max-streams "$max" \
+    --source "$first" >"$out/server.out" 2>"$out/server.log" &
+pid=$!
+addr=""
+for _ in $(seq 300); do
+    addr="$(sed -n '1s|^kibitz: serving http://\([^ ]*\).*|\1|p' "$out/server.out")"
+    [[ -n "$addr" ]] && break
+    kill -0 "$pid" 2>/dev/null || { cat "$out/server.log" >&2; echo "bench-streams: server exited" >&2; exit 1; }
+    sleep 0.1
+done
+[[ -n "$addr" ]] || { echo "bench-streams: no address after 30 s" >&2; exit 1; }
+case "$addr" in 127.0.0.1:*) ;; *) echo "bench-streams: not loopback: $addr" >&2; exit 1 ;; esac
+api="http://$addr/api"
+log "server: pid $pid at $addr"
+
+# --- measuring -------------------------------------------------------------------------
+# ticks: process total, then by thread group: kibitz-decode (the Rust loop: pacing, range
+# stretch, display JPEG, capture), FFmpeg (every `tokio-rt-worker` past the runtime's
+# first `nproc`: FFmpeg's frame threads take the name of the thread that opened the file,
+# one of tokio's blocking pool), runtime (main + tokio's `nproc` workers: HTTP, commentary
+# loops, playout); then the count of kibitz-decode threads and of all threads. Threads that
+# ended are only in the total.
+workers="$(nproc)"
+ticks() {
+    local total
+    total="$(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')"
+    for f in /proc/"$pid"/task/*/stat; do cat "$f" 2>/dev/null || true; done | sort -n | awk -v total="$total" -v workers="$workers" '{
+        o = index($0, "("); c = index($0, ") "); comm = substr($0, o + 1, c - o - 1)
+        split(substr($0, c + 2), a, " "); t = a[12] + a[13]; n++
+        if (comm ~ /^kibitz-decode/) { d += t; nd++ }
+        else if (comm ~ /^tokio/ && ++nw > workers) f += t
+        else r += t
+    } END { print total, d + 0, f + 0, r + 0, nd + 0, n + 0 }'
+}
+# busy ticks of the whole machine (all processes), from /proc/stat.
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
+# Every stream's status into DIR/ID.json, with the time it was taken in DIR/ID.t.
+statuses() {
+    local dir="$1" id; mkdir -p "$dir"
+    for id in "${ids[@]}"; do
+        echo "$EPOCHREALTIME" >"$dir/$id.t"
+        curl -s -m 5 -o "$dir/$id.json" "$api/streams/$id/status" || echo '{}' >"$dir/$id.json"
+    done
+}
+
+cat >"$out/step.py" <<'PY'
+import json, sys
+# argv: t0dir t1dir hz "ticks at t0" "ticks at t1" busy0 busy1 wall ids...
+t0, t1, hz = sys.argv[1], sys.argv[2], float(sys.argv[3])
+k0, k1 = [list(map(float, a.split())) for a in sys.argv[4:6]]
+busy0, busy1, wall = map(float, sys.argv[6:9])
+ids = sys.argv[9:]
+def load(d, i):
+    try:
+        return json.load(open(f"{d}/{i}.json")), float(open(f"{d}/{i}.t").read())
+    except Exception:
+        return {}, 0.0
+rates, fps, dropped, disp, states, per = [], [], 0, 0, set(), []
+for i in ids:
+    (a, ta), (b, tb) = load(t0, i), load(t1, i)
+    sa, sb = a.get("source", {}), b.get("source", {})
+    r = (sb.get("frames", 0) - sa.get("frames", 0)) / max(tb - ta, 1e-9)
+    rates.append(r); fps.append(sb.get("fps") or 0.0)
+    dropped += sb.get("frames_dropped", 0)
+    db = b.get("buffers", {}).get("display_bytes", 0); disp += db
+    states.add(sb.get("state", "?"))
+    per.append(f"{i}:{r:.2f}/{(sb.get('fps') or 0):.2f}/{db/1e6:.1f}MB/{sb.get('frames_dropped', 0)}")
+cores, dec, ff, rt = [(b - a) / hz / wall for a, b in zip(k0[:4], k1[:4])]
+box = (busy1 - busy0) / hz / wall
+print(f"{cores:.3f}\t{dec:.3f}\t{ff:.3f}\t{rt:.3f}\t{box - cores:.3f}\t{min(rates):.2f}\t{min(fps):.2f}"
+      f"\t{dropped}\t{disp}\t{','.join(sorted(states))}\t{' '.join(per)}")
+PY
+
+ids=(s1)
+printf 'streams\tcores\tdecode_thread_cores\tffmpeg_thread_cores\truntime_cores\tother_procs_cores\tmin_rate\tmin_source_fps\tdropped\tdisplay_bytes\tstates\trss_kib\tdecode_threads\tthreads\tload1\tper_stream(id:rate/fps/display/dropped)\n' >"$out/steps.tsv"
+behind_at=0
+n=1
+while :; do
+    sleep "$settle"
+    statuses "$out/t0.$n"
+    k0="$(ticks)"; b0="$(busy)"; w0="$EPOCHREALTIME"
+    sleep "$window"
+    k1="$(ticks)"; b1="$(busy)"; w1="$EPOCHREALTIME"
+    read -r _ _ _ _ nd nt <<<"$k1"
+    rss="$(rss_kib)"
+    statuses "$out/t1.$n"
+    wall="$(python3 -c "print($w1 - $w0)")"
+    IFS=$'\t' read -r cores dec ff rt others rate fps dropped disp states per <<<"$(
+        python3 "$out/step.py" "$out/t0.$n" "$out/t1.$n" "$hz" "$k0" "$k1" "$b0" "$b1" "$wall" "${ids[@]}")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$cores" "$dec" "$ff" "$rt" "$others" \
+        "$rate" "$fps" "$dropped" "$disp" "$states" "$rss" "$nd" "$nt" "$(load1)" "$per" >>"$out/steps.tsv"
+    log "$(printf '%2d streams: %s cores (kibitz-decode %s, FFmpeg %s, runtime %s; other processes %s) RSS %s MiB, display %s MB, slowest %s fps (source.fps %s), dropped %s, %s, load %s' \
+        "$n" "$cores" "$dec" "$ff" "$rt" "$others" "$((rss / 1024))" "$((disp / 1000000))" "$rate" "$fps" "$dropped" "$states" "$(load1)")"
+    if ((behind_at == 0)) && { gt "$min_fps" "$rate" || gt "$min_fps" "$fps" || ! gt "$max_cores" "$cores"; }; then
+        behind_at=$n
+        log "   -> behind at $n streams"
+    fi
+    if ((behind_at > 0 && n >= behind_at + past)) || ((n >= max)); then break; fi
+    n=$((n + 1))
+    id="s$n"; file="${files[$((n % 2))]}"
+    code="$(curl -s -m 10 -o "$out/add.$id.json" -w '%{http_code}' -X POST -H 'content-type: application/json' \
+        -d "{\"id\": \"$id\", \"source\": \"$file\"}" "$api/streams" || true)"
+    if [[ "$code" != 201 ]]; then
+        log "POST $id: HTTP $code $(cat "$out/add.$id.json" 2>/dev/null)"; n=$((n - 1)); break
+    fi
+    ids+=("$id")
+done
+if ((behind_at > 1)); then
+    log "full rate: $((behind_at - 1)) streams (behind at $behind_at)"
+elif ((behind_at == 1)); then
+    log "full rate: not even 1 stream"
+else
+    log "full rate: all $n streams (BENCH_MAX reached)"
+fi
+
+# --- DELETE all but s1 -------------------------------------------------------------------
+snapshot() { # label
+    local dir="$out/mem.$1" disp
+    statuses "$dir"
+    disp="$(python3 -c '
+import json, sys
+print(sum(json.load(open(f"{sys.argv[1]}/{i}.json")).get("buffers", {}).get("display_bytes", 0) for i in sys.argv[2:]))
+' "$dir" "${ids[@]}")"
+    read -r _ _ _ _ nd nt <<<"$(ticks)"
+    local rss; rss="$(rss_kib)"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${#ids[@]}" "$rss" "$disp" "$nd" "$nt" >>"$out/delete.tsv"
+    log "$(printf '%-14s %2d streams: RSS %s MiB (%s kiB), display buffers %s bytes, decode threads %s, threads %s' \
+        "$1" "${#ids[@]}" "$((rss / 1024))" "$rss" "$disp" "$nd" "$nt")"
+}
+printf 'when\tstreams\trss_kib\tdisplay_bytes\tdecode_threads\tthreads\n' >"$out/delete.tsv"
+snapshot before
+log "commentary (dead upstream): $(python3 -c '
+import json, sys
+c = [json.load(open(f"{sys.argv[1]}/{i}.json")).get("commentary", {}) for i in sys.argv[2:]]
+done, failed = (sum(x.get(k, 0) for x in c) for k in ("cycles_done", "cycles_failed"))
+print(f"cycles done {done}, failed {failed} over {len(c)} streams")
+' "$out/mem.before" "${ids[@]}")"
+t_del="$EPOCHREALTIME"
+for id in "${ids[@]:1}"; do
+    t="$EPOCHREALTIME"
+    code="$(curl -s -m 10 -o "$out/del.$id.out" -w '%{http_code}' -X DELETE "$api/streams/$id" || true)"
+    ms="$(python3 -c "print(round(($EPOCHREALTIME - $t) * 1000))")"
+    [[ "$code" == 204 ]] || log "DELETE $id: HTTP $code $(cat "$out/del.$id.out")"
+    echo "$id $code ${ms}ms" >>"$out/delete-times.txt"
+done
+log "DELETE ${#ids[@]} - 1 streams: $(awk '{print $2}' "$out/delete-times.txt" | sort | uniq -c | tr -s ' ' | tr '\n' ';') slowest $(awk '{print $3}' "$out/delete-times.txt" | sort -n | tail -1)"
+gone=("${ids[@]:1}")
+ids=(s1)
+left="$(curl -s -m 5 "$api/streams" | python3 -c 'import json,sys; print(" ".join(s["id"] for s in json.load(sys.stdin)["streams"]))' || echo '?')"
+log "GET /api/streams after: $left; GET /api/streams/${gone[0]:-s2}/status: HTTP $(curl -s -m 5 -o /dev/null -w '%{http_code}' "$api/streams/${gone[0]:-s2}/status" || true)"
+for s in $after; do
+    now="$(python3 -c "print(max(0.0, $t_del + $s - $EPOCHREALTIME))")"
+    sleep "$now"
+    snapshot "after ${s}s"
+done
+if [[ "$trim" == 1 ]] && command -v gdb >/dev/null; then
+    timeout 60 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' >"$out/gdb.log" 2>&1 || log "gdb malloc_trim failed (see $out/gdb.log)"
+    sleep 1
+    snapshot "malloc_trim"
+fi
+log "server stderr: $(wc -l <"$out/server.log") lines, $(grep -c ERROR "$out/server.log" || true) ERROR, $(grep -c WARN "$out/server.log" || true) WARN"
+log "steps: $out/steps.tsv; delete: $out/delete.tsv"
