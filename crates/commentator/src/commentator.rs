@@ -437,7 +437,7 @@ impl Commentator {
         let span = newest.pts.saturating_sub(oldest.pts).as_secs_f64();
         let pts = media_times(&frames);
         let request = Request {
-            system: self.profile.system_prompt(),
+            system: self.profile.system_prompt_in(&self.config.style),
             user: self.profile.user_prompt(
                 frames.len(),
                 span,
@@ -598,6 +598,24 @@ impl Commentator {
                 self.answered = None;
             }
             Control::SetInterval(secs) => self.set_interval(Duration::from_secs_f64(secs)),
+            Control::SetSpoken(spoken) => self.config.style.spoken = spoken,
+            Control::AddSpeechLatency(secs) => {
+                self.delay.add_to_last(secs);
+            }
+            Control::SpeakingUntil(until) => self.hold_until(until),
+        }
+    }
+
+    /// The next cycle's picture should be on screen when the speech ends: its frames are
+    /// captured at `until - target_delay` at the earliest.
+    fn hold_until(&mut self, until: Instant) {
+        let due = until.checked_sub(self.delay.delay()).unwrap_or(until);
+        if due <= self.due {
+            return;
+        }
+        self.due = due;
+        if let State::Pausing { at } = &mut self.state {
+            *at = (*at).max(due);
         }
     }
 
@@ -861,6 +879,35 @@ mod tests {
             matches!(&sim.events[0].1, Event::CycleStart { cycle: 1, frames } if *frames == pts)
         );
         assert_eq!(sim.c.snapshot().phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_speaking_voice_holds_the_next_cycle_and_shapes_the_prompt() {
+        let mut sim = Sim::new(CommentatorConfig::default());
+        sim.input(Input::Control(Control::SetSpoken(true)));
+        sim.next_request(10.0);
+        assert!(sim.last_request().system.contains("spoken aloud"));
+        sim.answer(&["A", " dog", " runs."], Duration::from_millis(100));
+        let end = sim.event_time(|e| matches!(e, Event::CycleEnd(_)));
+        let delay = sim.c.snapshot().target_delay;
+        // The first audio came 0.5 s after the text: the delay counts it.
+        sim.input(Input::Control(Control::AddSpeechLatency(0.5)));
+        assert!((sim.c.snapshot().target_delay - (delay + 0.2 * 0.5)).abs() < 1e-9);
+        // The voice speaks for 8 s from now: the next cycle's newest frame is captured no
+        // sooner than the speech end minus the delay, not one interval after the end.
+        let delay = sim.c.snapshot().target_delay;
+        let speech_end = end + Duration::from_secs(8);
+        sim.input(Input::Control(Control::SpeakingUntil(speech_end)));
+        sim.next_request(20.0);
+        let newest = sim.start + sim.last_request().frames.last().unwrap().pts;
+        let earliest = speech_end - Duration::from_secs_f64(delay);
+        assert!(newest >= earliest, "{:?} before {:?}", newest, earliest);
+        assert!(newest <= earliest + Duration::from_millis(600));
+        // Nobody listens any more: plain prompts again.
+        sim.input(Input::Control(Control::SetSpoken(false)));
+        sim.answer(&["Still."], Duration::from_millis(100));
+        sim.next_request(10.0);
+        assert!(!sim.last_request().system.contains("spoken aloud"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kibitz_engine::Sampling;
 
-use crate::profile::{Profiles, DEFAULT_PROFILE};
+use crate::profile::{Profiles, Style, DEFAULT_PROFILE};
 
 /// Longest free-text instruction a user may give, in characters.
 pub const MAX_INSTRUCTION_CHARS: usize = 2000;
@@ -78,6 +78,8 @@ pub struct CommentatorConfig {
     /// asks anyway [`SCENE_MAX_QUIET`] after that frame, and after a change of profile or
     /// instruction. Default [`SCENE_CHANGE_THRESHOLD`].
     pub scene_change_threshold: f64,
+    /// The answers' language and whether a voice speaks them.
+    pub style: Style,
 }
 
 impl Default for CommentatorConfig {
@@ -95,6 +97,7 @@ impl Default for CommentatorConfig {
             profile: DEFAULT_PROFILE.to_string(),
             instruction: String::new(),
             scene_change_threshold: SCENE_CHANGE_THRESHOLD,
+            style: Style::default(),
         }
     }
 }
@@ -218,6 +221,10 @@ pub enum ConfigError {
     InstructionTooLong { chars: usize, max: usize },
     #[error("SCENE_CHANGE_THRESHOLD is {0}: it must be 0 (gate off) to 255 grey levels (default {SCENE_CHANGE_THRESHOLD})")]
     SceneThresholdOutOfRange(f64),
+    #[error("a speech latency of {0} s is not a time to first audio (0 to 60 s)")]
+    BadSpeechLatency(f64),
+    #[error("'{0}' is not a language code: use one like en, de, pt-BR (KIBITZ_LANGUAGE)")]
+    BadLanguage(String),
     #[error("{}", lines(.0))]
     Several(Vec<ConfigError>),
 }

@@ -328,7 +328,9 @@ mod tests {
                     assert!(message.contains("boom"), "{message}");
                     outcomes.push("error".into());
                 }
-                Event::Source { .. } => unreachable!("the loop reports no source events"),
+                Event::Source { .. } | Event::Speech { .. } => {
+                    unreachable!("the loop reports no source or speech events")
+                }
             }
         }
         assert_eq!(outcomes, ["A dog runs.", "skip", "error", "The dog jumps."]);

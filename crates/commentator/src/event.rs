@@ -29,6 +29,15 @@ pub enum Event {
         state: String,
         detail: Option<String>,
     },
+    /// A cycle's comment is spoken: the clip at `clip` (WAV) plays at `play_at`, in
+    /// milliseconds of the server's clock (unix epoch), when the delayed picture shows the
+    /// newest frame it talks about.
+    Speech {
+        cycle: u64,
+        clip: String,
+        play_at: f64,
+        duration: f64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -67,6 +76,17 @@ pub enum Control {
     /// the user sent them, not a `Duration`, so that [`Control::validate`] can refuse a
     /// negative, NaN or huge number with its reason.
     SetInterval(f64),
+    /// Someone listens to the stream's voice (or no one any more): prompts ask for
+    /// sentences that sound right aloud while this is on.
+    SetSpoken(bool),
+    /// The last answered cycle's first audio was ready this many seconds after its text:
+    /// with a voice heard, the sync delay counts the time to first audio too, so speech
+    /// never starts before its picture.
+    AddSpeechLatency(f64),
+    /// The voice speaks until this instant: the next comment is not wanted before then,
+    /// so the next cycle waits until its picture would be shown right as the speech ends
+    /// (no pile-up, no long silence).
+    SpeakingUntil(std::time::Instant),
 }
 
 impl Control {
@@ -78,6 +98,14 @@ impl Control {
             Control::SetProfile(name) => crate::Profiles::get(name).map(|_| ()),
             Control::SetInstruction(text) => crate::check_instruction(text),
             Control::SetInterval(secs) => crate::config::check_interval(*secs),
+            Control::AddSpeechLatency(secs)
+                if !(secs.is_finite() && (0.0..=60.0).contains(secs)) =>
+            {
+                Err(crate::ConfigError::BadSpeechLatency(*secs))
+            }
+            Control::SetSpoken(_) | Control::AddSpeechLatency(_) | Control::SpeakingUntil(_) => {
+                Ok(())
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ pub use config::{
 };
 pub use driver::run;
 pub use event::{Control, CycleEnd, Event};
-pub use profile::{is_skip, Profile, Profiles, DEFAULT_PROFILE};
+pub use profile::{is_skip, Language, Profile, Profiles, Style, DEFAULT_PROFILE};
 pub use scene::Thumbnail;
 pub use sync::SyncDelay;
 pub use window::FrameWindow;

@@ -96,9 +96,120 @@ impl Profiles {
     }
 }
 
+/// How the answers are given: in which language, and whether they will be spoken.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Style {
+    pub language: Language,
+    /// A voice speaks the answers: ask for sentences that sound right aloud.
+    pub spoken: bool,
+}
+
+/// A language by its code (`en`, `de`, `pt-BR`, …): what `--language` takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Language(String);
+
+/// Names the model knows better than codes, for the languages people ask for most.
+const LANGUAGE_NAMES: &[(&str, &str)] = &[
+    ("ar", "Arabic"),
+    ("cs", "Czech"),
+    ("da", "Danish"),
+    ("de", "German"),
+    ("el", "Greek"),
+    ("en", "English"),
+    ("es", "Spanish"),
+    ("fi", "Finnish"),
+    ("fr", "French"),
+    ("he", "Hebrew"),
+    ("hi", "Hindi"),
+    ("hu", "Hungarian"),
+    ("id", "Indonesian"),
+    ("it", "Italian"),
+    ("ja", "Japanese"),
+    ("ko", "Korean"),
+    ("nl", "Dutch"),
+    ("no", "Norwegian"),
+    ("pl", "Polish"),
+    ("pt", "Portuguese"),
+    ("ro", "Romanian"),
+    ("ru", "Russian"),
+    ("sv", "Swedish"),
+    ("th", "Thai"),
+    ("tr", "Turkish"),
+    ("uk", "Ukrainian"),
+    ("vi", "Vietnamese"),
+    ("zh", "Chinese"),
+];
+
+impl Default for Language {
+    fn default() -> Self {
+        Language("en".into())
+    }
+}
+
+impl Language {
+    /// A BCP 47-like code: 2 or 3 letters, then optional `-` parts (`en`, `pt-BR`).
+    pub fn parse(code: &str) -> Result<Language, ConfigError> {
+        let code = code.trim();
+        let mut parts = code.split(['-', '_']);
+        let primary = parts.next().unwrap_or_default();
+        let ok = (2..=3).contains(&primary.len())
+            && primary.bytes().all(|b| b.is_ascii_alphabetic())
+            && parts.all(|p| {
+                (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+        if ok {
+            Ok(Language(code.replace('_', "-")))
+        } else {
+            Err(ConfigError::BadLanguage(code.chars().take(40).collect()))
+        }
+    }
+
+    pub fn code(&self) -> &str {
+        &self.0
+    }
+
+    /// The primary subtag, lower case (`pt` of `pt-BR`).
+    pub fn primary(&self) -> String {
+        self.0
+            .split('-')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    }
+
+    /// The language's English name where known, else its code.
+    pub fn name(&self) -> String {
+        let primary = self.primary();
+        LANGUAGE_NAMES
+            .iter()
+            .find(|(code, _)| *code == primary)
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_else(|| format!("the language with code '{}'", self.0))
+    }
+}
+
 impl Profile {
+    /// The system prompt in English, for reading.
     pub fn system_prompt(&self) -> String {
-        format!("{RULES}\n{}", self.focus)
+        self.system_prompt_in(&Style::default())
+    }
+
+    /// The system prompt for answers in `style`'s language, to be read or spoken.
+    pub fn system_prompt_in(&self, style: &Style) -> String {
+        let mut prompt = format!("{RULES}\n{}", self.focus);
+        if style.spoken {
+            prompt.push_str(
+                "\nYour words are spoken aloud as the picture plays: use short, plain \
+                 sentences that sound natural when heard, no lists, symbols or abbreviations.",
+            );
+        }
+        if style.language.primary() != "en" {
+            prompt.push_str(&format!(
+                "\nAnswer in {}. Answer exactly ... (three dots) when nothing changed, in any language.",
+                style.language.name()
+            ));
+        }
+        prompt
     }
 
     /// The user text of one cycle. `span` is how many seconds the frames cover.
@@ -138,6 +249,28 @@ pub fn is_skip(answer: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn language_and_voice_shape_the_prompt() {
+        let profile = Profiles::get("sports").unwrap();
+        assert_eq!(
+            profile.system_prompt_in(&Style::default()),
+            profile.system_prompt()
+        );
+        let german = Style {
+            language: Language::parse("de").unwrap(),
+            spoken: true,
+        };
+        let prompt = profile.system_prompt_in(&german);
+        assert!(prompt.contains("Answer in German."), "{prompt}");
+        assert!(prompt.contains("spoken aloud"), "{prompt}");
+        assert_eq!(Language::parse("pt_BR").unwrap().code(), "pt-BR");
+        assert_eq!(Language::parse("pt-BR").unwrap().name(), "Portuguese");
+        assert!(Language::parse("xx").unwrap().name().contains("'xx'"));
+        for bad in ["", "e", "english!", "en-", "1234"] {
+            assert!(Language::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn five_profiles_by_name() {

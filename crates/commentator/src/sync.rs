@@ -38,6 +38,15 @@ impl SyncDelay {
         self.value
     }
 
+    /// Counts `extra` seconds more in the latency observed last: exactly the delay that
+    /// observing `latency + extra` would have given.
+    pub fn add_to_last(&mut self, extra: f64) -> f64 {
+        if self.enabled && extra.is_finite() && extra > 0.0 {
+            self.value += self.alpha * extra;
+        }
+        self.value
+    }
+
     /// The current target delay in seconds.
     pub fn value(&self) -> f64 {
         self.value
@@ -74,6 +83,16 @@ mod tests {
             assert_eq!(delay.value(), got);
         }
         assert!((delay.delay().as_secs_f64() - 3.496).abs() < 1e-9);
+    }
+
+    #[test]
+    fn extra_latency_is_folded_into_the_last_observation() {
+        let mut a = SyncDelay::new(5.0, 0.2).unwrap();
+        let mut b = a.clone();
+        a.observe(secs(2.0));
+        a.add_to_last(0.5);
+        b.observe(secs(2.5));
+        assert!((a.value() - b.value()).abs() < 1e-12);
     }
 
     #[test]

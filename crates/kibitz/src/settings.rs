@@ -83,6 +83,7 @@ impl Settings {
             stream_delay_init: args.stream_delay_init,
             stream_delay_ema_alpha: args.stream_delay_ema_alpha,
             scene_change_threshold: args.scene_change_threshold,
+            language: args.language.clone(),
             window_size: args.window_size.max(1),
             display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
                 args.display_buffer_seconds
@@ -185,11 +186,12 @@ impl Settings {
 
 /// A per-stream field as the global flag that sets its default.
 fn flag(field: &str) -> String {
-    format!(
-        "--{} ({})",
-        field.replace('_', "-"),
-        field.to_ascii_uppercase()
-    )
+    let env = match field {
+        // LANGUAGE is the system's own (gettext) variable.
+        "language" => "KIBITZ_LANGUAGE".to_string(),
+        other => other.to_ascii_uppercase(),
+    };
+    format!("--{} ({env})", field.replace('_', "-"))
 }
 
 #[cfg(test)]

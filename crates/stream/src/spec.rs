@@ -10,7 +10,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use kibitz_commentator::{check_instruction, CommentatorConfig, Profiles};
+use kibitz_commentator::{check_instruction, CommentatorConfig, Language, Profiles, Style};
 use kibitz_engine::Sampling;
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,9 @@ pub struct StreamSettings {
     /// Grey levels of change below which a cycle is not asked (0: always ask).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scene_change_threshold: Option<f64>,
+    /// The commentary's language (`en`, `de`, `pt-BR`), in the prompt and the voice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// One stream, complete and checked.
@@ -71,6 +74,7 @@ pub struct StreamSpec {
     pub stream_delay_init: f64,
     pub stream_delay_ema_alpha: f64,
     pub scene_change_threshold: f64,
+    pub language: String,
 }
 
 /// The global flags: per-stream defaults, and the settings every stream shares.
@@ -85,6 +89,7 @@ pub struct StreamDefaults {
     pub stream_delay_init: f64,
     pub stream_delay_ema_alpha: f64,
     pub scene_change_threshold: f64,
+    pub language: String,
     /// Frames the inference window keeps (`WINDOW_SIZE`).
     pub window_size: usize,
     /// Picture the display buffer keeps (`DISPLAY_BUFFER_SECONDS`).
@@ -113,6 +118,7 @@ impl Default for StreamDefaults {
             stream_delay_init: c.delay_init,
             stream_delay_ema_alpha: c.delay_alpha,
             scene_change_threshold: c.scene_change_threshold,
+            language: c.style.language.code().to_string(),
             window_size: 32,
             display_span: Duration::from_secs(15),
             jpeg_quality: kibitz_frames::JPEG_QUALITY,
@@ -222,6 +228,12 @@ impl StreamSpec {
             scene_change_threshold: settings
                 .scene_change_threshold
                 .unwrap_or(d.scene_change_threshold),
+            language: settings
+                .language
+                .as_deref()
+                .unwrap_or(&d.language)
+                .trim()
+                .to_string(),
         };
         problems.extend(spec.check(defaults));
         if problems.is_empty() {
@@ -291,6 +303,13 @@ impl StreamSpec {
             .is_some_and(|v| v != self.scene_change_threshold)
         {
             fixed("scene_change_threshold", &mut problems);
+        }
+        if change
+            .language
+            .as_deref()
+            .is_some_and(|v| v.trim() != self.language)
+        {
+            fixed("language", &mut problems);
         }
         let mut next = self.clone();
         if let Some(profile) = &change.profile {
@@ -397,6 +416,9 @@ impl StreamSpec {
                 ),
             );
         }
+        if let Err(e) = Language::parse(&self.language) {
+            bad("language", e.to_string());
+        }
         problems
     }
 
@@ -422,6 +444,11 @@ impl StreamSpec {
             profile: self.profile.clone(),
             instruction: self.instruction.clone(),
             scene_change_threshold: self.scene_change_threshold,
+            style: Style {
+                // Checked by `check`; a spec that reaches here has a valid code.
+                language: Language::parse(&self.language).unwrap_or_default(),
+                spoken: false,
+            },
             ..CommentatorConfig::default()
         }
     }
@@ -440,6 +467,7 @@ impl StreamSpec {
             stream_delay_init: Some(self.stream_delay_init),
             stream_delay_ema_alpha: Some(self.stream_delay_ema_alpha),
             scene_change_threshold: Some(self.scene_change_threshold),
+            language: Some(self.language.clone()),
         }
     }
 }
@@ -508,6 +536,7 @@ mod tests {
             stream_delay_init: Some(-2.0),
             stream_delay_ema_alpha: Some(1.5),
             scene_change_threshold: Some(-1.0),
+            language: Some("klingon!".into()),
         };
         let Problems(problems) =
             StreamSpec::resolve(&settings, None, &StreamDefaults::default()).unwrap_err();
@@ -525,7 +554,8 @@ mod tests {
                 "inference_interval",
                 "stream_delay_init",
                 "stream_delay_ema_alpha",
-                "scene_change_threshold"
+                "scene_change_threshold",
+                "language"
             ]
         );
         assert!(problems[2].message.contains("unknown profile 'opera'"));
