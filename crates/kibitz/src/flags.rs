@@ -244,6 +244,10 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub scene_change_threshold: f64,
+    /// The commentary's language, as a code (en, de, pt-BR): in the prompt and the voice.
+    /// (KIBITZ_LANGUAGE, not LANGUAGE, which the system sets for its own messages.)
+    #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
+    pub language: String,
     #[arg(long, env = "JPEG_QUALITY", default_value_t = 80)]
     pub jpeg_quality: i32,
     /// Scale the displayed video down to this width (0 = as decoded).

@@ -192,7 +192,10 @@ impl Default for VoiceOptions {
 /// Builds the engine `spec` names and checks it works (espeak speaks a word, piper loads its
 /// model, openai answers a word), so a broken voice is one error at start. `Off` is `None`.
 /// Blocks: call it from a blocking thread or `spawn_blocking`.
-pub fn build(spec: &VoiceSpec, options: &VoiceOptions) -> Result<Option<Arc<dyn Voice>>, VoiceError> {
+pub fn build(
+    spec: &VoiceSpec,
+    options: &VoiceOptions,
+) -> Result<Option<Arc<dyn Voice>>, VoiceError> {
     let voice: Arc<dyn Voice> = match spec {
         VoiceSpec::Off => return Ok(None),
         VoiceSpec::Espeak => Arc::new(Espeak::new(options)?),

@@ -109,7 +109,8 @@ impl OpusEncoder {
     /// silence to whole frames. The stream's exact length is [`OpusEncoder::duration`].
     pub fn finish(&mut self) -> Result<Vec<OpusFrame>, VoiceError> {
         self.flush_resampler();
-        let padding = self.pre_skip as usize + (FRAME - (self.pending.len() + self.pre_skip as usize) % FRAME) % FRAME;
+        let padding = self.pre_skip as usize
+            + (FRAME - (self.pending.len() + self.pre_skip as usize) % FRAME) % FRAME;
         self.pending.extend(std::iter::repeat_n(0.0, padding));
         self.encode_whole_frames()
     }
@@ -220,7 +221,8 @@ impl OggMuxer {
             lacing.push((p.len() % 255) as u8);
         }
         debug_assert!(lacing.len() <= 255);
-        let mut page = Vec::with_capacity(27 + lacing.len() + packets.iter().map(|p| p.len()).sum::<usize>());
+        let mut page =
+            Vec::with_capacity(27 + lacing.len() + packets.iter().map(|p| p.len()).sum::<usize>());
         page.extend_from_slice(b"OggS");
         page.push(0); // version
         page.push(flags);
@@ -333,9 +335,15 @@ mod tests {
         let mut seq = 0;
         while at < bytes.len() {
             assert_eq!(&bytes[at..at + 4], b"OggS");
-            assert_eq!(u32::from_le_bytes(bytes[at + 18..at + 22].try_into().unwrap()), seq);
+            assert_eq!(
+                u32::from_le_bytes(bytes[at + 18..at + 22].try_into().unwrap()),
+                seq
+            );
             let n = bytes[at + 26] as usize;
-            let body: usize = bytes[at + 27..at + 27 + n].iter().map(|&v| v as usize).sum();
+            let body: usize = bytes[at + 27..at + 27 + n]
+                .iter()
+                .map(|&v| v as usize)
+                .sum();
             let mut page = bytes[at..at + 27 + n + body].to_vec();
             let crc = u32::from_le_bytes(page[22..26].try_into().unwrap());
             page[22..26].copy_from_slice(&[0; 4]);

@@ -117,11 +117,17 @@ impl Piper {
         let config_path = PathBuf::from(format!("{}.json", path.display()));
         let config = std::fs::read(&config_path)
             .map_err(|e| fail(format!("cannot read {}: {e}", config_path.display())))?;
-        let config: Config = serde_json::from_slice(&config)
-            .map_err(|e| fail(format!("{} is not a Piper config: {e}", config_path.display())))?;
+        let config: Config = serde_json::from_slice(&config).map_err(|e| {
+            fail(format!(
+                "{} is not a Piper config: {e}",
+                config_path.display()
+            ))
+        })?;
         if let Some(kind) = &config.phoneme_type {
             if kind != "espeak" {
-                return Err(fail(format!("phoneme_type '{kind}' (only espeak voices are supported)")));
+                return Err(fail(format!(
+                    "phoneme_type '{kind}' (only espeak voices are supported)"
+                )));
             }
         }
         let one = |symbol: &str| {

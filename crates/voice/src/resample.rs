@@ -186,7 +186,9 @@ mod tests {
 
     fn tone(freq: f64, rate: u32, seconds: f64) -> Vec<f32> {
         (0..(rate as f64 * seconds) as usize)
-            .map(|n| (0.5 * (2.0 * std::f64::consts::PI * freq * n as f64 / rate as f64).sin()) as f32)
+            .map(|n| {
+                (0.5 * (2.0 * std::f64::consts::PI * freq * n as f64 / rate as f64).sin()) as f32
+            })
             .collect()
     }
 
@@ -215,7 +217,10 @@ mod tests {
                 r.process(chunk, &mut out);
             }
             r.flush(&mut out);
-            assert_eq!(out.len() as u64, (input.len() as u64 * 48_000).div_ceil(from as u64));
+            assert_eq!(
+                out.len() as u64,
+                (input.len() as u64 * 48_000).div_ceil(from as u64)
+            );
             let f = frequency(&out, 48_000);
             assert!((f - 1000.0).abs() < 2.0, "{from}: {f} Hz");
             let level = rms(&out[4800..out.len() - 4800]) / rms(&input);
@@ -267,7 +272,11 @@ mod tests {
         let out = Resampler::convert(&pcm, 48_000);
         assert_eq!(out.samples.len(), 4800);
         assert_eq!(out.sample_rate, 48_000);
-        assert!((out.samples[2400] - 100).abs() <= 1, "{}", out.samples[2400]);
+        assert!(
+            (out.samples[2400] - 100).abs() <= 1,
+            "{}",
+            out.samples[2400]
+        );
         assert_eq!(Resampler::convert(&pcm, 22_050), pcm);
     }
 }

@@ -39,7 +39,8 @@ pub fn sentences(text: &str) -> Vec<String> {
         let next = chars.get(j + 1).map(|&(_, c)| c);
         let candidate = &text[start..end];
         k = j + 1;
-        if next.is_some_and(|c| c != ' ') || (c == '.' && j == first && is_abbreviation(candidate)) {
+        if next.is_some_and(|c| c != ' ') || (c == '.' && j == first && is_abbreviation(candidate))
+        {
             continue;
         }
         push_sentence(&mut out, candidate);
@@ -188,7 +189,16 @@ mod tests {
 
     #[test]
     fn skips_are_silent() {
-        for s in ["...", " … ", "....", "", "  \n ", "**", "<b></b>", "https://x.y/z"] {
+        for s in [
+            "...",
+            " … ",
+            "....",
+            "",
+            "  \n ",
+            "**",
+            "<b></b>",
+            "https://x.y/z",
+        ] {
             assert_eq!(clean(s), "", "{s:?}");
             assert!(sentences(s).is_empty(), "{s:?}");
         }
@@ -197,14 +207,20 @@ mod tests {
     #[test]
     fn markup_goes() {
         assert_eq!(clean("A **big** _red_ `ball`."), "A big red ball.");
-        assert_eq!(clean("# Goal!\n\n* the striker   scores"), "Goal! the striker scores");
+        assert_eq!(
+            clean("# Goal!\n\n* the striker   scores"),
+            "Goal! the striker scores"
+        );
         assert_eq!(clean("See <b>this</b> <br/>now."), "See this now.");
         assert_eq!(clean("a < b and c > d"), "a < b and c > d");
         assert_eq!(
             clean("More at https://example.com/x?y=1 and (www.foo.org)."),
             "More at and"
         );
-        assert_eq!(clean("The [rabbit](https://r.io) runs."), "The rabbit runs.");
+        assert_eq!(
+            clean("The [rabbit](https://r.io) runs."),
+            "The rabbit runs."
+        );
         assert_eq!(clean("a snake_case name"), "a snake case name");
         assert_eq!(clean("Wait... what?"), "Wait, what?");
         assert_eq!(clean("... the bird flies."), "the bird flies.");
@@ -226,13 +242,21 @@ mod tests {
     fn splits_sentences() {
         assert_eq!(
             sentences("A rabbit wakes up. It stretches!  Is that a bird? Yes"),
-            ["A rabbit wakes up.", "It stretches!", "Is that a bird?", "Yes"]
+            [
+                "A rabbit wakes up.",
+                "It stretches!",
+                "Is that a bird?",
+                "Yes"
+            ]
         );
         assert_eq!(
             sentences("Mr. Smith waves at Dr. Who. It costs 3.50 dollars."),
             ["Mr. Smith waves at Dr. Who.", "It costs 3.50 dollars."]
         );
         assert_eq!(sentences("Really?! Wow..."), ["Really?!", "Wow"]);
-        assert_eq!(sentences("He said \"go.\" Then left."), ["He said \"go.\"", "Then left."]);
+        assert_eq!(
+            sentences("He said \"go.\" Then left."),
+            ["He said \"go.\"", "Then left."]
+        );
     }
 }

@@ -19,7 +19,9 @@ pub fn read_wav(bytes: &[u8]) -> Result<Pcm, VoiceError> {
         let size = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
         let body = at + 8;
         if id == b"fmt " {
-            let f = bytes.get(body..body + 16).ok_or_else(|| bad("short fmt chunk"))?;
+            let f = bytes
+                .get(body..body + 16)
+                .ok_or_else(|| bad("short fmt chunk"))?;
             let le16 = |i: usize| u16::from_le_bytes([f[i], f[i + 1]]);
             let rate = u32::from_le_bytes(f[4..8].try_into().unwrap());
             format = Some((le16(0), le16(2), rate, le16(14)));
@@ -27,7 +29,9 @@ pub fn read_wav(bytes: &[u8]) -> Result<Pcm, VoiceError> {
             let (tag, channels, rate, bits) = format.ok_or_else(|| bad("data before fmt"))?;
             // 1 = PCM, 0xFFFE = extensible (whose sub-format we take to be PCM).
             if !(tag == 1 || tag == 0xFFFE) || bits != 16 || channels == 0 || rate == 0 {
-                return Err(bad(&format!("format {tag}, {bits} bits, {channels} channels")));
+                return Err(bad(&format!(
+                    "format {tag}, {bits} bits, {channels} channels"
+                )));
             }
             let end = body.saturating_add(size).min(bytes.len());
             let data = &bytes[body..end];

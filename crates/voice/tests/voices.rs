@@ -46,7 +46,10 @@ fn espeak_speaks_a_sentence() {
     let voice = espeak();
     let info = voice.info();
     assert_eq!((info.engine, info.sample_rate), ("espeak", 22050));
-    let pcm = within(20, move || voice.synthesize("The rabbit wakes up under the tree.")).unwrap();
+    let pcm = within(20, move || {
+        voice.synthesize("The rabbit wakes up under the tree.")
+    })
+    .unwrap();
     assert_eq!(pcm.sample_rate, 22050);
     let seconds = pcm.duration().as_secs_f64();
     assert!((1.0..5.0).contains(&seconds), "{seconds} s");
@@ -64,7 +67,10 @@ fn a_missing_espeak_is_a_clear_error() {
         .expect("an error");
     assert!(matches!(e, VoiceError::ProgramMissing { .. }), "{e:?}");
     let text = e.to_string();
-    assert!(text.contains("/nonexistent/espeak-ng") && text.contains("apt-get install espeak-ng"), "{text}");
+    assert!(
+        text.contains("/nonexistent/espeak-ng") && text.contains("apt-get install espeak-ng"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -82,7 +88,10 @@ fn an_unknown_espeak_voice_is_a_clear_error() {
 /// piper-phonemize 1.1.0's answers (`phonemize_espeak(text, "en-us")`, sentences joined),
 /// recorded on 2026-11-30. Where the Python package is installed the test also asks it.
 const PIPER_PHONEMES: &[(&str, &[&str])] = &[
-    ("Hello, world! How are you today?", &["həlˈoʊ, wˈɜːld!", "hˌaʊ ɑːɹ juː tədˈeɪ?"]),
+    (
+        "Hello, world! How are you today?",
+        &["həlˈoʊ, wˈɜːld!", "hˌaʊ ɑːɹ juː tədˈeɪ?"],
+    ),
     (
         "The rabbit jumps over the log; it lands softly: wow.",
         &["ðə ɹˈæbɪt dʒˈʌmps ˌoʊvɚ ðə lˈɔɡ; ɪt lˈændz sˈɔftli: wˈaʊ."],
@@ -97,7 +106,10 @@ const PIPER_PHONEMES: &[(&str, &[&str])] = &[
     ),
     (
         "Mr. Smith paid $5 at 3:30pm.",
-        &["mˈɪstɚ.", "smˈɪθ pˈeɪd dˈɑːlɚ fˈaɪv æt θɹˈiː θˈɜːɾi pˌiːˈɛm."],
+        &[
+            "mˈɪstɚ.",
+            "smˈɪθ pˈeɪd dˈɑːlɚ fˈaɪv æt θɹˈiː θˈɜːɾi pˌiːˈɛm.",
+        ],
     ),
     (
         "The score is 2-1, with ten minutes to go.",
@@ -107,19 +119,28 @@ const PIPER_PHONEMES: &[(&str, &[&str])] = &[
         "Three butterflies circle the tree: one yellow, one red, and one blue.",
         &["θɹˈiː bˈʌɾɚflˌaɪz sˈɜːkəl ðə tɹˈiː: wˈʌn jˈɛloʊ, wˈʌn ɹˈɛd, ænd wˈʌn blˈuː."],
     ),
-    ("\"Look out!\" shouts the referee.", &["lˈʊk ˈaʊt!", "ʃˈaʊts ðə ɹˌɛfɚɹˈiː."]),
+    (
+        "\"Look out!\" shouts the referee.",
+        &["lˈʊk ˈaʊt!", "ʃˈaʊts ðə ɹˌɛfɚɹˈiː."],
+    ),
     (
         "The camera pans left; nobody is in the hallway.",
         &["ðə kˈæmɹə pˈænz lˈɛft; nˈoʊbɑːdi ɪz ɪnðə hˈɔːlweɪ."],
     ),
-    ("It's a beautiful morning in the meadow", &["ɪts ɐ bjˈuːɾifəl mˈɔːɹnɪŋ ɪnðə mˈɛdoʊ"]),
+    (
+        "It's a beautiful morning in the meadow",
+        &["ɪts ɐ bjˈuːɾifəl mˈɔːɹnɪŋ ɪnðə mˈɛdoʊ"],
+    ),
 ];
 
 /// piper-phonemize's answer for `text`, when the Python package is there.
 fn piper_phonemize(text: &str) -> Option<Vec<String>> {
     let script = "import sys, json\nfrom piper_phonemize import phonemize_espeak\n\
                   print(json.dumps([''.join(s) for s in phonemize_espeak(sys.argv[1], 'en-us')]))";
-    let out = Command::new("python3").args(["-c", script, text]).output().ok()?;
+    let out = Command::new("python3")
+        .args(["-c", script, text])
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -149,7 +170,10 @@ fn joe() -> Option<PathBuf> {
     let runtime = fixtures().join("libonnxruntime.so.1.22.1");
     for f in [&model, &json, &runtime] {
         if !f.is_file() {
-            println!("skipped: {} is missing (scripts/fixtures.sh fetches it)", f.display());
+            println!(
+                "skipped: {} is missing (scripts/fixtures.sh fetches it)",
+                f.display()
+            );
             return None;
         }
     }
@@ -167,7 +191,10 @@ fn piper_speaks_with_the_joe_voice() {
             .unwrap();
         (pcm, piper.info(), started.elapsed())
     });
-    assert_eq!((info.engine, info.sample_rate, info.name.as_str()), ("piper", 22050, "en_US-joe-medium"));
+    assert_eq!(
+        (info.engine, info.sample_rate, info.name.as_str()),
+        ("piper", 22050, "en_US-joe-medium")
+    );
     let seconds = pcm.duration().as_secs_f64();
     assert!((1.5..8.0).contains(&seconds), "{seconds} s");
     assert!(rms(&pcm.samples) > 500.0, "rms {}", rms(&pcm.samples));
@@ -190,16 +217,25 @@ fn piper_ids_interleave_pad_as_piper_does() {
 fn a_missing_or_broken_piper_voice_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.onnx");
-    let e = Piper::open(&missing, &VoiceOptions::default()).err().unwrap();
-    assert!(e.to_string().contains("nope.onnx") && e.to_string().contains("no such file"), "{e}");
+    let e = Piper::open(&missing, &VoiceOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("nope.onnx") && e.to_string().contains("no such file"),
+        "{e}"
+    );
 
     let broken = dir.path().join("broken.onnx");
     std::fs::write(&broken, b"not a model").unwrap();
-    let e = Piper::open(&broken, &VoiceOptions::default()).err().unwrap();
+    let e = Piper::open(&broken, &VoiceOptions::default())
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("broken.onnx.json"), "{e}");
 
     std::fs::write(dir.path().join("broken.onnx.json"), b"{\"audio\": {}}").unwrap();
-    let e = Piper::open(&broken, &VoiceOptions::default()).err().unwrap();
+    let e = Piper::open(&broken, &VoiceOptions::default())
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("not a Piper config"), "{e}");
 }
 
@@ -232,9 +268,16 @@ async fn stand_in(delay: Duration) -> (String, Arc<std::sync::Mutex<Vec<serde_js
             let log = log.clone();
             async move {
                 tokio::time::sleep(delay).await;
-                let words = body["input"].as_str().unwrap_or("").split_whitespace().count();
+                let words = body["input"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .count();
                 log.lock().unwrap().push(body);
-                ([("content-type", "audio/wav")], tone_wav(0.2 * words as f64))
+                (
+                    [("content-type", "audio/wav")],
+                    tone_wav(0.2 * words as f64),
+                )
             }
         }),
     );
@@ -268,7 +311,10 @@ async fn openai_speaks_through_a_stand_in_server() {
     .unwrap()
     .unwrap();
     // Sentence by sentence, through `speak`, cleaned first.
-    let mut utterance = speak(voice.clone(), "The **rabbit** runs away. It hides behind a tree!");
+    let mut utterance = speak(
+        voice.clone(),
+        "The **rabbit** runs away. It hides behind a tree!",
+    );
     let mut clips = Vec::new();
     while let Some(clip) = tokio::time::timeout(Duration::from_secs(10), utterance.next())
         .await
@@ -295,7 +341,10 @@ async fn openai_speaks_through_a_stand_in_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_or_slow_speech_server_fails_in_time() {
     let (slow, _) = stand_in(Duration::from_secs(30)).await;
-    for (url, expect) in [("http://127.0.0.1:9".to_string(), "cannot connect"), (slow, "no answer within")] {
+    for (url, expect) in [
+        ("http://127.0.0.1:9".to_string(), "cannot connect"),
+        (slow, "no answer within"),
+    ] {
         let spec = VoiceSpec::parse(&format!("openai:{url}")).unwrap();
         let options = openai_options(Duration::from_millis(500));
         let started = Instant::now();
@@ -309,7 +358,11 @@ async fn a_dead_or_slow_speech_server_fails_in_time() {
         let e = result.err().expect("an error");
         assert!(matches!(e, VoiceError::Server { .. }), "{e:?}");
         assert!(e.to_string().contains(expect), "{e}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
 
@@ -317,7 +370,9 @@ async fn a_dead_or_slow_speech_server_fails_in_time() {
 async fn nothing_to_say_is_no_clip() {
     let voice = tokio::task::spawn_blocking(espeak).await.unwrap();
     let mut utterance = speak(voice, "...");
-    let next = tokio::time::timeout(Duration::from_secs(5), utterance.next()).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), utterance.next())
+        .await
+        .unwrap();
     assert!(next.is_none());
 }
 
@@ -335,8 +390,16 @@ fn ffmpeg_decode(ogg: &[u8]) -> Vec<i16> {
             .output()
             .unwrap()
     });
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stderr.is_empty(), "ffmpeg complained: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "ffmpeg complained: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
         .chunks_exact(2)
         .map(|b| i16::from_le_bytes([b[0], b[1]]))
@@ -346,8 +409,14 @@ fn ffmpeg_decode(ogg: &[u8]) -> Vec<i16> {
 /// RMS of 50 ms windows lying wholly inside `from..to` seconds (shrunk by 60 ms each side).
 fn windows(pcm: &[i16], from: f64, to: f64) -> Vec<f64> {
     let w = 2400;
-    let (a, b) = (((from + 0.06) * 48_000.0) as usize, ((to - 0.06) * 48_000.0) as usize);
-    (a..b.saturating_sub(w)).step_by(w).map(|s| rms(&pcm[s..s + w])).collect()
+    let (a, b) = (
+        ((from + 0.06) * 48_000.0) as usize,
+        ((to - 0.06) * 48_000.0) as usize,
+    );
+    (a..b.saturating_sub(w))
+        .step_by(w)
+        .map(|s| rms(&pcm[s..s + w]))
+        .collect()
 }
 
 #[test]
@@ -381,14 +450,23 @@ fn the_ogg_stream_decodes_to_speech_and_silence() {
     ogg.extend(writer.finish().unwrap());
     let decoded = ffmpeg_decode(&ogg);
     let seconds = decoded.len() as f64 / 48_000.0;
-    assert!((seconds - t).abs() < 0.040, "decoded {seconds:.3} s, pushed {t:.3} s");
+    assert!(
+        (seconds - t).abs() < 0.040,
+        "decoded {seconds:.3} s, pushed {t:.3} s"
+    );
     for (speech, from, to) in plan {
         let levels = windows(&decoded, from, to);
         if speech {
             let loud = levels.iter().filter(|&&r| r > 300.0).count();
-            assert!(loud * 2 > levels.len(), "speech {from:.2}..{to:.2}: {levels:?}");
+            assert!(
+                loud * 2 > levels.len(),
+                "speech {from:.2}..{to:.2}: {levels:?}"
+            );
         } else {
-            assert!(levels.iter().all(|&r| r < 30.0), "silence {from:.2}..{to:.2}: {levels:?}");
+            assert!(
+                levels.iter().all(|&r| r < 30.0),
+                "silence {from:.2}..{to:.2}: {levels:?}"
+            );
         }
     }
 }
@@ -396,7 +474,9 @@ fn the_ogg_stream_decodes_to_speech_and_silence() {
 #[test]
 fn a_listener_joining_late_gets_a_valid_stream() {
     let voice = espeak();
-    let speech = within(20, move || voice.synthesize("The rabbit wakes up.").unwrap());
+    let speech = within(20, move || {
+        voice.synthesize("The rabbit wakes up.").unwrap()
+    });
     let mut encoder = OpusEncoder::new().unwrap();
     let mut early = OggMuxer::new(1, encoder.pre_skip());
     let mut early_bytes = early.headers();
@@ -419,7 +499,14 @@ fn a_listener_joining_late_gets_a_valid_stream() {
     // The late stream is the early one without its first second.
     let expected = speech.duration().as_secs_f64() + 0.5;
     let got = late_pcm.len() as f64 / 48_000.0;
-    assert!((got - expected).abs() < 0.060, "late listener: {got:.3} s, expected about {expected:.3} s");
-    assert!((early_pcm.len() - late_pcm.len()) as f64 / 48_000.0 - 1.0 < 0.001);
+    assert!(
+        (got - expected).abs() < 0.060,
+        "late listener: {got:.3} s, expected about {expected:.3} s"
+    );
+    let gap = (early_pcm.len() as f64 - late_pcm.len() as f64) / 48_000.0;
+    assert!(
+        (gap - 1.0).abs() < 0.001,
+        "the late stream lacks {gap:.3} s, not 1 s"
+    );
     assert!(rms(&late_pcm[..(speech.duration().as_secs_f64() * 48_000.0) as usize]) > 300.0);
 }
