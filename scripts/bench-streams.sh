@@ -19,7 +19,9 @@
 # after the first step where a stream falls below BENCH_MIN_FPS or the process reaches
 # BENCH_MAX_CORES, or at BENCH_MAX streams. Then it deletes all streams but s1 and samples
 # memory BENCH_AFTER seconds later; with BENCH_TRIM=1 and gdb present it then calls
-# malloc_trim(0) in the server to tell memory malloc keeps from memory still in use.
+# malloc_trim(0) in the server to tell memory malloc keeps from memory still in use. With
+# BENCH_ROUNDS > 1 it adds the same streams again and deletes them again, once a round:
+# RSS that returns to the first round's level is memory reused, not leaked.
 #
 # Loopback only. Every wait is bounded; the server is stopped on exit. Needs curl, python3.
 # Logs, per-step TSV and the server's stderr go to BENCH_OUT (default: a new temp folder).
@@ -36,7 +38,8 @@ past="${BENCH_PAST:-1}"            # steps measured after the first that falls b
 after="${BENCH_AFTER:-5 15 30}"    # seconds after the DELETEs to sample memory
 quiet_load="${BENCH_QUIET_LOAD:-0.7}"
 quiet_wait="${BENCH_QUIET_WAIT:-300}"
-trim="${BENCH_TRIM:-1}"
+trim="${BENCH_TRIM:-1}"            # malloc_trim(0) through gdb after the DELETEs
+rounds="${BENCH_ROUNDS:-2}"        # add-all/delete-all rounds (the first is the measured one)
 out="${BENCH_OUT:-$(mktemp -d /tmp/bench-streams.XXXXXX)}"
 files=("$root/fixtures/bigbuckbunny.mp4" "$root/fixtures/testsrc2-720p25.mp4")
 first="$root/fixtures/testsrc2-720p25.mp4"
@@ -162,6 +165,14 @@ print(f"{cores:.3f}\t{dec:.3f}\t{ff:.3f}\t{rt:.3f}\t{box - cores:.3f}\t{min(rate
       f"\t{dropped}\t{disp}\t{','.join(sorted(states))}\t{' '.join(per)}")
 PY
 
+# add ID: POST /api/streams for sN, bigbuckbunny for even N, testsrc2 for odd.
+add() {
+    local id="$1" file="${files[$((${1#s} % 2))]}" code
+    code="$(curl -s -m 10 -o "$out/add.$id.json" -w '%{http_code}' -X POST -H 'content-type: application/json' \
+        -d "{\"id\": \"$id\", \"source\": \"$file\"}" "$api/streams" || true)"
+    [[ "$code" == 201 ]] || { log "POST $id: HTTP $code $(cat "$out/add.$id.json" 2>/dev/null)"; return 1; }
+    ids+=("$id")
+}
 ids=(s1)
 printf 'streams\tcores\tdecode_thread_cores\tffmpeg_thread_cores\truntime_cores\tother_procs_cores\tmin_rate\tmin_source_fps\tdropped\tdisplay_bytes\tstates\trss_kib\tdecode_threads\tthreads\tload1\tper_stream(id:rate/fps/display/dropped)\n' >"$out/steps.tsv"
 behind_at=0
@@ -188,13 +199,7 @@ while :; do
     fi
     if ((behind_at > 0 && n >= behind_at + past)) || ((n >= max)); then break; fi
     n=$((n + 1))
-    id="s$n"; file="${files[$((n % 2))]}"
-    code="$(curl -s -m 10 -o "$out/add.$id.json" -w '%{http_code}' -X POST -H 'content-type: application/json' \
-        -d "{\"id\": \"$id\", \"source\": \"$file\"}" "$api/streams" || true)"
-    if [[ "$code" != 201 ]]; then
-        log "POST $id: HTTP $code $(cat "$out/add.$id.json" 2>/dev/null)"; n=$((n - 1)); break
-    fi
-    ids+=("$id")
+    add "s$n" || { n=$((n - 1)); break; }
 done
 if ((behind_at > 1)); then
     log "full rate: $((behind_at - 1)) streams (behind at $behind_at)"
@@ -206,17 +211,37 @@ fi
 
 # --- DELETE all but s1 -------------------------------------------------------------------
 snapshot() { # label
-    local dir="$out/mem.$1" disp
+    local dir="$out/mem.${1// /_}" disp rss nd nt
     statuses "$dir"
     disp="$(python3 -c '
 import json, sys
 print(sum(json.load(open(f"{sys.argv[1]}/{i}.json")).get("buffers", {}).get("display_bytes", 0) for i in sys.argv[2:]))
 ' "$dir" "${ids[@]}")"
     read -r _ _ _ _ nd nt <<<"$(ticks)"
-    local rss; rss="$(rss_kib)"
+    rss="$(rss_kib)"
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${#ids[@]}" "$rss" "$disp" "$nd" "$nt" >>"$out/delete.tsv"
-    log "$(printf '%-14s %2d streams: RSS %s MiB (%s kiB), display buffers %s bytes, decode threads %s, threads %s' \
+    log "$(printf '%-18s %2d streams: RSS %4d MiB (%s kiB), display buffers %9d bytes, decode threads %2d, threads %2d' \
         "$1" "${#ids[@]}" "$((rss / 1024))" "$rss" "$disp" "$nd" "$nt")"
+}
+# Deletes every stream but s1; logs the answers and the slowest.
+delete_all() {
+    local id t code ms codes="" slowest=0
+    for id in "${ids[@]:1}"; do
+        t="$EPOCHREALTIME"
+        code="$(curl -s -m 10 -o "$out/del.$id.out" -w '%{http_code}' -X DELETE "$api/streams/$id" || true)"
+        ms="$(python3 -c "print(round(($EPOCHREALTIME - $t) * 1000))")"
+        [[ "$code" == 204 ]] || log "DELETE $id: HTTP $code $(cat "$out/del.$id.out")"
+        codes+="$code "; ((ms > slowest)) && slowest=$ms
+    done
+    log "DELETE of $((${#ids[@]} - 1)) streams: $(tr ' ' '\n' <<<"$codes" | sed '/^$/d' | sort | uniq -c | xargs) (HTTP), slowest ${slowest} ms"
+    ids=(s1)
+}
+trim_now() { # label
+    [[ "$trim" == 1 ]] && command -v gdb >/dev/null || return 0
+    timeout 60 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' >"$out/gdb.log" 2>&1 ||
+        { log "gdb malloc_trim failed (see $out/gdb.log)"; return 0; }
+    sleep 1
+    snapshot "$1"
 }
 printf 'when\tstreams\trss_kib\tdisplay_bytes\tdecode_threads\tthreads\n' >"$out/delete.tsv"
 snapshot before
@@ -226,28 +251,29 @@ c = [json.load(open(f"{sys.argv[1]}/{i}.json")).get("commentary", {}) for i in s
 done, failed = (sum(x.get(k, 0) for x in c) for k in ("cycles_done", "cycles_failed"))
 print(f"cycles done {done}, failed {failed} over {len(c)} streams")
 ' "$out/mem.before" "${ids[@]}")"
+added=$n
 t_del="$EPOCHREALTIME"
-for id in "${ids[@]:1}"; do
-    t="$EPOCHREALTIME"
-    code="$(curl -s -m 10 -o "$out/del.$id.out" -w '%{http_code}' -X DELETE "$api/streams/$id" || true)"
-    ms="$(python3 -c "print(round(($EPOCHREALTIME - $t) * 1000))")"
-    [[ "$code" == 204 ]] || log "DELETE $id: HTTP $code $(cat "$out/del.$id.out")"
-    echo "$id $code ${ms}ms" >>"$out/delete-times.txt"
-done
-log "DELETE ${#ids[@]} - 1 streams: $(awk '{print $2}' "$out/delete-times.txt" | sort | uniq -c | tr -s ' ' | tr '\n' ';') slowest $(awk '{print $3}' "$out/delete-times.txt" | sort -n | tail -1)"
-gone=("${ids[@]:1}")
-ids=(s1)
+delete_all
 left="$(curl -s -m 5 "$api/streams" | python3 -c 'import json,sys; print(" ".join(s["id"] for s in json.load(sys.stdin)["streams"]))' || echo '?')"
-log "GET /api/streams after: $left; GET /api/streams/${gone[0]:-s2}/status: HTTP $(curl -s -m 5 -o /dev/null -w '%{http_code}' "$api/streams/${gone[0]:-s2}/status" || true)"
+log "GET /api/streams after: $left; GET /api/streams/s2/status: HTTP $(curl -s -m 5 -o /dev/null -w '%{http_code}' "$api/streams/s2/status" || true)"
 for s in $after; do
-    now="$(python3 -c "print(max(0.0, $t_del + $s - $EPOCHREALTIME))")"
-    sleep "$now"
+    sleep "$(python3 -c "print(max(0.0, $t_del + $s - $EPOCHREALTIME))")"
     snapshot "after ${s}s"
 done
-if [[ "$trim" == 1 ]] && command -v gdb >/dev/null; then
-    timeout 60 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' >"$out/gdb.log" 2>&1 || log "gdb malloc_trim failed (see $out/gdb.log)"
-    sleep 1
-    snapshot "malloc_trim"
-fi
+trim_now "malloc_trim"
+last="${after##* }"
+# Later rounds: add the same streams again, let their buffers fill, delete them again. RSS
+# that comes back to the first round's level means the memory was reused, not leaked.
+for round in $(seq 2 "$rounds"); do
+    for k in $(seq 2 "$added"); do
+        add "s$k" || break
+    done
+    sleep $((settle + window))
+    snapshot "round $round added"
+    delete_all
+    sleep "$last"
+    snapshot "round $round after ${last}s"
+    trim_now "round $round trim"
+done
 log "server stderr: $(wc -l <"$out/server.log") lines, $(grep -c ERROR "$out/server.log" || true) ERROR, $(grep -c WARN "$out/server.log" || true) WARN"
 log "steps: $out/steps.tsv; delete: $out/delete.tsv"

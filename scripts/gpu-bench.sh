@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (one device call): builds llama.cpp's shared libraries with CUDA
 # from the vendored source, checks the install with `kibitz selftest`, writes a full-size
-# random-weight MiniCPM-o 4.5 pair, and times commentary cycles with `kibitz bench`.
+# random-weight MiniCPM-o 4.5 pair, times one commentary cycle with `kibitz bench`, then
+# N live streams at once on one engine with `kibitz bench --streams` (batched, split KV,
+# and the serial path for comparison). GPU memory is sampled throughout.
 #
 # Expects, beside the repo (carried, git-ignored):
 #   .device/kibitz            built here with: cargo build --release -p kibitz \
@@ -52,9 +54,17 @@ bench() {
   "$kibitz" --log info,llama.cpp=info bench --model "$work/full" --cycles 20 --warmup 3 --json "$@" 2>&1 \
     | grep -E 'offloaded|CLIP using|bench:|^\||^\{|cycles of|ERROR|error' || echo "bench $* failed"
 }
-bench --flash-attn on                   # every frame new: the bench the issue asks for
-bench --flash-attn on --new-frames 2    # live-like: the window slides by 2 of 4 frames
-bench --flash-attn off
-echo "== live loop: newest frame -> first token"
-"$kibitz" bench --model "$work/full" --live 15 --generate 30 --json 2>&1 | grep -E '^\||^\{|live loop|ERROR|error' || echo "live bench failed"
+streams() {
+  echo "== streams $*"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$work/mem.log" 2>/dev/null &
+  smi=$!
+  "$kibitz" --log warn bench --model "$work/full" --flash-attn on --generate 30 --warmup 4 --json "$@" 2>&1 \
+    | grep -vE 'n_ctx_seq|^\s*$' || echo "streams $* failed"
+  kill $smi 2>/dev/null || true
+  echo "peak GPU memory: $(sort -n "$work/mem.log" | tail -1) MiB"
+}
+bench --flash-attn on --new-frames 2    # one cycle at a time, live-like frame reuse
+streams --streams 1,2,4,8,16,32 --seconds 12
+streams --streams 16 --seconds 12 --kv-split
+streams --streams 1,4,16 --seconds 12 --serial
 echo "== done $(date -u +%FT%TZ)"

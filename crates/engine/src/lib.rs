@@ -10,7 +10,9 @@
 //! scheduler owns the queue, the priorities and fairness between streams (see
 //! [`scheduler`]).
 //!
-//! - `llama` (feature `llama`): MiniCPM-o 4.5 in process through llama.cpp, on its own thread.
+//! - `llama` (feature `llama`): MiniCPM-o 4.5 in process through llama.cpp, on its own
+//!   thread: one KV-cache sequence per stream, fed with frames as they arrive
+//!   ([`Engine::push_frame`]), and every running answer decoded in one batch.
 //! - `openai`: any OpenAI-compatible server over HTTP with SSE.
 //! - `fake` (feature `fake`, and in this crate's tests): scripted tokens with delays, for
 //!   tests of everything above the engine. Library builds leave it out.

@@ -481,9 +481,7 @@ mod tests {
             .collect();
         let p = chat_prompt(&Request::new(frames, "SYS", "What now?"), "<M>");
         assert!(p.starts_with("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n"));
-        assert!(p.contains(
-            "Frame at 1.0s: <M>\nFrame at 1.5s: <M>\nFrame at 2.0s: <M>\nWhat now?"
-        ));
+        assert!(p.contains("Frame at 1.0s: <M>\nFrame at 1.5s: <M>\nFrame at 2.0s: <M>\nWhat now?"));
         assert!(p.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
         assert_eq!(p.matches("<M>").count(), 3);
     }

@@ -17,10 +17,13 @@
 //!   others: every stream gets its turn and none starves;
 //! - then arrival order.
 //!
-//! `concurrency` requests run at once (1 for the in-process llama engine, one per upstream
-//! for OpenAI-compatible servers); the engines behind still take one request at a time from
-//! each slot. Batching later fills several slots in one engine step without changing this
-//! interface.
+//! `concurrency` requests run at once: the engine's `parallelism()` (the stream limit for
+//! the in-process llama engine, which advances every running request by one token in one
+//! batched step; the upstreams' caps for OpenAI-compatible servers). A turn's request goes
+//! to the engine with the session's [`StreamKey`] and priority, and
+//! [`Session::push_frame`] hands the engine each sampled frame as it arrives, so an engine
+//! with per-stream state (the llama engine's KV-cache sequence per stream) prepares it
+//! before the next request.
 //!
 //! Closing a session (`Session::close`, or dropping its last handle) withdraws its waiting
 //! turns and cancels its running answer, so a removed stream frees the engine for the others
@@ -383,11 +386,11 @@ impl Turn {
         if self.closed.is_cancelled() {
             return Err(closed_error(&self.stream));
         }
-        let upstream =
-            self.slot
-                .shared
-                .engine
-                .submit_for(&self.key, self.priority, request)?;
+        let upstream = self
+            .slot
+            .shared
+            .engine
+            .submit_for(&self.key, self.priority, request)?;
         let (tx, generation) = Generation::channel();
         tokio::spawn(forward(upstream, tx, self));
         Ok(generation)

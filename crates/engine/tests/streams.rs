@@ -60,12 +60,18 @@ fn engine(max_streams: u32) -> Arc<LlamaEngine> {
     engine_of(tiny(), max_streams)
 }
 
+/// One KV buffer per stream: a stream's cells are laid out the same whatever the others
+/// do, so batched answers are bit-identical to serial ones (see `unified` below).
 fn engine_of(files: &ModelFiles, max_streams: u32) -> Arc<LlamaEngine> {
+    engine_with(files, max_streams, false)
+}
+
+fn engine_with(files: &ModelFiles, max_streams: u32, kv_unified: bool) -> Arc<LlamaEngine> {
     let mut config = LlamaConfig::new(&files.llm, &files.mmproj);
     config.threads = Some(1);
     config.context_size = 1024;
     config.max_streams = max_streams;
-    config.kv_unified = false;
+    config.kv_unified = kv_unified;
     Arc::new(LlamaEngine::load(config).expect("the tiny model loads"))
 }
 
@@ -101,7 +107,10 @@ fn request(frames: Vec<Frame>, user: &str, max_tokens: u32) -> Request {
 async fn answer(mut g: Generation) -> Result<(String, Stats), EngineError> {
     let mut text = String::new();
     loop {
-        match tokio::time::timeout(LIMIT, g.next()).await.expect("no stall") {
+        match tokio::time::timeout(LIMIT, g.next())
+            .await
+            .expect("no stall")
+        {
             Some(Ok(Output::Text(t))) => text.push_str(&t),
             Some(Ok(Output::Done(stats))) => return Ok((text, stats)),
             Some(Err(e)) => return Err(e),
@@ -176,6 +185,58 @@ async fn four_streams_at_once_answer_as_four_serial_runs() {
     assert_eq!(engine.in_flight(), 0);
 }
 
+/// With one KV buffer for all streams (the default), a stream's cells sit wherever they
+/// were free, so attention sums the same terms in another order: the same frames and
+/// question give logits that differ by rounding only, and greedy answers of the random
+/// model may part after a near tie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_streams_in_one_kv_buffer_differ_from_serial_runs_by_rounding_only() {
+    let last_window = |i: u32| -> Request {
+        request(
+            (6..10).map(|k| stream_frame(i, k)).collect(),
+            &format!("Stream {i}: and now?"),
+            4,
+        )
+    };
+    let mut probes = Vec::new();
+    for unified in [false, true] {
+        let engine = engine_with(tiny_f32(), 4, unified);
+        let s = scheduler(&engine);
+        let sessions: Vec<Session> = (0..4).map(|i| s.open_session(&format!("s{i}"))).collect();
+        let runs: Vec<_> = (0..4)
+            .map(|i| tokio::spawn(three_cycles(sessions[i].clone(), i as u32)))
+            .collect();
+        for run in runs {
+            run.await.unwrap();
+        }
+        let keys: Vec<_> = sessions.iter().map(|s| s.key().clone()).collect();
+        probes.push(
+            tokio::task::spawn_blocking(move || {
+                (0..4)
+                    .map(|i| {
+                        engine
+                            .probe(Some(&keys[i]), last_window(i as u32), LIMIT)
+                            .unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let (mut worst, mut agree) = (0f32, 0);
+    for (split, unified) in probes[0].iter().zip(&probes[1]) {
+        let (diff, same_top) = compare(split, unified);
+        worst = worst.max(diff);
+        agree += same_top as u32;
+    }
+    eprintln!("unified vs split KV: top token agrees for {agree}/4 streams, largest logit difference {worst:.2e}");
+    assert_eq!(agree, 4);
+    // Measured 5.1e-3 with the largest logit about 3 (CPU, flash attention on the F16 KV
+    // cache, whose accumulation follows the cell order).
+    assert!(worst < 2e-2, "largest logit difference {worst:.2e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_one_stream_mid_batch_leaves_the_others_intact() {
     let engine = engine(4);
@@ -199,7 +260,13 @@ async fn cancelling_one_stream_mid_batch_leaves_the_others_intact() {
     }
     let sessions: Vec<Session> = (0..3).map(|i| s.open_session(&format!("s{i}"))).collect();
     let mut gens: Vec<Generation> = (0..3)
-        .map(|i| sessions[i].try_turn().unwrap().submit(long(i as u32)).unwrap())
+        .map(|i| {
+            sessions[i]
+                .try_turn()
+                .unwrap()
+                .submit(long(i as u32))
+                .unwrap()
+        })
         .collect();
     // Stream 1 goes away after its first pieces, while the others are mid-answer.
     let mut seen = 0;
@@ -249,7 +316,10 @@ async fn a_frame_arriving_mid_cycle_goes_in_after_the_answer() {
     let st = state(&engine).await;
     let seq = &st.sequences[0];
     assert_eq!((seq.frames, seq.pending), (4, 0), "{st:?}");
-    assert_eq!(seq.cells, seq.positions, "no question or answer left: {st:?}");
+    assert_eq!(
+        seq.cells, seq.positions,
+        "no question or answer left: {st:?}"
+    );
     // The next cycle finds all four of its frames in the sequence: only its question is new.
     let r = request(frames[1..].to_vec(), "What is new now?", 4);
     let (_, stats) = answer(session.try_turn().unwrap().submit(r).unwrap())
@@ -257,20 +327,20 @@ async fn a_frame_arriving_mid_cycle_goes_in_after_the_answer() {
         .unwrap();
     assert_eq!(stats.reused_images, 4, "{stats:?}");
     assert_eq!(stats.vision_ms, 0.0, "{stats:?}");
-    assert!(
-        stats.prompt_tokens - stats.cached_tokens < 20,
+    assert_eq!(
+        stats.cached_tokens as i32, seq.positions,
         "only the question is evaluated: {stats:?}"
     );
 }
 
 /// Largest absolute difference and whether the top token agrees.
 fn compare(a: &[f32], b: &[f32]) -> (f32, bool) {
-    let top = |v: &[f32]| {
-        (0..v.len())
-            .max_by(|&i, &j| v[i].total_cmp(&v[j]))
-            .unwrap()
-    };
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let top = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     (diff, top(a) == top(b))
 }
 
@@ -288,7 +358,11 @@ async fn ten_thousand_frames_keep_a_stream_bounded_and_its_cycles_close_to_scrat
     let mut spread = 0f32;
     let mut series = Vec::new();
     let total = 10_000u64;
-    let window = |k: u64| -> Vec<Frame> { (k - 3..=k).map(|j| frame((j % 4) as u32, 500 * j)).collect() };
+    let window = |k: u64| -> Vec<Frame> {
+        (k - 3..=k)
+            .map(|j| frame((j % 4) as u32, 500 * j))
+            .collect()
+    };
     for k in 0..total {
         session.push_frame(frame((k % 4) as u32, 500 * k));
         // Frames come every 0.5 s and the engine is done with each long before the next;
@@ -309,7 +383,11 @@ async fn ten_thousand_frames_keep_a_stream_bounded_and_its_cycles_close_to_scrat
             assert_eq!(stats.reused_images, 4, "{stats:?}");
         }
         let st = state(&engine).await;
-        let seq = st.sequences.iter().find(|q| q.stream == session.key().id()).unwrap();
+        let seq = st
+            .sequences
+            .iter()
+            .find(|q| q.stream == session.key().id())
+            .unwrap();
         assert!(seq.frames <= 4 && seq.pending == 0, "{st:?}");
         assert_eq!(seq.cells, seq.positions, "{st:?}");
         most_positions = most_positions.max(seq.positions);
@@ -374,7 +452,9 @@ async fn a_stream_added_and_removed_a_hundred_times_leaks_no_sequence() {
     assert_eq!(after.sequences[0].stream, before.sequences[0].stream);
     assert_eq!(engine.in_flight(), 0);
     // More streams than sequences: the one idle longest gives its sequence up.
-    let sessions: Vec<Session> = (0..5).map(|i| s.open_session(&format!("many{i}"))).collect();
+    let sessions: Vec<Session> = (0..5)
+        .map(|i| s.open_session(&format!("many{i}")))
+        .collect();
     for (i, session) in sessions.iter().enumerate() {
         let g = session
             .try_turn()
@@ -386,4 +466,3 @@ async fn a_stream_added_and_removed_a_hundred_times_leaks_no_sequence() {
     let st = state(&engine).await;
     assert_eq!(st.sequences.len() + st.free, 4, "{st:?}");
 }
-

@@ -2,6 +2,10 @@
 //! a system prompt that stays the same between cycles (so its KV entries are reused), a
 //! user text that changes, and a fixed number of generated tokens (end-of-sequence ignored,
 //! so every cycle does the same work whatever the weights say).
+//!
+//! `--live` runs the real commentary loop on one synthetic source; `--streams 1,2,4` runs
+//! N of them at once on one engine, through the scheduler, one session each, as `serve`
+//! does, and reports per-stream cycle rates and latencies for each N.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +23,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.frames > 0 && args.frame_size >= 14,
         "--frames must be at least 1 and --frame-size at least 14"
     );
+    if !args.streams.is_empty() {
+        return streams(&args).await;
+    }
     let engine = crate::engine::build(&args.engine).await?;
     if let Some(cycles) = args.live {
         return live(engine, cycles, args.generate, args.json).await;
@@ -246,4 +253,242 @@ async fn live(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What one stream saw during the measured seconds.
+#[derive(Default)]
+struct StreamTally {
+    cycles: usize,
+    first_token_ms: Vec<f64>,
+    cycle_ms: Vec<f64>,
+    pieces: usize,
+    errors: usize,
+}
+
+/// `--streams`: for each N, N live commentary loops (interval 0) on N synthetic sources
+/// sharing one engine through the scheduler.
+///
+/// A source captures a 448x252 frame every 0.5 s; the loop samples every second capture
+/// (stride 2), so the bench keeps the sampled set on a fixed phase as a stream does: the
+/// sampled captures (one a second) go into the inference window and, unless `--serial`,
+/// are pushed to the engine as they arrive, and the loop samples that set with stride 1.
+async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.streams.iter().all(|&n| n > 0),
+        "--streams takes counts of at least 1"
+    );
+    let most = *args.streams.iter().max().unwrap();
+    let engine = streams_engine(args, most).await?;
+    let info = engine.info();
+    eprintln!(
+        "bench: {} on {}, {} engine, streams {:?}, {} s each after {} s warm-up",
+        info.model,
+        info.backend,
+        if args.serial { "serial" } else { "batched" },
+        args.streams,
+        args.seconds,
+        args.warmup
+    );
+    let mut rows = Vec::new();
+    let mut json = Vec::new();
+    for &n in &args.streams {
+        let tallies = run_streams(engine.clone(), n, args).await?;
+        let all = |f: fn(&StreamTally) -> &Vec<f64>| -> Vec<f64> {
+            tallies.iter().flat_map(|t| f(t).iter().copied()).collect()
+        };
+        let rates: Vec<f64> = tallies
+            .iter()
+            .map(|t| t.cycles as f64 / args.seconds as f64)
+            .collect();
+        let first = all(|t| &t.first_token_ms);
+        let cycle = all(|t| &t.cycle_ms);
+        let pieces: usize = tallies.iter().map(|t| t.pieces).sum();
+        let errors: usize = tallies.iter().map(|t| t.errors).sum();
+        let min_rate = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean_rate = rates.iter().sum::<f64>() / n as f64;
+        let p = |v: Vec<f64>| (!v.is_empty()).then(|| Percentiles::of(v));
+        let (first, cycle) = (p(first), p(cycle));
+        let cell = |p: &Option<Percentiles>| match p {
+            Some(p) => format!("{:>7.0} / {:>7.0}", p.p50, p.p95),
+            None => "      - / -      ".into(),
+        };
+        rows.push(format!(
+            "| {n:>7} | {mean_rate:>6.2} ({min_rate:>4.2}) | {} | {} | {:>8.0} | {errors:>6} |",
+            cell(&first),
+            cell(&cycle),
+            pieces as f64 / args.seconds as f64,
+        ));
+        json.push(serde_json::json!({
+            "streams": n, "cycles_per_s_mean": mean_rate, "cycles_per_s_min": min_rate,
+            "first_token_ms": first, "cycle_ms": cycle,
+            "decode_tokens_per_s": pieces as f64 / args.seconds as f64, "errors": errors,
+        }));
+    }
+    println!(
+        "{}: {} engine, live loops at interval 0, up to {} tokens a cycle\n",
+        info.backend,
+        if args.serial { "serial" } else { "batched" },
+        args.generate
+    );
+    println!("| streams | cycles/s per stream (min) | newest frame -> first token ms p50 / p95 | cycle ms p50 / p95 | tokens/s (all) | errors |");
+    println!("|---------|------------------|-------------------|-------------------|----------|--------|");
+    for row in rows {
+        println!("{row}");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&json)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_streams(
+    engine: Arc<dyn Engine>,
+    n: usize,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<StreamTally>> {
+    use kibitz_commentator::{Commentator, CommentatorConfig, Event};
+    use kibitz_frames::{InferenceWindow, Stamp};
+
+    let concurrency = if args.serial { 1 } else { engine.parallelism() };
+    let scheduler = kibitz_engine::Scheduler::new(engine, concurrency);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let measure_from = started + Duration::from_secs(args.warmup as u64);
+    let measure_to = measure_from + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    let mut tallies = Vec::new();
+    for i in 0..n {
+        let window = Arc::new(InferenceWindow::new(32));
+        let session = scheduler.open_session(&format!("bench{i}"));
+        let source = {
+            let (window, stop, session) = (window.clone(), shutdown.clone(), session.clone());
+            let push = !args.serial;
+            tokio::spawn(async move {
+                // Streams start a little apart, as real ones do.
+                tokio::time::sleep(Duration::from_millis(37 * i as u64 % 500)).await;
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                for k in 0u32.. {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if k % 2 == 1 {
+                        continue; // not in the sampled set
+                    }
+                    let pts = Duration::from_millis(500 * u64::from(k));
+                    let rgb = test_frame(448, 252, k + 1000 * i as u32);
+                    if push {
+                        session.push_frame(Frame {
+                            image: Image::Rgb(rgb.clone()),
+                            pts,
+                        });
+                    }
+                    window.push(
+                        Stamp {
+                            pts,
+                            captured: Instant::now(),
+                        },
+                        rgb,
+                    );
+                }
+            })
+        };
+        let config = CommentatorConfig {
+            max_tokens: args.generate,
+            interval: Duration::ZERO,
+            frame_stride: 1,
+            scene_change_threshold: 0.0,
+            ..CommentatorConfig::default()
+        };
+        let commentator = Commentator::new(config, Instant::now())?;
+        let (events, mut rx) = tokio::sync::broadcast::channel(1024);
+        let (snapshot, _) = tokio::sync::watch::channel(commentator.snapshot());
+        let (controls, controls_rx) = tokio::sync::mpsc::channel(1);
+        let run = tokio::spawn(kibitz_commentator::run(
+            commentator,
+            window,
+            session,
+            events,
+            controls_rx,
+            snapshot,
+            shutdown.clone(),
+        ));
+        let tally = tokio::spawn(async move {
+            let _controls = controls;
+            let mut t = StreamTally::default();
+            loop {
+                let event = match tokio::time::timeout_at(measure_to.into(), rx.recv()).await {
+                    Err(_) => break,
+                    Ok(Ok(e)) => e,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                    Ok(Err(_)) => break,
+                };
+                if Instant::now() < measure_from {
+                    continue;
+                }
+                match event {
+                    Event::Token { .. } => t.pieces += 1,
+                    Event::CycleEnd(end) if !end.skipped => {
+                        t.cycles += 1;
+                        t.cycle_ms.push(end.inference_ms);
+                        if let Some(s) = end.first_token_latency {
+                            t.first_token_ms.push(s * 1e3);
+                        }
+                    }
+                    Event::Error { .. } => t.errors += 1,
+                    _ => {}
+                }
+            }
+            t
+        });
+        tasks.push((source, run));
+        tallies.push(tally);
+    }
+    let mut out = Vec::new();
+    for tally in tallies {
+        out.push(tally.await?);
+    }
+    shutdown.cancel();
+    for (source, run) in tasks {
+        let _ = tokio::join!(source, run);
+    }
+    Ok(out)
+}
+
+/// The engine for `--streams`: the llama engine sized for the largest N (one KV sequence a
+/// stream), or whatever `--engine` builds.
+async fn streams_engine(args: &BenchArgs, most: usize) -> anyhow::Result<Arc<dyn Engine>> {
+    #[cfg(feature = "llama")]
+    if args.engine.engine == crate::flags::EngineKind::Llama {
+        use crate::flags::FlashAttn;
+        use kibitz_engine::llama::{FlashAttention, LlamaConfig, LlamaEngine};
+        use kibitz_engine::models::{self, ModelQuery};
+
+        let e = &args.engine;
+        let mut query = ModelQuery::new(e.model.clone(), crate::engine::cache_dir(e));
+        query.mmproj = e.mmproj.clone();
+        query.quant = e.quant.clone();
+        query.endpoint = e.hf_endpoint.trim_end_matches('/').to_string();
+        query.token = e.hf_token.clone();
+        let files = models::resolve(&query).await?;
+        let mut config = LlamaConfig::new(files.llm, files.mmproj);
+        config.gpu_layers = e.gpu_layers;
+        // Per stream: the bench's system prompt, 4 frames, the question and the answer.
+        config.context_size = e.context_size.min(2048);
+        config.threads = e.threads;
+        config.max_slices = e.max_slice_nums;
+        config.max_streams = most as u32;
+        config.kv_unified = !args.kv_split;
+        config.flash_attention = match e.flash_attn {
+            FlashAttn::Auto => FlashAttention::Auto,
+            FlashAttn::On => FlashAttention::On,
+            FlashAttn::Off => FlashAttention::Off,
+        };
+        let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(config))
+            .await
+            .context("the model loader stopped")??;
+        return Ok(Arc::new(engine));
+    }
+    let _ = most;
+    crate::engine::build(&args.engine).await
 }

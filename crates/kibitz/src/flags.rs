@@ -244,10 +244,6 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub scene_change_threshold: f64,
-    /// The commentary's language, as a code (en, de, pt-BR): in the prompt and the voice.
-    /// (KIBITZ_LANGUAGE, not LANGUAGE, which the system sets for its own messages.)
-    #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
-    pub language: String,
     #[arg(long, env = "JPEG_QUALITY", default_value_t = 80)]
     pub jpeg_quality: i32,
     /// Scale the displayed video down to this width (0 = as decoded).
@@ -286,6 +282,10 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// The voice every stream speaks with unless its own `voice` says otherwise, and the
+    /// commentary's language (KIBITZ_LANGUAGE, not LANGUAGE, which the system sets).
+    #[command(flatten)]
+    pub voice: VoiceArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -353,6 +353,20 @@ pub struct BenchArgs {
     /// in real time, for this many cycles: measures newest frame -> first token.
     #[arg(long, value_name = "CYCLES")]
     pub live: Option<usize>,
+    /// Run N live streams at once on one engine (each its own synthetic 2 fps source and
+    /// commentary loop, interval 0) for each N of the list, e.g. `1,2,4,8,16`.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub streams: Vec<usize>,
+    /// With --streams: seconds measured for each N, after a warm-up of --warmup seconds.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// With --streams: one request at a time through the scheduler and no frames pushed
+    /// ahead (the engine before batching), for comparison.
+    #[arg(long)]
+    pub serial: bool,
+    /// With --streams: one KV buffer per stream instead of one shared (llama engine).
+    #[arg(long)]
+    pub kv_split: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

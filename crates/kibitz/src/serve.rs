@@ -14,7 +14,7 @@ use kibitz_engine::Scheduler;
 use kibitz_media::SourcePolicy;
 use kibitz_server::auth::Access;
 use kibitz_server::{AppState, Parts};
-use kibitz_stream::{FfmpegSources, RegistryConfig, Streams};
+use kibitz_stream::{FfmpegSources, RegistryConfig, Streams, Voices};
 use tokio_util::sync::CancellationToken;
 
 use crate::flags::ServeArgs;
@@ -44,6 +44,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         max_streams: settings.max_streams,
         state_file: Some(settings.state_file.clone()),
+        voices: Arc::new(Voices::new(
+            settings.defaults.voice.clone(),
+            settings.voice.clone(),
+        )),
     });
     // Every stream that cannot start is named before giving up, like a bad setting.
     let mut failures = Vec::new();

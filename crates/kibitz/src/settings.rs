@@ -21,6 +21,7 @@ pub struct Settings {
     pub token: Option<String>,
     pub token_for_viewing: bool,
     pub engine: EngineArgs,
+    pub voice: kibitz_voice::VoiceOptions,
 }
 
 impl Settings {
@@ -72,6 +73,13 @@ impl Settings {
             }
         }
         problems.extend(crate::engine::problems(&args.engine));
+        let voice = match crate::say::options(&args.voice) {
+            Ok(options) => Some(options),
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        };
 
         let defaults = StreamDefaults {
             profile: args.profile.clone(),
@@ -83,7 +91,8 @@ impl Settings {
             stream_delay_init: args.stream_delay_init,
             stream_delay_ema_alpha: args.stream_delay_ema_alpha,
             scene_change_threshold: args.scene_change_threshold,
-            language: args.language.clone(),
+            language: args.voice.language.clone(),
+            voice: args.voice.voice.to_string(),
             window_size: args.window_size.max(1),
             display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
                 args.display_buffer_seconds
@@ -180,6 +189,7 @@ impl Settings {
             token: args.token,
             token_for_viewing: args.token_for_viewing,
             engine: args.engine,
+            voice: voice.expect("checked above"),
         })
     }
 }

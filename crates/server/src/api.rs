@@ -176,7 +176,14 @@ pub(crate) async fn profiles(State(state): State<AppState>) -> Json<Value> {
         "current": current,
         "max_instruction_chars": kibitz_commentator::MAX_INSTRUCTION_CHARS,
         "live_fields": kibitz_stream::LIVE_FIELDS,
+        "voices": state.streams().voices_offered(),
     }))
+}
+
+/// `GET /api/clock`: the server's time, for a page to keep its offset to it (speech
+/// `play_at` times are in server time). Unix milliseconds.
+pub(crate) async fn clock() -> Json<Value> {
+    Json(json!({ "now_ms": kibitz_stream::unix_ms(std::time::Instant::now()) }))
 }
 
 /// 200 while the engine can serve, 503 when it cannot.

@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::Response;
@@ -28,25 +28,47 @@ use crate::AppState;
 type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<sse::Event, Infallible>> + Send>>;
 type SseStream = Sse<sse::KeepAliveStream<EventStream>>;
 
-/// `GET /api/streams/{id}/stream`.
-pub(crate) async fn stream(State(state): State<AppState>, Target(handle): Target) -> SseStream {
+/// `?sound=on`: the client plays the stream's speech clips, so it counts as a listener
+/// (speech is synthesized only while someone listens).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct Listen {
+    sound: Option<String>,
+}
+
+impl Listen {
+    fn attach(&self, handle: &kibitz_stream::StreamHandle) -> Option<Attachment> {
+        matches!(self.sound.as_deref(), Some("on" | "1" | "true"))
+            .then(|| handle.attach(OutputKind::Listener, now()))
+    }
+}
+
+/// `GET /api/streams/{id}/stream[?sound=on]`.
+pub(crate) async fn stream(
+    State(state): State<AppState>,
+    Target(handle): Target,
+    Query(listen): Query<Listen>,
+) -> SseStream {
     let attachment = handle.attach(OutputKind::Sse, now());
-    let events = stream::unfold((attachment, state), |(mut a, state)| async move {
-        let item = tokio::select! {
-            _ = state.shutdown().cancelled() => return None,
-            _ = a.stopped.cancelled() => return None,
-            item = a.events.recv() => item,
-        };
-        let message = match item {
-            Ok(event) => {
-                let value = serde_json::to_value(&event).expect("events serialize");
-                sse_message(&value)
-            }
-            Err(RecvError::Lagged(skipped)) => lagged(&state, skipped),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(message), (a, state)))
-    });
+    let listening = listen.attach(&handle);
+    let events = stream::unfold(
+        (attachment, state, listening),
+        |(mut a, state, listening)| async move {
+            let item = tokio::select! {
+                _ = state.shutdown().cancelled() => return None,
+                _ = a.stopped.cancelled() => return None,
+                item = a.events.recv() => item,
+            };
+            let message = match item {
+                Ok(event) => {
+                    let value = serde_json::to_value(&event).expect("events serialize");
+                    sse_message(&value)
+                }
+                Err(RecvError::Lagged(skipped)) => lagged(&state, skipped),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok(message), (a, state, listening)))
+        },
+    );
     Sse::new(Box::pin(events) as EventStream).keep_alive(KeepAlive::default())
 }
 
@@ -72,18 +94,23 @@ pub(crate) async fn bus(State(state): State<AppState>) -> SseStream {
     Sse::new(Box::pin(events) as EventStream).keep_alive(KeepAlive::default())
 }
 
-/// `GET /api/streams/{id}/ws`.
+/// `GET /api/streams/{id}/ws[?sound=on]`.
 pub(crate) async fn ws(
     upgrade: WebSocketUpgrade,
     State(state): State<AppState>,
     Target(handle): Target,
+    Query(listen): Query<Listen>,
     headers: HeaderMap,
 ) -> Response {
     // Decided at the upgrade: a browser's WebSocket carries the session cookie, not a
     // header the page could set later.
     let may_change = state.shared().access.is_authorized(&headers);
     let attachment = handle.attach(OutputKind::Ws, now());
-    upgrade.on_upgrade(move |socket| session(socket, state, attachment, may_change))
+    let listening = listen.attach(&handle);
+    upgrade.on_upgrade(move |socket| async move {
+        session(socket, state, attachment, may_change).await;
+        drop(listening);
+    })
 }
 
 /// Sends every event as a JSON text message; takes `{"profile"?, "instruction"?}`

@@ -13,7 +13,7 @@ use kibitz_engine::Scheduler;
 use kibitz_frames::Jpeg;
 use kibitz_media::SourcePolicy;
 use kibitz_stream::sources::fake::PatternSources;
-use kibitz_stream::{RegistryConfig, StreamDefaults, StreamHandle, Streams};
+use kibitz_stream::{RegistryConfig, StreamDefaults, StreamHandle, Streams, Voices};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Access;
@@ -95,6 +95,8 @@ pub struct Options {
     pub media_dir: Option<PathBuf>,
     /// Real-sized JPEGs every source shows in turn, instead of tiny tagged ones.
     pub pictures: Option<Vec<Jpeg>>,
+    /// The voices streams may speak with (none by default).
+    pub voices: Voices,
 }
 
 impl Default for Options {
@@ -121,6 +123,7 @@ impl Default for Options {
             state_file: None,
             media_dir: None,
             pictures: None,
+            voices: Voices::off(),
         }
     }
 }
@@ -152,6 +155,7 @@ impl Harness {
             },
             max_streams: options.max_streams,
             state_file: options.state_file.clone(),
+            voices: Arc::new(options.voices),
         });
         let specs = kibitz_stream::topology::plan(
             &options

@@ -16,9 +16,12 @@
 //! | `GET /api/streams/{id}/stream`, `.../ws` | the stream's events (SSE, WebSocket) |
 //! | `GET /api/streams/{id}/status` | the stream's status |
 //! | `POST /api/streams/{id}/instruction` | `{profile?, instruction?}` |
+//! | `GET /api/streams/{id}/speech` | the spoken commentary, one Ogg/Opus stream, delayed like the picture |
+//! | `GET /api/streams/{id}/speech/clips/{n}` | one spoken comment (WAV), as `speech` events name it |
 //! | `GET /api/events` | every stream's events, tagged with `stream` (SSE) |
 //! | `/api/mjpeg`, `/api/frame`, `/api/stream`, `/api/ws`, `/api/status`, `/api/instruction` | the same for the first stream still running |
-//! | `GET /api/profiles` | profile names |
+//! | `GET /api/profiles` | profile names, voices offered |
+//! | `GET /api/clock` | the server's time (unix ms), for scheduling speech clips |
 //! | `GET`/`POST`/`DELETE /api/session` | token → cookie for the page |
 //! | `GET /metrics`, `GET /healthz` | Prometheus text (label `stream`), health |
 
@@ -42,6 +45,7 @@ pub mod fake;
 mod metrics;
 mod mjpeg;
 mod page;
+mod speech;
 mod state;
 
 pub use error::{ApiError, ServerError};
@@ -78,10 +82,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/streams/{id}/status", get(api::status))
         .route("/api/streams/{id}/frame", get(mjpeg::frame))
         .route("/api/streams/{id}/instruction", post(api::instruction))
+        .route("/api/streams/{id}/speech/clips/{n}", get(speech::clip))
         .route("/api/frame", get(mjpeg::frame))
         .route("/api/status", get(api::status))
         .route("/api/instruction", post(api::instruction))
         .route("/api/profiles", get(api::profiles))
+        .route("/api/clock", get(api::clock))
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(api::healthz))
         .layer(TimeoutLayer::with_status_code(
@@ -92,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/streams/{id}/mjpeg", get(mjpeg::mjpeg))
         .route("/api/streams/{id}/stream", get(events::stream))
         .route("/api/streams/{id}/ws", get(events::ws))
+        .route("/api/streams/{id}/speech", get(speech::stream))
         .route("/api/mjpeg", get(mjpeg::mjpeg))
         .route("/api/stream", get(events::stream))
         .route("/api/ws", get(events::ws))

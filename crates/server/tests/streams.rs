@@ -301,7 +301,11 @@ async fn every_bad_request_gets_its_status_and_reason() {
     ] {
         let body = json!({ "source": source }).to_string();
         let response = call(&router, Method::POST, "/api/streams", Some(&body)).await;
-        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{source}");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{source}"
+        );
         assert_eq!(json_of(response).await["field"], "source", "{source}");
     }
     // A 422 about one field names it.
@@ -748,4 +752,164 @@ async fn mjpeg_plays_each_frame_once_at_the_source_rate_and_sse_carries_the_stre
         v.mjpeg == 0 && v.mjpeg_frames_sent >= 15
     })
     .await;
+}
+
+/// A voice that says a 440 Hz tone, half a second per sentence, at 16 kHz.
+struct Tone;
+
+impl kibitz_voice::Voice for Tone {
+    fn info(&self) -> kibitz_voice::VoiceInfo {
+        kibitz_voice::VoiceInfo {
+            engine: "espeak",
+            name: "tone".into(),
+            language: "en".into(),
+            sample_rate: 16_000,
+        }
+    }
+
+    fn synthesize(&self, _sentence: &str) -> Result<kibitz_voice::Pcm, kibitz_voice::VoiceError> {
+        let samples = (0..8_000)
+            .map(|i| {
+                ((i as f64 * 440.0 * std::f64::consts::TAU / 16_000.0).sin() * 12_000.0) as i16
+            })
+            .collect();
+        Ok(kibitz_voice::Pcm {
+            samples,
+            sample_rate: 16_000,
+        })
+    }
+}
+
+fn speaking() -> Options {
+    Options {
+        voices: kibitz_stream::Voices::preset("espeak", std::sync::Arc::new(Tone)),
+        defaults: kibitz_stream::StreamDefaults {
+            voice: "espeak".into(),
+            inference_interval: 1.0,
+            ..Options::default().defaults
+        },
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn comments_are_spoken_only_while_someone_listens() {
+    let harness = Harness::with(speaking()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+    let s1 = harness.stream("s1");
+
+    // Nobody listens: comments come, nothing is spoken.
+    eventually("two comments", || async {
+        s1.status().commentary.cycles_done >= 2
+    })
+    .await;
+    assert_eq!(s1.status().speech.spoken, 0);
+    assert_eq!(s1.status().speech.voice, "espeak");
+
+    // A page with its sound on: `speech` events name a clip and when to play it.
+    let events = read_for(
+        addr,
+        "/api/streams/s1/stream?sound=on",
+        Duration::from_secs(5),
+    )
+    .await;
+    let speech: Vec<Value> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|e| e["type"] == "speech")
+        .collect();
+    assert!(!speech.is_empty(), "{events}");
+    let first = &speech[0];
+    assert!(
+        (first["duration"].as_f64().unwrap() - 0.5).abs() < 0.01,
+        "one sentence of tone: {first}"
+    );
+    let play_at = first["play_at"].as_f64().unwrap();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3;
+    assert!(
+        (wall - play_at).abs() < 10_000.0,
+        "play_at is server time in ms: {play_at}"
+    );
+    // Never overlapping: each starts after the previous one ends.
+    for pair in speech.windows(2) {
+        let end =
+            pair[0]["play_at"].as_f64().unwrap() + pair[0]["duration"].as_f64().unwrap() * 1e3;
+        assert!(
+            pair[1]["play_at"].as_f64().unwrap() >= end - 1.0,
+            "{pair:?}"
+        );
+    }
+    let clip = first["clip"].as_str().unwrap();
+    let wav = reqwest::get(format!("http://{addr}{clip}")).await.unwrap();
+    assert_eq!(wav.status(), StatusCode::OK);
+    assert_eq!(wav.headers()["content-type"], "audio/wav");
+    let wav = wav.bytes().await.unwrap();
+    assert_eq!(&wav[..4], b"RIFF");
+    assert_eq!(wav.len(), 44 + 8_000 * 2);
+    assert!(s1.status().speech.spoken >= 1);
+    let response = reqwest::get(format!("http://{addr}/api/streams/s1/speech/clips/999999"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_speech_stream_is_ogg_opus_with_speech_and_silence() {
+    let harness = Harness::with(speaking()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+
+    let mut response = reqwest::get(format!("http://{addr}/api/streams/s1/speech"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "audio/ogg");
+    let mut ogg = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(8);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(end, response.chunk()).await {
+        ogg.extend_from_slice(&chunk);
+    }
+    drop(response);
+    assert_eq!(&ogg[..4], b"OggS");
+    assert!(ogg.windows(8).any(|w| w == b"OpusHead"));
+
+    // Decoded by FFmpeg: about 8 s of audio, loud where a comment was spoken and quiet
+    // between.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("speech.ogg");
+    std::fs::write(&path, &ogg).unwrap();
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-i"])
+        .arg(&path)
+        .args(["-f", "s16le", "-ac", "1", "-ar", "48000", "-"])
+        .output()
+        .expect("ffmpeg runs (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<i16> = out
+        .stdout
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let seconds = samples.len() as f64 / 48_000.0;
+    assert!((6.0..=9.0).contains(&seconds), "{seconds} s");
+    let rms: Vec<f64> = samples
+        .chunks(4_800)
+        .map(|w| (w.iter().map(|&s| (s as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt())
+        .collect();
+    let loud = rms.iter().filter(|r| **r > 2_000.0).count();
+    let quiet = rms.iter().filter(|r| **r < 100.0).count();
+    assert!(loud >= 10, "{loud} loud tenths of a second: {rms:?}");
+    assert!(quiet >= 10, "{quiet} quiet tenths of a second: {rms:?}");
 }

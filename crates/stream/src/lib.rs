@@ -7,6 +7,7 @@
 //! - [`Playout`]: which picture is on screen now, given the delay (sans-IO).
 //! - [`Streams`]: the registry: add, change, remove, the state file, the tagged event bus.
 //! - [`Sources`]: how sources start (FFmpeg; pattern pictures behind the `fake` feature).
+//! - `speech`: which comments are spoken when, and the continuous Ogg/Opus stream.
 
 mod events;
 mod id;
@@ -14,9 +15,11 @@ mod playout;
 mod registry;
 pub mod sources;
 mod spec;
+mod speech;
 mod status;
 mod stream;
 pub mod topology;
+mod voices;
 
 pub use events::{StreamEvent, StreamEventKind};
 pub use id::{StreamId, MAX_ID_LEN};
@@ -27,8 +30,10 @@ pub use spec::{
     parse_streams_file, FieldError, Problems, StreamDefaults, StreamSettings, StreamSpec,
     LIVE_FIELDS,
 };
+pub use speech::{unix_ms, SpeechStatus, MAX_LATE};
 pub use status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
 pub use stream::{Attachment, Origin, OutputKind, StartContext, Stream, StreamHandle};
+pub use voices::Voices;
 
 /// What adding, changing or removing a stream can fail with. The server maps each to one
 /// HTTP status; the binary prints it as one line.

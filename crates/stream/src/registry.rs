@@ -34,6 +34,7 @@ pub struct RegistryConfig {
     pub max_streams: usize,
     /// Where API streams and changes are kept; `None` keeps nothing.
     pub state_file: Option<PathBuf>,
+    pub voices: Arc<crate::Voices>,
 }
 
 /// The set of running streams. Cheap to clone.
@@ -76,6 +77,7 @@ impl Streams {
                     sources: config.sources,
                     scheduler: config.scheduler,
                     bus,
+                    voices: config.voices,
                 },
                 policy: config.policy,
                 max_streams: config.max_streams,
@@ -93,6 +95,16 @@ impl Streams {
 
     pub fn scheduler(&self) -> &kibitz_engine::Scheduler {
         &self.inner.cx.scheduler
+    }
+
+    /// The voices a stream may be given through the API, `off` first.
+    pub fn voices_offered(&self) -> Vec<String> {
+        let mut offered = vec!["off".to_string(), "espeak".to_string()];
+        let default = self.inner.cx.voices.default_spec().to_string();
+        if !offered.contains(&default) {
+            offered.push(default);
+        }
+        offered
     }
 
     pub fn max_streams(&self) -> usize {
@@ -154,6 +166,7 @@ impl Streams {
         if self.get(spec.id.as_str()).is_some() {
             return Err(StreamError::Taken(spec.id));
         }
+        self.check_voice(&settings_voice(&settings))?;
         if self.len() >= self.inner.max_streams {
             return Err(StreamError::Full(self.inner.max_streams));
         }
@@ -181,16 +194,21 @@ impl Streams {
         let handle = self
             .get(id)
             .ok_or_else(|| StreamError::NotFound(id.to_string()))?;
-        let next = handle
-            .spec()
+        let before = handle.spec();
+        let next = before
             .patch(&change, self.defaults())
             .map_err(StreamError::Invalid)?;
+        self.check_voice(&change.voice)?;
         handle.apply(next.clone())?;
+        if next.voice != before.voice {
+            handle.set_voice(&self.inner.cx.voices, &next).await;
+        }
         if handle.origin() == Origin::Cli {
             let live = StreamSettings {
                 profile: Some(next.profile),
                 instruction: Some(next.instruction),
                 inference_interval: Some(next.inference_interval),
+                voice: Some(next.voice),
                 ..StreamSettings::default()
             };
             lock(&self.inner.cli_changes).insert(handle.id().clone(), live);
@@ -277,6 +295,23 @@ impl Streams {
         Ok(handle)
     }
 
+    /// A voice named through the API must be one the server offers (see
+    /// [`crate::Voices::allowed_from_api`]).
+    fn check_voice(&self, voice: &Option<String>) -> Result<(), StreamError> {
+        match voice {
+            Some(v) if !self.inner.cx.voices.allowed_from_api(v) => {
+                Err(StreamError::Invalid(problem(
+                    "voice",
+                    format!(
+                        "'{v}' is not offered here: choose off, espeak or {}",
+                        self.inner.cx.voices.default_spec()
+                    ),
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn source_config(&self, source: SourceSpec, spec: &StreamSpec) -> SourceConfig {
         let d = self.defaults();
         let mut config = SourceConfig::new(source);
@@ -342,6 +377,10 @@ impl Streams {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+fn settings_voice(settings: &StreamSettings) -> Option<String> {
+    settings.voice.clone()
 }
 
 fn problem(field: &'static str, message: String) -> Problems {

@@ -56,6 +56,9 @@ pub struct StreamSettings {
     /// The commentary's language (`en`, `de`, `pt-BR`), in the prompt and the voice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// Who speaks the comments: `espeak`, `piper:PATH`, `openai:URL` or `off`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voice: Option<String>,
 }
 
 /// One stream, complete and checked.
@@ -75,6 +78,7 @@ pub struct StreamSpec {
     pub stream_delay_ema_alpha: f64,
     pub scene_change_threshold: f64,
     pub language: String,
+    pub voice: String,
 }
 
 /// The global flags: per-stream defaults, and the settings every stream shares.
@@ -90,6 +94,8 @@ pub struct StreamDefaults {
     pub stream_delay_ema_alpha: f64,
     pub scene_change_threshold: f64,
     pub language: String,
+    /// `--voice`.
+    pub voice: String,
     /// Frames the inference window keeps (`WINDOW_SIZE`).
     pub window_size: usize,
     /// Picture the display buffer keeps (`DISPLAY_BUFFER_SECONDS`).
@@ -119,6 +125,7 @@ impl Default for StreamDefaults {
             stream_delay_ema_alpha: c.delay_alpha,
             scene_change_threshold: c.scene_change_threshold,
             language: c.style.language.code().to_string(),
+            voice: "off".into(),
             window_size: 32,
             display_span: Duration::from_secs(15),
             jpeg_quality: kibitz_frames::JPEG_QUALITY,
@@ -159,7 +166,7 @@ fn lines(problems: &[FieldError]) -> String {
 }
 
 /// Settings a running stream takes without a restart; the rest need a new stream.
-pub const LIVE_FIELDS: [&str; 3] = ["profile", "instruction", "inference_interval"];
+pub const LIVE_FIELDS: [&str; 4] = ["profile", "instruction", "inference_interval", "voice"];
 
 impl StreamSpec {
     /// Fills what `settings` leaves out from `defaults` and checks everything. `id` is
@@ -232,6 +239,12 @@ impl StreamSpec {
                 .language
                 .as_deref()
                 .unwrap_or(&d.language)
+                .trim()
+                .to_string(),
+            voice: settings
+                .voice
+                .as_deref()
+                .unwrap_or(&d.voice)
                 .trim()
                 .to_string(),
         };
@@ -320,6 +333,9 @@ impl StreamSpec {
         }
         if let Some(interval) = change.inference_interval {
             next.inference_interval = interval;
+        }
+        if let Some(voice) = &change.voice {
+            next.voice = voice.trim().to_string();
         }
         problems.extend(next.check(defaults));
         if problems.is_empty() {
@@ -419,6 +435,9 @@ impl StreamSpec {
         if let Err(e) = Language::parse(&self.language) {
             bad("language", e.to_string());
         }
+        if let Err(e) = kibitz_voice::VoiceSpec::parse(&self.voice) {
+            bad("voice", e.to_string());
+        }
         problems
     }
 
@@ -468,6 +487,7 @@ impl StreamSpec {
             stream_delay_ema_alpha: Some(self.stream_delay_ema_alpha),
             scene_change_threshold: Some(self.scene_change_threshold),
             language: Some(self.language.clone()),
+            voice: Some(self.voice.clone()),
         }
     }
 }
@@ -537,6 +557,7 @@ mod tests {
             stream_delay_ema_alpha: Some(1.5),
             scene_change_threshold: Some(-1.0),
             language: Some("klingon!".into()),
+            voice: Some("bard".into()),
         };
         let Problems(problems) =
             StreamSpec::resolve(&settings, None, &StreamDefaults::default()).unwrap_err();
@@ -555,7 +576,8 @@ mod tests {
                 "stream_delay_init",
                 "stream_delay_ema_alpha",
                 "scene_change_threshold",
-                "language"
+                "language",
+                "voice"
             ]
         );
         assert!(problems[2].message.contains("unknown profile 'opera'"));

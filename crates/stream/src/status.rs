@@ -21,6 +21,7 @@ pub struct StreamStatus {
     /// Seconds behind real time the picture is shown.
     pub target_delay: f64,
     pub viewers: ViewerCounts,
+    pub speech: crate::SpeechStatus,
     /// The stream's settings (source without credentials).
     pub settings: StreamSettings,
     pub uptime_s: f64,
@@ -104,13 +105,15 @@ pub struct ViewerCounts {
     pub mjpeg: u64,
     pub sse: u64,
     pub ws: u64,
+    /// Readers of the continuous speech stream.
+    pub speech: u64,
     /// Frames written to MJPEG viewers since the stream started, all together.
     pub mjpeg_frames_sent: u64,
 }
 
 impl ViewerCounts {
     pub fn total(&self) -> u64 {
-        self.mjpeg + self.sse + self.ws
+        self.mjpeg + self.sse + self.ws + self.speech
     }
 }
 

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::playout::{frame_period, Playout};
 use crate::sources::{RunningSource, Sources};
 use crate::spec::{StreamDefaults, StreamSpec};
+use crate::speech::Speech;
 use crate::status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
 use crate::{StreamError, StreamId};
 
@@ -45,7 +46,14 @@ pub enum OutputKind {
     Mjpeg,
     Sse,
     Ws,
+    /// A reader of the continuous speech stream (Ogg/Opus).
+    Speech,
+    /// A page with its sound on (it plays the speech clips itself).
+    Listener,
 }
+
+/// How many kinds of output there are (the size of the counters).
+const OUTPUT_KINDS: usize = 5;
 
 /// What a stream needs from the server around it to start.
 #[derive(Clone)]
@@ -55,6 +63,7 @@ pub struct StartContext {
     pub scheduler: kibitz_engine::Scheduler,
     /// Every stream's events, tagged with the stream (`/api/events`).
     pub bus: broadcast::Sender<crate::StreamEvent>,
+    pub voices: Arc<crate::Voices>,
 }
 
 /// A running stream. Dropping it without [`Stream::stop`] still stops the commentary
@@ -81,7 +90,8 @@ struct Shared {
     events: broadcast::Sender<Event>,
     controls: mpsc::Sender<Control>,
     snapshot: watch::Receiver<Snapshot>,
-    viewers: [AtomicU64; 3],
+    viewers: [AtomicU64; OUTPUT_KINDS],
+    speech: Speech,
     frames_sent: AtomicU64,
     stopped: CancellationToken,
     started: Instant,
@@ -117,6 +127,7 @@ impl Stream {
             .map_err(|e| StreamError::Internal(format!("the source start panicked: {e}")))?
             .map_err(|e| StreamError::Open(e.to_string()))?;
 
+        let (voice, voice_name) = build_voice(&cx.voices, &spec).await;
         let commentator = Commentator::new(spec.commentator(&defaults), now())
             .map_err(|e| StreamError::Internal(e.to_string()))?;
         let (snapshot_tx, snapshot) = watch::channel(commentator.snapshot());
@@ -145,15 +156,18 @@ impl Stream {
                 controls,
                 snapshot,
                 viewers: Default::default(),
+                speech: Speech::new(voice, voice_name),
                 frames_sent: AtomicU64::new(0),
                 stopped,
                 started: Instant::now(),
             }),
         };
         let forward = tokio::spawn(forward_events(handle.clone(), cx.bus.clone()));
+        let speaker = tokio::spawn(crate::speech::speak_comments(handle.clone()));
+        let encoder = tokio::spawn(crate::speech::encode_stream(handle.clone()));
         Ok(Stream {
             handle,
-            tasks: vec![commentary, forward],
+            tasks: vec![commentary, forward, speaker, encoder],
         })
     }
 
@@ -257,6 +271,44 @@ impl StreamHandle {
         }
     }
 
+    /// How many outputs of `kind` are attached now.
+    pub fn viewers(&self, kind: OutputKind) -> u64 {
+        self.shared.viewers[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// The stream's events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Cancelled when the stream stops.
+    pub fn stopped(&self) -> CancellationToken {
+        self.shared.stopped.clone()
+    }
+
+    pub(crate) fn speech(&self) -> &Speech {
+        &self.shared.speech
+    }
+
+    /// Tells the commentary loop something (outputs such as speech pace it).
+    pub(crate) fn control(&self, control: Control) -> Result<(), StreamError> {
+        self.shared.controls.try_send(control).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StreamError::Busy("the loop is behind".into()),
+            mpsc::error::TrySendError::Closed(_) => StreamError::Stopped,
+        })
+    }
+
+    /// Publishes an event of the stream's own (speech, an output's error).
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.shared.events.send(event);
+    }
+
+    /// Changes the voice of a running stream.
+    pub(crate) async fn set_voice(&self, voices: &Arc<crate::Voices>, spec: &StreamSpec) {
+        let (voice, name) = build_voice(voices, spec).await;
+        self.shared.speech.set_voice(voice, name);
+    }
+
     /// The newest picture (real time, not delayed).
     pub fn latest_frame(&self) -> Option<DisplayFrame> {
         self.shared.display.latest()
@@ -341,8 +393,10 @@ impl StreamHandle {
                 mjpeg: viewers(OutputKind::Mjpeg),
                 sse: viewers(OutputKind::Sse),
                 ws: viewers(OutputKind::Ws),
+                speech: viewers(OutputKind::Speech),
                 mjpeg_frames_sent: shared.frames_sent.load(Ordering::Relaxed),
             },
+            speech: shared.speech.status(self.listeners()),
             settings: spec.settings_shown(),
             uptime_s: shared.started.elapsed().as_secs_f64(),
         }
@@ -361,6 +415,27 @@ impl StreamSpec {
             source: Some(self.source_shown()),
             ..self.settings()
         }
+    }
+}
+
+/// The stream's voice, or none with the reason in its name (a broken voice leaves the
+/// stream silent, never stopped).
+async fn build_voice(
+    voices: &Arc<crate::Voices>,
+    spec: &StreamSpec,
+) -> (Option<Arc<dyn kibitz_voice::Voice>>, String) {
+    let voices = voices.clone();
+    let (name, language) = (spec.voice.clone(), spec.language.clone());
+    let built = tokio::task::spawn_blocking({
+        let name = name.clone();
+        move || voices.get(&name, &language)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("building the voice panicked: {e}")));
+    match built {
+        Ok(Some(voice)) => (Some(voice), name),
+        Ok(None) => (None, "off".into()),
+        Err(e) => (None, format!("off ({name}: {e})")),
     }
 }
 

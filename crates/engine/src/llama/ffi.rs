@@ -331,11 +331,18 @@ impl Batch {
 
     /// Adds one embedding row (`width` floats).
     pub fn push_row(&mut self, row: &[f32], pos: i32, seq: i32) {
-        assert!(self.width > 0 && row.len() == self.width, "bad embedding row");
+        assert!(
+            self.width > 0 && row.len() == self.width,
+            "bad embedding row"
+        );
         let i = self.entry(pos, seq, false);
         // SAFETY: llama_batch_init allocated `capacity * width` floats for `embd`.
         unsafe {
-            std::ptr::copy_nonoverlapping(row.as_ptr(), self.raw.embd.add(i * self.width), self.width)
+            std::ptr::copy_nonoverlapping(
+                row.as_ptr(),
+                self.raw.embd.add(i * self.width),
+                self.width,
+            )
         };
     }
 

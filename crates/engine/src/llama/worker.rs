@@ -32,8 +32,8 @@ use tokio::sync::mpsc::Sender;
 
 use super::ffi::{self, ChunkKind, Token};
 use super::{
-    content_key, fit_to_slices, frame_key, frame_piece, ms, question_piece, system_piece, take_utf8, to_rgb,
-    EngineState, FlashAttention, LlamaConfig, SequenceState,
+    content_key, fit_to_slices, frame_key, frame_piece, ms, question_piece, system_piece,
+    take_utf8, to_rgb, EngineState, FlashAttention, LlamaConfig, SequenceState,
 };
 use crate::{EngineError, EngineInfo, Frame, Output, Priority, Request, Stats};
 
@@ -450,8 +450,7 @@ impl Worker {
 
     /// Starts waiting requests whose sequences are idle, best first.
     fn admit(&mut self) {
-        self.waiting
-            .sort_by_key(|w| (w.job.priority, w.serial));
+        self.waiting.sort_by_key(|w| (w.job.priority, w.serial));
         let mut i = 0;
         while i < self.waiting.len() {
             let stream = key(&self.waiting[i].job);
@@ -790,9 +789,7 @@ impl Worker {
                 let whole = n == tokens.len();
                 for (j, &t) in tokens[..n].iter().enumerate() {
                     let last = whole && j + 1 == n;
-                    let i = self
-                        .tokens
-                        .push(t, seq.next_pos, seq.id, last && *logits);
+                    let i = self.tokens.push(t, seq.next_pos, seq.id, last && *logits);
                     if last && *logits {
                         sampled.push((stream, i));
                     }
@@ -852,7 +849,10 @@ impl Worker {
             g.outbox.push_str(&text);
         }
         if !g.outbox.is_empty() {
-            match g.tx.try_send(Ok(Output::Text(std::mem::take(&mut g.outbox)))) {
+            match g
+                .tx
+                .try_send(Ok(Output::Text(std::mem::take(&mut g.outbox))))
+            {
                 Ok(()) => {}
                 // A slow reader: keep the text for the next token (never block the others).
                 Err(TrySendError::Full(Ok(Output::Text(t)))) => g.outbox = t,
@@ -920,7 +920,10 @@ impl Worker {
                 if s.generated_tokens > 0 && s.decode_ms > 0.0 {
                     s.decode_tokens_per_s = s.generated_tokens as f64 / (s.decode_ms / 1e3);
                 }
-                s.first_token_ms = g.first_token_at.map(|at| ms(at - g.submitted)).unwrap_or(0.0);
+                s.first_token_ms = g
+                    .first_token_at
+                    .map(|at| ms(at - g.submitted))
+                    .unwrap_or(0.0);
                 s.total_ms = ms(g.submitted.elapsed());
                 Some(Ok(Output::Done(g.stats.clone())))
             }
@@ -929,7 +932,8 @@ impl Worker {
             g.outbox
                 .push_str(&String::from_utf8_lossy(&std::mem::take(&mut g.bytes)));
             if !g.outbox.is_empty() {
-                let _ = g.tx.blocking_send(Ok(Output::Text(std::mem::take(&mut g.outbox))));
+                let _ =
+                    g.tx.blocking_send(Ok(Output::Text(std::mem::take(&mut g.outbox))));
             }
         }
         // The count drops before the last message goes out, so a caller that has its
