@@ -328,7 +328,11 @@ mod tests {
                     assert!(message.contains("boom"), "{message}");
                     outcomes.push("error".into());
                 }
-                Event::Source { .. } | Event::Speech { .. } => {
+                Event::Source { .. }
+                | Event::Speech { .. }
+                | Event::AnswerStart { .. }
+                | Event::AnswerToken { .. }
+                | Event::AnswerEnd { .. } => {
                     unreachable!("the loop reports no source or speech events")
                 }
             }

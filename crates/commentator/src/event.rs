@@ -29,6 +29,26 @@ pub enum Event {
         state: String,
         detail: Option<String>,
     },
+    /// A viewer's question about what the stream shows now; its answer follows as
+    /// `answer_token` pieces and one `answer_end`.
+    AnswerStart {
+        answer: u64,
+        question: String,
+    },
+    AnswerToken {
+        answer: u64,
+        text: String,
+    },
+    /// The whole answer (or, with `error`, why there is none).
+    AnswerEnd {
+        answer: u64,
+        question: String,
+        text: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// From the question to the end of the answer, in seconds.
+        latency: f64,
+    },
     /// A cycle's comment is spoken: the clip at `clip` (WAV) plays at `play_at`, in
     /// milliseconds of the server's clock (unix epoch), when the delayed picture shows the
     /// newest frame it talks about.

@@ -212,6 +212,31 @@ impl Profile {
         prompt
     }
 
+    /// The user text of a viewer's question about the frames: answered plainly, not as
+    /// commentary, with what was said lately for context.
+    pub fn question_prompt(
+        &self,
+        frames: usize,
+        span: f64,
+        recent: &[String],
+        question: &str,
+    ) -> String {
+        let mut text =
+            format!("Here are {frames} frames, oldest first, covering the last {span:.1} seconds.");
+        if !recent.is_empty() {
+            text.push_str("\nWhat you said about the video lately, oldest first:");
+            for comment in recent {
+                text.push_str(&format!("\n- {comment}"));
+            }
+        }
+        text.push_str(&format!(
+            "\nA viewer asks you directly: {}\nAnswer the question itself in one to three \
+             short sentences, from what you can see; say so plainly if you cannot tell.",
+            question.trim()
+        ));
+        text
+    }
+
     /// The user text of one cycle. `span` is how many seconds the frames cover.
     pub fn user_prompt(
         &self,

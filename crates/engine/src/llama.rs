@@ -19,6 +19,7 @@
 //! for the layout and its measured drift.
 
 mod ffi;
+mod sampling;
 mod worker;
 
 use std::path::PathBuf;
@@ -130,6 +131,22 @@ pub struct SequenceState {
     pub pending: usize,
 }
 
+/// Where the worker's time went since it started (`/api/status` shows it under the engine).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StepProfile {
+    pub steps: u64,
+    pub vision_ms: f64,
+    /// Image-embedding rows evaluated, and the time of their batches.
+    pub image_rows: u64,
+    pub image_decode_ms: f64,
+    /// Tokens evaluated (answers' and prompt text), and the time of their batches.
+    pub tokens: u64,
+    /// Of `tokens`, the answers' own: one per running answer a step.
+    pub answer_tokens: u64,
+    pub token_decode_ms: f64,
+    pub sampling_ms: f64,
+}
+
 /// A loaded model pair with its worker thread. Cloning shares the same worker.
 #[derive(Clone)]
 pub struct LlamaEngine {
@@ -138,6 +155,7 @@ pub struct LlamaEngine {
     alive: Arc<AtomicBool>,
     info: EngineInfo,
     max_streams: usize,
+    profile: Arc<std::sync::Mutex<StepProfile>>,
 }
 
 impl LlamaEngine {
@@ -150,9 +168,11 @@ impl LlamaEngine {
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
         let max_streams = config.max_streams.max(1) as usize;
+        let profile = Arc::new(std::sync::Mutex::new(StepProfile::default()));
+        let steps = profile.clone();
         let thread = thread::Builder::new()
             .name("llama".into())
-            .spawn(move || match Worker::load(&config, counter) {
+            .spawn(move || match Worker::load(&config, counter, steps) {
                 Ok(worker) => {
                     let _guard = guard;
                     let _ = ready_tx.send(Ok(worker.info().clone()));
@@ -176,6 +196,7 @@ impl LlamaEngine {
             alive,
             info,
             max_streams,
+            profile,
         })
     }
 
@@ -288,6 +309,11 @@ impl Engine for LlamaEngine {
 
     fn parallelism(&self) -> usize {
         self.max_streams
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let profile = self.profile.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        serde_json::json!({ "max_streams": self.max_streams, "steps": profile })
     }
 
     fn info(&self) -> EngineInfo {

@@ -204,7 +204,7 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Result<&'static st
 
 /// Not JSON → 400; JSON that does not fit `T` → 422 with serde's words (they name the
 /// field).
-fn parse<T: DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the body must be JSON like {example}: {e}")))?;
     if !value.is_object() {

@@ -16,6 +16,7 @@
 //! | `GET /api/streams/{id}/stream`, `.../ws` | the stream's events (SSE, WebSocket) |
 //! | `GET /api/streams/{id}/status` | the stream's status |
 //! | `POST /api/streams/{id}/instruction` | `{profile?, instruction?}` |
+//! | `POST /api/streams/{id}/ask` | `{question}`: the answer streams back, and as `answer_*` events |
 //! | `GET /api/streams/{id}/speech` | the spoken commentary, one Ogg/Opus stream, delayed like the picture |
 //! | `GET /api/streams/{id}/speech/clips/{n}` | one spoken comment (WAV), as `speech` events name it |
 //! | `GET /api/events` | every stream's events, tagged with `stream` (SSE) |
@@ -37,6 +38,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 mod api;
+mod ask;
 pub mod auth;
 mod error;
 mod events;
@@ -55,7 +57,7 @@ pub use state::{AppState, Parts};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request body: a stream spec or an instruction is well under this.
-const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// After shutdown, how long connections get to finish before `serve` returns anyway (a
 /// stalled MJPEG viewer would otherwise hold it forever).
@@ -82,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/streams/{id}/status", get(api::status))
         .route("/api/streams/{id}/frame", get(mjpeg::frame))
         .route("/api/streams/{id}/instruction", post(api::instruction))
+        .route("/api/streams/{id}/ask", post(ask::ask))
         .route("/api/streams/{id}/speech/clips/{n}", get(speech::clip))
         .route("/api/frame", get(mjpeg::frame))
         .route("/api/status", get(api::status))
@@ -126,8 +129,9 @@ pub async fn serve(listener: TcpListener, state: AppState) -> Result<(), ServerE
             tracing::debug!("cannot set SO_SNDBUF: {e}");
         }
     });
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(token.clone().cancelled_owned());
+    // The peer's address reaches handlers (rate limits are per client).
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
     let deadline = async {
         token.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;

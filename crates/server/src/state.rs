@@ -39,6 +39,7 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     pub meters: Meters,
     pub started: Instant,
+    pub questions: crate::ask::RateLimit,
 }
 
 /// Server-wide counts for `/metrics`; per-stream counts live in each stream's status.
@@ -62,6 +63,7 @@ impl AppState {
                 shutdown: parts.shutdown,
                 meters: Meters::default(),
                 started: Instant::now(),
+                questions: crate::ask::RateLimit::default(),
             }),
         }
     }

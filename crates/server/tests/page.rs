@@ -4,7 +4,8 @@
 //! what a person would: the overview shows every stream with a changing thumbnail, its
 //! state and latest comment; a tile opens the stream's own view with the moving picture
 //! and the commentary; profile, instruction, adding and removing reach the server; and
-//! with a token the page asks for it once and keeps it out of every URL.
+//! with a token the page asks for it once and keeps it out of every URL; and with sound on
+//! the spoken comments are scheduled at the moment their picture shows.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -48,6 +49,11 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Browser {
+        Browser::start_with(&[]).await
+    }
+
+    /// A browser with `extra` Chromium flags.
+    async fn start_with(extra: &[&str]) -> Browser {
         let chromium = tool("CHROMIUM", "/usr/bin/chromium");
         let chromedriver = tool("CHROMEDRIVER", "/usr/bin/chromedriver");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -85,7 +91,7 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let args = [
+        let mut args = vec![
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -96,8 +102,10 @@ impl Browser {
             "--disable-sync",
             "--disable-dev-shm-usage",
             "--window-size=1280,900",
-            &format!("--user-data-dir={}", browser._profile.path().display()),
         ];
+        let profile_dir = format!("--user-data-dir={}", browser._profile.path().display());
+        args.push(&profile_dir);
+        args.extend_from_slice(extra);
         let capabilities = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args },
@@ -770,6 +778,181 @@ async fn when_watching_needs_the_token_the_page_asks_first() {
                && window.kibitz.pictureChanges >= 2 && window.kibitz.tokens >= 1;",
         )
         .await;
+
+    drop(browser);
+    site.stop().await;
+}
+
+/// A voice that says a half-second tone for any sentence: no espeak needed, and instant.
+struct Tone;
+
+impl kibitz_voice::Voice for Tone {
+    fn info(&self) -> kibitz_voice::VoiceInfo {
+        kibitz_voice::VoiceInfo {
+            engine: "espeak",
+            name: "tone".into(),
+            language: "en".into(),
+            sample_rate: 16_000,
+        }
+    }
+
+    fn synthesize(&self, _sentence: &str) -> Result<kibitz_voice::Pcm, kibitz_voice::VoiceError> {
+        let samples = (0..8_000)
+            .map(|i| {
+                ((i as f64 * 440.0 * std::f64::consts::TAU / 16_000.0).sin() * 12_000.0) as i16
+            })
+            .collect();
+        Ok(kibitz_voice::Pcm {
+            samples,
+            sample_rate: 16_000,
+        })
+    }
+}
+
+/// How far (ms) a clip may start from the moment its picture shows.
+const IN_STEP_MS: f64 = 150.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sound_on_the_stream_view_schedules_each_clip_at_its_picture() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let defaults = Options::default().defaults;
+    let site = Site::start(Options {
+        voices: kibitz_stream::Voices::preset("espeak", std::sync::Arc::new(Tone)),
+        defaults: kibitz_stream::StreamDefaults {
+            voice: "espeak".into(),
+            inference_interval: 1.0,
+            // A sync delay, so clips are due a while after they are announced and the page
+            // has to schedule them ahead, not just play them on arrival.
+            stream_delay_init: 2.0,
+            ..defaults
+        },
+        ..streams(&["s1"], None)
+    })
+    .await;
+    let browser = Browser::start_with(&["--autoplay-policy=no-user-gesture-required"]).await;
+    browser.goto(&site.url("/streams/s1")).await;
+    browser
+        .wait_for(
+            "the view runs, knows the server's clock and shows the stream's voice",
+            "const k = window.kibitz;
+             return k.view === 'stream' && k.clockOffset !== null && k.comments >= 2
+               && document.getElementById('voice').value === 'espeak'
+               && document.querySelectorAll('#voice option').length >= 2
+               && !document.getElementById('speech-link').hidden;",
+        )
+        .await;
+
+    // Both ends read the same system clock here, so the measured offset is about zero.
+    let offset = browser.run("return window.kibitz.clockOffset;").await;
+    let offset = offset.as_f64().expect("a clock offset");
+    assert!(
+        offset.abs() < 50.0,
+        "clock offset {offset} ms on one machine"
+    );
+
+    // Sound off: the page is no listener, so nothing is spoken, and nothing is scheduled.
+    assert_eq!(site.harness.stream("s1").status().speech.listeners, 0);
+    assert_eq!(site.harness.stream("s1").status().speech.spoken, 0);
+    assert_eq!(
+        browser
+            .run("return window.kibitz.speech.length + window.kibitz.speechIgnored;")
+            .await,
+        0
+    );
+
+    // One click: the page becomes a listener and the comments are spoken.
+    browser.click("#sound").await;
+    site.wait_until("the page listens", |h| {
+        h.stream("s1").status().speech.listeners >= 1
+    })
+    .await;
+    browser
+        .wait_for(
+            "the speaking indicator shows",
+            "return document.getElementById('speaking').dataset.on === 'true';",
+        )
+        .await;
+    browser
+        .screenshot(&screenshot_path("page-stream-sound.png"))
+        .await;
+    browser
+        .wait_for(
+            "four clips have started",
+            "return window.kibitz.speech.filter((c) => c.started).length >= 4;",
+        )
+        .await;
+    let state = browser
+        .run(
+            "return { offset: window.kibitz.clockOffset, now: performance.timeOrigin + performance.now(),
+                      speech: window.kibitz.speech,
+                      audio: document.getElementById('sound').getAttribute('aria-pressed') };",
+        )
+        .await;
+    assert_eq!(state["audio"], "true");
+    let offset = state["offset"].as_f64().unwrap();
+    let now = state["now"].as_f64().unwrap();
+    let clips = state["speech"].as_array().unwrap();
+    let mut ahead = 0;
+    for clip in clips {
+        assert!(clip["skipped"].is_null(), "a clip was skipped: {clip}");
+        let play_at = clip["playAt"].as_f64().unwrap() - offset;
+        let Some(scheduled) = clip["scheduledAt"].as_f64() else {
+            // Still loading: only the newest may be.
+            assert!(
+                now - clip["receivedAt"].as_f64().unwrap() < 1000.0,
+                "{clip}"
+            );
+            continue;
+        };
+        assert!(
+            (scheduled - play_at).abs() <= IN_STEP_MS,
+            "clip {} starts {:.0} ms from its picture: {clip}",
+            clip["cycle"],
+            scheduled - play_at
+        );
+        if scheduled < now - 200.0 {
+            assert_eq!(
+                clip["started"], true,
+                "clip {} never started",
+                clip["cycle"]
+            );
+        }
+        if clip["late"].as_f64().unwrap() < 0.0 {
+            ahead += 1;
+        }
+    }
+    assert!(ahead >= 1, "no clip was scheduled ahead of time: {clips:?}");
+    println!("clips: {}", serde_json::to_string_pretty(clips).unwrap());
+    let spoken = site.harness.stream("s1").status().speech;
+    assert!(spoken.spoken >= 4, "{spoken:?}");
+
+    // The voice picker reaches the stream.
+    browser.click("#voice").await;
+    browser.click("#voice option[value='off']").await;
+    site.wait_until("s1's voice is off", |h| {
+        h.stream("s1").status().settings.voice.as_deref() == Some("off")
+    })
+    .await;
+    browser
+        .wait_for(
+            "the page says the stream has no voice",
+            "return document.getElementById('sound-note').innerText.includes('no voice')
+               && document.getElementById('speech-link').hidden;",
+        )
+        .await;
+
+    // Sound off: the page stops listening.
+    browser.click("#sound").await;
+    site.wait_until("the page no longer listens", |h| {
+        h.stream("s1").status().speech.listeners == 0
+    })
+    .await;
+    assert_eq!(
+        browser
+            .run("return document.getElementById('sound').getAttribute('aria-pressed');")
+            .await,
+        "false"
+    );
 
     drop(browser);
     site.stop().await;

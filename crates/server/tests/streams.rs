@@ -913,3 +913,98 @@ async fn the_speech_stream_is_ogg_opus_with_speech_and_silence() {
     assert!(loud >= 10, "{loud} loud tenths of a second: {rms:?}");
     assert!(quiet >= 10, "{quiet} quiet tenths of a second: {rms:?}");
 }
+
+#[tokio::test]
+async fn a_question_is_answered_to_the_asker_and_to_every_viewer() {
+    let harness = Harness::with(three()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+    eventually("frames to ask about", || async {
+        harness.stream("b").status().buffers.window_frames >= 7
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let mut events = client
+        .get(format!("http://{addr}/api/events"))
+        .send()
+        .await
+        .unwrap();
+
+    let response = client
+        .post(format!("http://{addr}/api/streams/b/ask"))
+        .body(r#"{"question": "What colour is the bar?"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().contains_key("x-answer-id"));
+    let answer = tokio::time::timeout(WAIT, response.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, "a ball rolls");
+    let asked = harness
+        .engine
+        .requests()
+        .into_iter()
+        .find(|r| r.user.contains("What colour is the bar?"))
+        .expect("the engine saw the question");
+    assert!(asked.user.contains("A viewer asks you directly"));
+    assert!(!asked.frames.is_empty());
+
+    // Everyone watching saw it, tagged with its stream.
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !text.contains("answer_end") {
+        let chunk = tokio::time::timeout_at(deadline, events.chunk())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let end: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|e| e["type"] == "answer_end")
+        .unwrap();
+    assert_eq!(end["stream"], "b");
+    assert_eq!(end["question"], "What colour is the bar?");
+    assert_eq!(end["text"], "a ball rolls");
+    assert!(text.contains("event: answer_start") && text.contains("event: answer_token"));
+
+    // Bad questions and too many of them.
+    let ask = |body: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("http://{addr}/api/streams/b/ask"))
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        ask(r#"{"question": "   "}"#).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(ask("not json").await.status(), StatusCode::BAD_REQUEST);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(ask(r#"{"question": "And now?"}"#).await.status());
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    let nowhere = client
+        .post(format!("http://{addr}/api/streams/zzz/ask"))
+        .body(r#"{"question": "hello?"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), StatusCode::NOT_FOUND);
+}

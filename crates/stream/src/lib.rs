@@ -9,6 +9,7 @@
 //! - [`Sources`]: how sources start (FFmpeg; pattern pictures behind the `fake` feature).
 //! - `speech`: which comments are spoken when, and the continuous Ogg/Opus stream.
 
+mod ask;
 mod events;
 mod id;
 mod playout;
@@ -21,6 +22,7 @@ mod stream;
 pub mod topology;
 mod voices;
 
+pub use ask::{AnswerPiece, MAX_QUESTION_CHARS};
 pub use events::{StreamEvent, StreamEventKind};
 pub use id::{StreamId, MAX_ID_LEN};
 pub use playout::{frame_period, Playout};

@@ -35,6 +35,8 @@ use crate::stream::{OutputKind, StreamHandle};
 pub const MAX_LATE: Duration = Duration::from_millis(1500);
 /// Clips kept for the page to fetch (`/api/streams/{id}/speech/clips/{n}`).
 const CLIPS_KEPT: usize = 16;
+/// Answers' clips are numbered from here, cycles' below.
+const ANSWER_CLIPS: u64 = 1 << 40;
 /// 20 ms at 48 kHz.
 const FRAME: usize = 960;
 const FRAME_TIME: Duration = Duration::from_millis(20);
@@ -138,8 +140,18 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
             }
             event = events.recv() => event,
         };
-        let end = match event {
-            Ok(Event::CycleEnd(end)) if !end.skipped && !end.text.is_empty() => end,
+        // A comment talks about the newest frame of its cycle, captured `latency` before
+        // its end; an answer is about now and is spoken as soon as it can be.
+        let (cycle, text, latency) = match event {
+            Ok(Event::CycleEnd(end)) if !end.skipped && !end.text.is_empty() => {
+                (end.cycle, end.text, Some(end.latency))
+            }
+            Ok(Event::AnswerEnd {
+                answer,
+                text,
+                error: None,
+                ..
+            }) if !text.is_empty() => (answer, text, None),
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
@@ -148,17 +160,13 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
             continue;
         };
         let answered = now();
-        // The newest frame the comment talks about was captured `latency` before the end.
-        let captured = answered
-            .checked_sub(Duration::from_secs_f64(end.latency.max(0.0)))
-            .unwrap_or(answered);
-        let pcm = match synthesize(voice, &end.text).await {
+        let pcm = match synthesize(voice, &text).await {
             Ok(Some(pcm)) => pcm,
             Ok(None) => continue,
             Err(message) => {
                 lock(&speech.status).failed += 1;
                 handle.emit(Event::Error {
-                    cycle: Some(end.cycle),
+                    cycle: latency.map(|_| cycle),
                     message: format!("the voice failed, the comment is shown only: {message}"),
                 });
                 continue;
@@ -166,8 +174,16 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
         };
         let ready = now();
         let first_audio = ready.saturating_duration_since(answered);
-        let _ = handle.control(Control::AddSpeechLatency(first_audio.as_secs_f64()));
-        let play_at = captured + handle.target_delay();
+        let play_at = match latency {
+            Some(latency) => {
+                let _ = handle.control(Control::AddSpeechLatency(first_audio.as_secs_f64()));
+                let captured = answered
+                    .checked_sub(Duration::from_secs_f64(latency.max(0.0)))
+                    .unwrap_or(answered);
+                captured + handle.target_delay()
+            }
+            None => ready,
+        };
         let start = [play_at, ready, busy_until.unwrap_or(play_at)]
             .into_iter()
             .max()
@@ -175,13 +191,18 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
         let late = start.saturating_duration_since(play_at);
         if late > MAX_LATE {
             lock(&speech.status).too_late += 1;
-            tracing::debug!(stream = %handle.id(), cycle = end.cycle, ?late, "comment too late to speak");
+            tracing::debug!(stream = %handle.id(), cycle, ?late, "comment too late to speak");
             continue;
         }
         let duration = pcm.duration();
         busy_until = Some(start + duration);
         let _ = handle.control(Control::SpeakingUntil(start + duration));
-        let n = end.cycle;
+        // Answers and cycles count separately; clips are named apart.
+        let n = if latency.is_some() {
+            cycle
+        } else {
+            ANSWER_CLIPS + cycle
+        };
         {
             let mut clips = lock(&speech.clips);
             if clips.len() == CLIPS_KEPT {

@@ -28,6 +28,9 @@ use crate::speech::Speech;
 use crate::status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
 use crate::{StreamError, StreamId};
 
+/// Comments kept as context for questions.
+const RECENT_KEPT: usize = 8;
+
 /// Events a slow subscriber may fall behind by before it loses the oldest.
 const EVENT_BUFFER: usize = 1024;
 
@@ -92,6 +95,11 @@ struct Shared {
     snapshot: watch::Receiver<Snapshot>,
     viewers: [AtomicU64; OUTPUT_KINDS],
     speech: Speech,
+    /// The stream's place on the engine; the commentary loop holds a clone, questions use
+    /// this one.
+    session: Session,
+    /// The last few comments, oldest first: context for questions.
+    recent: Mutex<std::collections::VecDeque<String>>,
     frames_sent: AtomicU64,
     stopped: CancellationToken,
     started: Instant,
@@ -137,7 +145,7 @@ impl Stream {
         let commentary = tokio::spawn(kibitz_commentator::run(
             commentator,
             window.clone() as Arc<dyn FrameWindow>,
-            session,
+            session.clone(),
             events.clone(),
             controls_rx,
             snapshot_tx,
@@ -157,6 +165,8 @@ impl Stream {
                 snapshot,
                 viewers: Default::default(),
                 speech: Speech::new(voice, voice_name),
+                session,
+                recent: Mutex::default(),
                 frames_sent: AtomicU64::new(0),
                 stopped,
                 started: Instant::now(),
@@ -180,6 +190,8 @@ impl Stream {
     pub async fn stop(mut self) {
         let shared = &self.handle.shared;
         shared.stopped.cancel();
+        // Withdraws waiting questions and cancels whatever this stream has running.
+        shared.session.close();
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
@@ -284,6 +296,33 @@ impl StreamHandle {
     /// Cancelled when the stream stops.
     pub fn stopped(&self) -> CancellationToken {
         self.shared.stopped.clone()
+    }
+
+    pub(crate) fn session(&self) -> &Session {
+        &self.shared.session
+    }
+
+    pub(crate) fn defaults(&self) -> &StreamDefaults {
+        &self.shared.defaults
+    }
+
+    /// `n` frames of the inference window, every `stride`-th, oldest first.
+    pub(crate) fn sample_frames(
+        &self,
+        n: usize,
+        stride: usize,
+    ) -> Vec<(kibitz_frames::Stamp, kibitz_frames::Rgb)> {
+        self.shared.window.sample(n, stride)
+    }
+
+    /// Up to `n` of the latest comments, oldest first.
+    pub(crate) fn recent_comments(&self, n: usize) -> Vec<String> {
+        let recent = lock(&self.shared.recent);
+        recent
+            .iter()
+            .skip(recent.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn speech(&self) -> &Speech {
@@ -450,6 +489,15 @@ async fn forward_events(handle: StreamHandle, bus: broadcast::Sender<crate::Stre
         };
         match event {
             Ok(event) => {
+                if let Event::CycleEnd(end) = &event {
+                    if !end.skipped {
+                        let mut recent = lock(&handle.shared.recent);
+                        if recent.len() == RECENT_KEPT {
+                            recent.pop_front();
+                        }
+                        recent.push_back(end.text.clone());
+                    }
+                }
                 let _ = bus.send(crate::StreamEvent::commentary(handle.id().clone(), event));
             }
             // The bus's own subscribers see a `lagged` notice for what they miss; this

@@ -368,48 +368,6 @@ impl Drop for Batch {
     }
 }
 
-pub struct Sampler(NonNull<sys::llama_sampler>);
-
-impl Sampler {
-    /// top-k, then top-p, then temperature, then a seeded draw; greedy at temperature 0.
-    pub fn new(temperature: f32, top_p: f32, top_k: u32, seed: u32) -> Sampler {
-        unsafe {
-            let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
-            if temperature <= 0.0 {
-                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_greedy());
-            } else {
-                if top_k > 0 {
-                    sys::llama_sampler_chain_add(
-                        chain,
-                        sys::llama_sampler_init_top_k(top_k as i32),
-                    );
-                }
-                if top_p < 1.0 {
-                    sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_p(top_p, 1));
-                }
-                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_temp(temperature));
-                sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_dist(seed));
-            }
-            Sampler(NonNull::new(chain).expect("llama_sampler_chain_init returned null"))
-        }
-    }
-
-    /// Samples from the logits of entry `index` of the last batch and records the choice.
-    pub fn sample(&mut self, ctx: &mut Context, index: i32) -> Token {
-        unsafe {
-            let t = sys::llama_sampler_sample(self.0.as_ptr(), ctx.as_ptr(), index);
-            sys::llama_sampler_accept(self.0.as_ptr(), t);
-            t
-        }
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        unsafe { sys::llama_sampler_free(self.0.as_ptr()) }
-    }
-}
-
 pub struct Mtmd(NonNull<sys::mtmd_context>);
 
 impl Mtmd {

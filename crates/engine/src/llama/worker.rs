@@ -31,6 +31,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use super::ffi::{self, ChunkKind, Token};
+use super::sampling::Sampler;
 use super::{
     content_key, fit_to_slices, frame_key, frame_piece, ms, question_piece, system_piece,
     take_utf8, to_rgb, EngineState, FlashAttention, LlamaConfig, SequenceState,
@@ -81,6 +82,8 @@ pub(super) struct Worker {
     next_serial: u64,
     /// `Inspect` callers, answered when the work in hand is done.
     inspect: Vec<mpsc::Sender<EngineState>>,
+    profile: Arc<std::sync::Mutex<StepProfile>>,
+    sampling_ms: f64,
     in_flight: Arc<AtomicUsize>,
     info: EngineInfo,
 }
@@ -154,7 +157,7 @@ struct Gen {
     ignore_eos: bool,
     submitted: Instant,
     started: Instant,
-    sampler: ffi::Sampler,
+    sampler: Sampler,
     stats: Stats,
     vision: Duration,
     /// Where the question starts: everything from here is removed afterwards.
@@ -178,7 +181,11 @@ enum End {
 }
 
 impl Worker {
-    pub fn load(config: &LlamaConfig, in_flight: Arc<AtomicUsize>) -> Result<Worker, String> {
+    pub fn load(
+        config: &LlamaConfig,
+        in_flight: Arc<AtomicUsize>,
+        profile: Arc<std::sync::Mutex<StepProfile>>,
+    ) -> Result<Worker, String> {
         ffi::route_logs();
         let gpu = ffi::gpu_device();
         let gpu_layers = match (config.gpu_layers, &gpu) {
@@ -257,6 +264,8 @@ impl Worker {
             waiting: Vec::new(),
             next_serial: 0,
             inspect: Vec::new(),
+            profile,
+            sampling_ms: 0.0,
             in_flight,
             info,
         })
@@ -606,7 +615,7 @@ impl Worker {
             ignore_eos: job.request.ignore_eos,
             submitted: job.submitted,
             started,
-            sampler: ffi::Sampler::new(s.temperature, s.top_p, s.top_k, s.seed),
+            sampler: Sampler::new(&s),
             stats: Stats {
                 queue_ms: ms(started - job.submitted),
                 images: job.request.frames.len() as u32,
@@ -658,9 +667,29 @@ impl Worker {
 
     fn step(&mut self) {
         let order = self.order();
+        let t = Instant::now();
         self.encode(&order);
+        let vision = t.elapsed();
         self.decode_images(&order);
+        let images = t.elapsed() - vision;
+        let rows = self.rows.len();
+        let answering = self
+            .seqs
+            .values()
+            .filter(|s| s.generation.as_ref().is_some_and(|g| g.next.is_some()))
+            .count();
         self.decode_tokens(&order);
+        let total = t.elapsed();
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        p.steps += 1;
+        p.vision_ms += ms(vision);
+        p.image_rows += rows as u64;
+        p.image_decode_ms += ms(images);
+        p.tokens += self.tokens.len() as u64;
+        p.answer_tokens += answering as u64;
+        p.token_decode_ms += ms(total - vision - images) - self.sampling_ms;
+        p.sampling_ms += self.sampling_ms;
+        self.sampling_ms = 0.0;
     }
 
     /// Vision: images sequences wait for, then pushed frames waiting to go in.
@@ -815,9 +844,11 @@ impl Worker {
             }
             return;
         }
+        let t = Instant::now();
         for (stream, index) in sampled {
             self.sample(stream, index);
         }
+        self.sampling_ms = ms(t.elapsed());
     }
 
     fn sample(&mut self, stream: u64, index: i32) {
@@ -837,7 +868,9 @@ impl Worker {
             let _ = probe.send(self.ctx.logits(index, self.model.n_vocab()).to_vec());
             return self.end(stream, End::Done);
         }
-        let token = g.sampler.sample(&mut self.ctx, index);
+        let token = g
+            .sampler
+            .sample(self.ctx.logits(index, self.model.n_vocab()));
         if self.model.is_end(token) && !g.ignore_eos {
             return self.end(stream, End::Done);
         }

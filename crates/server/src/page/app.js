@@ -8,7 +8,12 @@
 // - `/streams/{id}`: one stream: its delayed MJPEG picture, its commentary as it streams
 //   in, the profile picker and instruction box. The picture is already as late as the
 //   commentary needs (the server shows frames `target_delay` behind), so tokens are shown
-//   the moment they arrive.
+//   the moment they arrive. With sound on (one click: browsers allow audio only after
+//   one), the event stream is reopened with `?sound=on`, which makes the page a listener
+//   (the server speaks only while someone listens), and each `speech` event's WAV clip is
+//   played with Web Audio at its `play_at`: server time, turned into this page's time by
+//   the offset to the server's clock (`/api/clock`, NTP-style), then into the
+//   AudioContext's time. That is when the picture shows what the clip talks about.
 //
 // The token: browsers cannot put headers on <img>, EventSource or WebSocket. When the
 // server answers 401 the page asks for the token, sends it once as `Authorization:
@@ -25,6 +30,14 @@ const THUMB_EVERY_MS = 400;
 const THUMB_RETRY_MS = 1500;
 const LIST_REFRESH_MS = 5000;
 const STATUS_REFRESH_MS = 2000;
+/// The clock offset to the server is measured again this often.
+const CLOCK_REFRESH_MS = 60000;
+/// Round trips per clock measurement; the quickest one counts.
+const CLOCK_SAMPLES = 5;
+/// A clip this late (ms) still starts from its beginning; later ones start part way in.
+const LATE_OK_MS = 150;
+/// Clip records kept in `kibitz.speech`.
+const SPEECH_KEPT = 50;
 
 // Exposed for curious users and for the browser test.
 const kibitz = {
@@ -42,6 +55,17 @@ const kibitz = {
   sourceState: "connecting",
   sourceDetail: null,
   gone: false,
+  // Sound: whether it is on, the server's clock minus this page's (ms) and the round trip
+  // it was measured with, and per `speech` event {cycle, playAt (server ms), scheduledAt
+  // (local ms the clip starts, or its start would have been had it started part way
+  // in), offset (s into the clip it started at), started, ended, skipped, late (ms)}.
+  sound: false,
+  clockOffset: null,
+  clockRtt: null,
+  speech: [],
+  // `speech` events that came while sound was off (another page listens).
+  speechIgnored: 0,
+  voice: null,
   // The overview: per stream id, {state, comment, profile, loads, fresh, changes}: pictures
   // shown, of them new frames (by the server's `x-frame-seq`), of them different-looking.
   tiles: {},
@@ -198,6 +222,8 @@ $("session").addEventListener("click", async () => {
 // ---- profiles, shared by both views ----------------------------------------------------
 
 let profileNames = [];
+/// The voices a stream may be given (`off` first), from `/api/profiles`.
+let voiceNames = [];
 
 async function loadProfiles() {
   const answer = await api("GET", "/api/profiles", undefined, { ask: false });
@@ -210,6 +236,8 @@ async function loadProfiles() {
   if (typeof limit === "number") {
     for (const id of ["instruction", "add-instruction"]) $(id).maxLength = limit;
   }
+  voiceNames = answer.data.voices || [];
+  fillVoices();
   fillProfiles($("profile"), null);
   fillProfiles($("add-profile"), "server default");
   for (const tile of tiles.values()) fillProfiles(tile.select, null);
@@ -279,32 +307,38 @@ function sample(img) {
 
 // ---- the event stream, reconnecting by itself -----------------------------------------
 
-/// Opens `url` as an EventSource, calls `handlers[type]` with each event's JSON and
+/// Opens `url()` as an EventSource, calls `handlers[type]` with each event's JSON and
 /// `opened(again)` on every (re)connect. The browser retries network errors itself; a
-/// refused stream (CLOSED) is retried here with backoff.
+/// refused stream (CLOSED) is retried here with backoff. Returns `{reopen}`: closes the
+/// connection and opens `url()` afresh (sound on or off), which counts as a first open.
 function listen(url, handlers, opened) {
   let backoff = 1000;
   let wasUp = false;
+  let current = null;
+  let retry = null;
   const connect = () => {
-    const source = new EventSource(url);
+    const source = new EventSource(url());
+    current = source;
     source.onopen = () => {
+      if (source !== current) return;
       $("link").dataset.up = "true";
       backoff = 1000;
       opened(wasUp);
       wasUp = true;
     };
     source.onerror = () => {
+      if (source !== current) return;
       $("link").dataset.up = "false";
       if (source.readyState === EventSource.CLOSED) {
         source.close();
-        setTimeout(connect, backoff);
+        retry = setTimeout(connect, backoff);
         backoff = Math.min(backoff * 2, 15000);
       }
     };
     for (const [type, handle] of Object.entries(handlers)) {
       source.addEventListener(type, (message) => {
         // The connection's own "error" is not an event from the server.
-        if (typeof message.data !== "string") return;
+        if (typeof message.data !== "string" || source !== current) return;
         kibitz.events += 1;
         try {
           handle(JSON.parse(message.data));
@@ -315,6 +349,15 @@ function listen(url, handlers, opened) {
     }
   };
   connect();
+  return {
+    reopen() {
+      clearTimeout(retry);
+      current.close();
+      backoff = 1000;
+      wasUp = false;
+      connect();
+    },
+  };
 }
 
 // ==== the overview: `/` ===================================================================
@@ -325,7 +368,7 @@ const tiles = new Map();
 function startOverview() {
   kibitz.view = "overview";
   $("overview").hidden = false;
-  listen("/api/events", overviewEvents, () => refreshList());
+  listen(() => "/api/events", overviewEvents, () => refreshList());
   refreshList();
   setInterval(refreshList, LIST_REFRESH_MS);
   document.addEventListener("visibilitychange", () => {
@@ -419,6 +462,10 @@ function showTile(summary) {
   tile.pill.title = s.detail || "video source";
   tile.source.textContent = s.source;
   tile.source.title = s.source;
+  // Servers that list each stream's voice: a speaker on the tiles that speak.
+  const voice = typeof s.voice === "string" ? s.voice : (s.settings && s.settings.voice);
+  tile.voiced.hidden = !voice || voice.startsWith("off");
+  tile.voiced.title = voice ? `speaks with ${voice}` : "";
   tile.instruction.textContent = s.instruction ? `“${s.instruction}”` : "";
   tile.instruction.hidden = !s.instruction;
   tile.select.dataset.current = s.profile;
@@ -440,7 +487,7 @@ function makeTile(id) {
         <span class="overlay">waiting for a picture…</span>
         <span class="pill"></span>
       </div>
-      <div class="name"><strong></strong><span class="muted source"></span></div>
+      <div class="name"><strong></strong><span class="voiced" hidden>🔊</span><span class="muted source"></span></div>
     </a>
     <p class="comment" data-active="false"></p>
     <p class="instruction muted" hidden></p>
@@ -456,6 +503,7 @@ function makeTile(id) {
     overlay: li.querySelector(".overlay"),
     pill: li.querySelector(".pill"),
     source: li.querySelector(".source"),
+    voiced: li.querySelector(".voiced"),
     comment: li.querySelector(".comment"),
     instruction: li.querySelector(".instruction"),
     select: li.querySelector(".profile"),
@@ -606,6 +654,8 @@ async function addStream(event) {
 let base = null;
 const picture = $("picture");
 let pictureRetry = null;
+/// The stream's event connection (`reopen` when sound goes on or off).
+let events = null;
 
 function startSingle(id) {
   kibitz.view = "stream";
@@ -616,11 +666,14 @@ function startSingle(id) {
   $("source").hidden = false;
   $("single").hidden = false;
   startPicture();
-  listen(`${base}/stream`, streamEvents, (again) => {
+  // With sound on the page is one of the stream's listeners.
+  const eventsUrl = () => (kibitz.sound ? `${base}/stream?sound=on` : `${base}/stream`);
+  events = listen(eventsUrl, streamEvents, (again) => {
     // After an outage the picture connection is likely gone as well.
     if (again) startPicture();
     refreshStatus();
   });
+  startSound();
   refreshStatus();
   setInterval(refreshStatus, STATUS_REFRESH_MS);
   setInterval(samplePicture, 250);
@@ -731,6 +784,9 @@ const streamEvents = {
   source(e) {
     showSource(e.state, e.detail, null);
   },
+  speech(e) {
+    playSpeech(e);
+  },
   lagged() {},
 };
 
@@ -782,6 +838,7 @@ async function refreshStatus() {
   $("engine").textContent = [engine.kind, engine.model, engine.backend].filter(Boolean).join(" · ")
     + (engine.healthy === false ? " · down" : "");
   showSelection(tally.profile, tally.instruction);
+  showVoice(status.settings && status.settings.voice, status.speech);
   if (!statusSeen && tally.last_comment && kibitz.comments === 0) {
     // A newly opened view shows what was last said at once, not after the next cycle.
     addHistory(tally.last_comment, "before you came", "earlier");
@@ -824,6 +881,287 @@ async function change(body) {
     $("apply").disabled = false;
     $("profile").disabled = false;
   }
+}
+
+// ---- sound: the spoken commentary -----------------------------------------------------------
+
+/// Milliseconds since the unix epoch on this page's clock, finer than `Date.now()` and
+/// steady (`performance.now()` never jumps).
+function wallNow() {
+  return performance.timeOrigin + performance.now();
+}
+
+/// Measures the server's clock against this page's: a few round trips to `/api/clock`,
+/// and from the quickest, offset = server - midpoint (the server read its clock about
+/// half way). Resolves with whether it worked.
+async function syncClock() {
+  let best = null;
+  for (let i = 0; i < CLOCK_SAMPLES; i += 1) {
+    try {
+      const t0 = wallNow();
+      const response = await fetch("/api/clock", { cache: "no-store" });
+      const data = await response.json();
+      const t1 = wallNow();
+      if (!response.ok || typeof data.now_ms !== "number") break;
+      if (!best || t1 - t0 < best.rtt) best = { rtt: t1 - t0, offset: data.now_ms - (t0 + t1) / 2 };
+    } catch (_) {
+      break;
+    }
+  }
+  if (!best) return false;
+  kibitz.clockOffset = best.offset;
+  kibitz.clockRtt = best.rtt;
+  return true;
+}
+
+/// Resolves once the clock offset is known (or could not be learned: then it is taken as
+/// zero, right when the server runs on this machine).
+let clockReady = null;
+
+const sound = {
+  context: null,
+  gain: null,
+  /// Clips scheduled or playing: {record, source, timer}.
+  playing: new Set(),
+  /// Why this browser cannot play the sound, if it cannot.
+  problem: null,
+};
+
+function startSound() {
+  clockReady = syncClock();
+  setInterval(syncClock, CLOCK_REFRESH_MS);
+  $("speech-link").href = `${location.origin}${base}/speech`;
+  $("sound").addEventListener("click", toggleSound);
+  $("volume").addEventListener("input", setVolume);
+  $("voice").addEventListener("change", changeVoice);
+  renderSound();
+}
+
+/// The click that browsers want before any audio: it makes (or wakes) the AudioContext,
+/// and only then does the page ask to be a listener.
+function toggleSound() {
+  if (!kibitz.sound) {
+    const AudioContext = window.AudioContext || window.webkitAudioContext;
+    if (!AudioContext) {
+      sound.problem = "this browser cannot play sound";
+      renderSound();
+      return;
+    }
+    if (!sound.context) {
+      sound.context = new AudioContext({ latencyHint: "interactive" });
+      sound.gain = sound.context.createGain();
+      sound.gain.connect(sound.context.destination);
+      sound.context.onstatechange = renderSound;
+      setVolume();
+    }
+    // In the click's own turn: later, the browser no longer counts it as the person's.
+    // Only once the context runs does the page become a listener (a context that does
+    // not say within a second is given the benefit of the doubt).
+    const resumed = sound.context.resume().catch(() => {});
+    kibitz.sound = true;
+    renderSound();
+    Promise.race([resumed, new Promise((done) => setTimeout(done, 1000))]).then(() => {
+      if (kibitz.sound) events.reopen();
+    });
+  } else {
+    kibitz.sound = false;
+    for (const clip of [...sound.playing]) stopClip(clip);
+    if (sound.context) sound.context.suspend().catch(() => {});
+    renderSound();
+    events.reopen();
+  }
+}
+
+function setVolume() {
+  const value = Number($("volume").value) / 100;
+  if (!sound.gain) return;
+  // Squared: the ear hears loudness roughly so. A short ramp: no click.
+  sound.gain.gain.setTargetAtTime(value * value, sound.context.currentTime, 0.02);
+}
+
+function renderSound() {
+  const button = $("sound");
+  button.setAttribute("aria-pressed", kibitz.sound ? "true" : "false");
+  button.textContent = kibitz.sound ? "sound on" : "sound off";
+  button.title = kibitz.sound ? "stop the sound" : "hear the commentary, in step with the picture";
+  $("volume").disabled = !kibitz.sound;
+  const speaking = sound.playing.size > 0 && [...sound.playing].some((c) => c.record.started && !c.record.ended);
+  $("speaking").dataset.on = speaking ? "true" : "false";
+  const voice = kibitz.voice || "";
+  if (sound.problem) say($("sound-note"), sound.problem, true);
+  else if (voice.startsWith("off (")) say($("sound-note"), `the voice did not start: ${voice.slice(5, -1)}`, true);
+  else if (kibitz.sound && voice.startsWith("off")) say($("sound-note"), "this stream has no voice", false);
+  else if (kibitz.sound && sound.context && sound.context.state !== "running") {
+    say($("sound-note"), "waiting for the browser to allow sound…", false);
+  } else say($("sound-note"), "", false);
+}
+
+/// This page's AudioContext clock against its wall clock: the context time being heard at
+/// local ms `wall`, and back. From the browser's own output timestamp, so the output
+/// latency is counted; before the context runs, from its current time.
+function contextTimeAt(wall) {
+  const c = sound.context;
+  const stamp = c.getOutputTimestamp ? c.getOutputTimestamp() : null;
+  if (stamp && stamp.performanceTime > 0) {
+    return stamp.contextTime + (wall - (performance.timeOrigin + stamp.performanceTime)) / 1000;
+  }
+  return c.currentTime + (wall - wallNow()) / 1000 - (c.outputLatency || c.baseLatency || 0);
+}
+
+function wallAt(contextTime) {
+  const c = sound.context;
+  const stamp = c.getOutputTimestamp ? c.getOutputTimestamp() : null;
+  if (stamp && stamp.performanceTime > 0) {
+    return performance.timeOrigin + stamp.performanceTime + (contextTime - stamp.contextTime) * 1000;
+  }
+  return wallNow() + (contextTime - c.currentTime + (c.outputLatency || c.baseLatency || 0)) * 1000;
+}
+
+/// One `speech` event: fetch the clip, decode it, and start it when the picture shows
+/// what it says (`play_at`, server ms). Already late by up to LATE_OK_MS: from the start,
+/// at once. Later: at once, part way in, so the words still meet their picture; skipped
+/// when more than half of it is gone.
+async function playSpeech(e) {
+  if (!kibitz.sound || !sound.context) {
+    kibitz.speechIgnored += 1;
+    return;
+  }
+  const record = {
+    cycle: e.cycle,
+    playAt: e.play_at,
+    duration: e.duration,
+    receivedAt: wallNow(),
+    scheduledAt: null,
+    offset: 0,
+    late: null,
+    started: false,
+    ended: false,
+    skipped: null,
+  };
+  kibitz.speech.push(record);
+  if (kibitz.speech.length > SPEECH_KEPT) kibitz.speech.shift();
+  const context = sound.context;
+  let buffer;
+  try {
+    const response = await fetch(e.clip, { cache: "no-store" });
+    if (!response.ok) throw new Error(`the server said ${response.status}`);
+    const bytes = await response.arrayBuffer();
+    buffer = await context.decodeAudioData(bytes);
+    await clockReady;
+  } catch (err) {
+    record.skipped = `cannot play the clip: ${err.message || err}`;
+    return;
+  }
+  // Sound went off (or on again: a fresh connection) while the clip loaded.
+  if (!kibitz.sound || context !== sound.context) {
+    record.skipped = "sound off";
+    return;
+  }
+  const playAt = e.play_at - (kibitz.clockOffset || 0);
+  const late = wallNow() - playAt;
+  record.late = late;
+  let when = contextTimeAt(playAt);
+  let offset = 0;
+  if (late > LATE_OK_MS) {
+    offset = late / 1000;
+    if (offset > buffer.duration / 2) {
+      record.skipped = `${Math.round(late)} ms late`;
+      return;
+    }
+    when = 0;
+  } else if (late > 0) {
+    when = 0;
+  }
+  const source = context.createBufferSource();
+  source.buffer = buffer;
+  source.connect(sound.gain);
+  const clip = { record, source, timer: null };
+  sound.playing.add(clip);
+  source.onended = () => {
+    record.ended = true;
+    clearTimeout(clip.timer);
+    sound.playing.delete(clip);
+    renderSound();
+  };
+  source.start(when, offset);
+  // A start in the past means now: the next render quantum.
+  const starts = Math.max(when, context.currentTime);
+  record.offset = offset;
+  record.scheduledAt = wallAt(starts) - offset * 1000;
+  // Started once the context's clock has passed the start while running (no event says so).
+  const check = () => {
+    if (record.ended || !sound.playing.has(clip)) return;
+    if (context.state === "running" && context.currentTime >= starts) {
+      record.started = true;
+      renderSound();
+    } else {
+      clip.timer = setTimeout(check, 20);
+    }
+  };
+  clip.timer = setTimeout(check, Math.max(0, wallAt(starts) - wallNow()));
+}
+
+function stopClip(clip) {
+  clearTimeout(clip.timer);
+  sound.playing.delete(clip);
+  try {
+    clip.source.stop();
+  } catch (_) {
+    // Never started: nothing to stop.
+  }
+  clip.record.ended = true;
+}
+
+/// Shows the stream's voice (`setting`, as chosen) and how it is doing (`speech`, from the
+/// status: the voice in use, `off (…)` with the reason when it could not start).
+function showVoice(setting, speech) {
+  const select = $("voice");
+  const chosen = setting || (speech && speech.voice);
+  if (chosen) {
+    select.dataset.current = chosen;
+    if (document.activeElement !== select && !select.disabled) {
+      fillVoices();
+    }
+  }
+  kibitz.voice = speech ? speech.voice : chosen || null;
+  const voiced = Boolean(kibitz.voice) && !kibitz.voice.startsWith("off");
+  $("speech-link").hidden = !voiced;
+  $("spoken-meta").hidden = !speech || !(voiced || speech.spoken);
+  if (speech) {
+    $("spoken").textContent = speech.too_late ? `${speech.spoken} · ${speech.too_late} too late` : speech.spoken;
+    $("spoken").title = "comments spoken · shown only, their turn to speak came too late";
+  }
+  renderSound();
+}
+
+/// The voice picker: the voices offered, plus the stream's own if it is not among them.
+function fillVoices() {
+  const select = $("voice");
+  const current = select.dataset.current || select.value;
+  const names = [...voiceNames];
+  if (current && !names.includes(current)) names.push(current);
+  select.replaceChildren(...names.map((name) => new Option(name, name)));
+  if (current) select.value = current;
+  select.disabled = names.length === 0;
+}
+
+async function changeVoice() {
+  const select = $("voice");
+  const wanted = select.value;
+  select.disabled = true;
+  try {
+    const answer = await api("PATCH", base, { voice: wanted });
+    if (!answer.ok) {
+      say($("message"), problem(answer), true);
+      select.value = select.dataset.current || wanted;
+      return;
+    }
+    select.dataset.current = wanted;
+    say($("message"), wanted === "off" ? "voice off" : `voice ${wanted}`, false);
+  } finally {
+    select.disabled = false;
+  }
+  refreshStatus();
 }
 
 // ---- start ---------------------------------------------------------------------------
