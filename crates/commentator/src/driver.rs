@@ -332,7 +332,8 @@ mod tests {
                 | Event::Speech { .. }
                 | Event::AnswerStart { .. }
                 | Event::AnswerToken { .. }
-                | Event::AnswerEnd { .. } => {
+                | Event::AnswerEnd { .. }
+                | Event::Alert { .. } => {
                     unreachable!("the loop reports no source or speech events")
                 }
             }

@@ -49,6 +49,17 @@ pub enum Event {
         /// From the question to the end of the answer, in seconds.
         latency: f64,
     },
+    /// An alert rule turned from no to yes.
+    Alert {
+        alert: u64,
+        rule: String,
+        rule_id: u64,
+        comment: Option<String>,
+        /// Unix milliseconds.
+        time: f64,
+        /// The seconds of picture around it: `/api/alerts/{alert}/clip`.
+        clip: String,
+    },
     /// A cycle's comment is spoken: the clip at `clip` (WAV) plays at `play_at`, in
     /// milliseconds of the server's clock (unix epoch), when the delayed picture shows the
     /// newest frame it talks about.

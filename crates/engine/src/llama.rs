@@ -312,7 +312,11 @@ impl Engine for LlamaEngine {
     }
 
     fn status(&self) -> serde_json::Value {
-        let profile = self.profile.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let profile = self
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         serde_json::json!({ "max_streams": self.max_streams, "steps": profile })
     }
 

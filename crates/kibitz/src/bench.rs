@@ -294,7 +294,10 @@ async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     for &n in &args.streams {
         let before = engine.status();
         let tallies = run_streams(engine.clone(), n, args).await?;
-        eprintln!("engine steps for {n} streams: before {before} after {}", engine.status());
+        eprintln!(
+            "engine steps for {n} streams: before {before} after {}",
+            engine.status()
+        );
         let all = |f: fn(&StreamTally) -> &Vec<f64>| -> Vec<f64> {
             tallies.iter().flat_map(|t| f(t).iter().copied()).collect()
         };

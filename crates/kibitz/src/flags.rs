@@ -38,6 +38,10 @@ pub enum Command {
     /// Speak a text with a voice into a WAV file; prints time to first audio and real-time
     /// factor.
     Say(SayArgs),
+    /// Comment a video file as fast as the engine goes, into subtitles (.vtt, .srt), every
+    /// cycle as JSON (.json), or a copy of the video with a subtitle track (.mkv, .mp4).
+    #[cfg(feature = "media")]
+    Annotate(AnnotateArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -189,6 +193,18 @@ pub struct ServeArgs {
     pub media_dir: Option<PathBuf>,
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8199")]
     pub bind: String,
+    /// An alert rule every stream on the command line starts with, in plain words
+    /// ("a person climbs the fence"); repeat for several. Streams-file tables take
+    /// `alerts = [...]`; the API adds more.
+    #[arg(long = "alert", env = "ALERTS", value_delimiter = '|')]
+    pub alerts: Vec<String>,
+    /// POST every fired alert here as JSON (stream, rule, comment, time, frame, clip URL).
+    #[arg(long, env = "WEBHOOK")]
+    pub webhook: Option<String>,
+    /// Sign webhook bodies with HMAC-SHA256 of this secret (`X-Kibitz-Signature`).
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
     /// Required for changes (add, change, delete streams; WebSocket controls); the page
     /// asks for it once. Needed to bind beyond loopback.
     #[arg(long, env = "KIBITZ_TOKEN", hide_env_values = true)]
@@ -430,4 +446,56 @@ pub struct SayArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub voice: VoiceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AnnotateArgs {
+    /// The video file to comment.
+    pub file: PathBuf,
+    /// What to write, by extension: `.vtt` or `.srt` (one cue per comment), `.json` (every
+    /// cycle), `.mkv` or `.mp4` (the video and audio copied as they are, plus subtitles).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Frames a second of media time taken for the model.
+    #[arg(
+        long,
+        env = "CAPTURE_FPS",
+        default_value_t = 2.0,
+        allow_negative_numbers = true
+    )]
+    pub capture_fps: f64,
+    #[arg(long, env = "FRAMES_PER_INFERENCE", default_value_t = 4)]
+    pub frames_per_inference: usize,
+    #[arg(long, env = "FRAME_STRIDE", default_value_t = 2)]
+    pub frame_stride: usize,
+    /// Seconds of media time between the end of one cycle and its next frame.
+    #[arg(
+        long,
+        env = "INFERENCE_INTERVAL",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub inference_interval: f64,
+    /// Grey levels (0-255) that some part of the picture must change by since the last
+    /// answered cycle for a cycle to ask the model; 0 asks every cycle.
+    #[arg(
+        long,
+        env = "SCENE_CHANGE_THRESHOLD",
+        default_value_t = kibitz_commentator::SCENE_CHANGE_THRESHOLD,
+        allow_negative_numbers = true
+    )]
+    pub scene_change_threshold: f64,
+    /// Prompt profile: default, sports, security, nature, descriptive.
+    #[arg(long, env = "PROFILE", default_value = "default")]
+    pub profile: String,
+    /// Extra instruction for the commentator.
+    #[arg(long, env = "INSTRUCTION", default_value = "")]
+    pub instruction: String,
+    /// Language of the commentary (and of the subtitle track): `en`, `de`, `fr`, …
+    #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
+    pub language: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }

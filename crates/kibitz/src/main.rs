@@ -2,6 +2,8 @@
 //! (source → frame stores → commentator → engine → outputs); the stages live in their own
 //! crates.
 
+#[cfg(feature = "media")]
+mod annotate;
 mod bench;
 #[cfg(feature = "media")]
 mod describe;
@@ -40,6 +42,8 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::MakeTestModel(args) => selftest::make_test_model(args).await,
             Command::Say(args) => say::run(args).await,
+            #[cfg(feature = "media")]
+            Command::Annotate(args) => annotate::run(args).await,
         }
     });
     match result {

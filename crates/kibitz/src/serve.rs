@@ -35,6 +35,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let concurrency = engine.parallelism();
     let scheduler = Scheduler::new(engine, concurrency);
 
+    // The address actually bound (`--bind 127.0.0.1:0` picks a free port).
+    let addr = listener.local_addr()?;
+    let alert_sink = settings.webhook.clone().map(|(url, secret)| {
+        kibitz_server::alert_sink(kibitz_server::Webhook::start(
+            url,
+            secret,
+            format!("http://{addr}"),
+        ))
+    });
     let streams = Streams::new(RegistryConfig {
         defaults: settings.defaults.clone(),
         sources: Arc::new(FfmpegSources),
@@ -48,6 +57,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             settings.defaults.voice.clone(),
             settings.voice.clone(),
         )),
+        alert_sink,
     });
     // Every stream that cannot start is named before giving up, like a bad setting.
     let mut failures = Vec::new();
@@ -79,8 +89,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("stopping");
         stop.cancel();
     });
-    // The address actually bound (`--bind 127.0.0.1:0` picks a free port).
-    let addr = listener.local_addr()?;
     let names: Vec<String> = streams
         .list()
         .iter()

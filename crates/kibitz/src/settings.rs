@@ -22,6 +22,7 @@ pub struct Settings {
     pub token_for_viewing: bool,
     pub engine: EngineArgs,
     pub voice: kibitz_voice::VoiceOptions,
+    pub webhook: Option<(String, Option<String>)>,
 }
 
 impl Settings {
@@ -60,6 +61,16 @@ impl Settings {
                 None
             }
         };
+        if let Some(url) = &args.webhook {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(format!(
+                    "--webhook (WEBHOOK) '{url}' is not an http:// or https:// URL"
+                ));
+            }
+        }
+        if args.webhook_secret.is_some() && args.webhook.is_none() {
+            problems.push("--webhook-secret needs --webhook URL".into());
+        }
         if args.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             problems.push("--token (KIBITZ_TOKEN) is empty: give a long random string".into());
         }
@@ -93,6 +104,7 @@ impl Settings {
             scene_change_threshold: args.scene_change_threshold,
             language: args.voice.language.clone(),
             voice: args.voice.voice.to_string(),
+            alerts: args.alerts.clone(),
             window_size: args.window_size.max(1),
             display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
                 args.display_buffer_seconds
@@ -190,6 +202,7 @@ impl Settings {
             token_for_viewing: args.token_for_viewing,
             engine: args.engine,
             voice: voice.expect("checked above"),
+            webhook: args.webhook.map(|url| (url, args.webhook_secret)),
         })
     }
 }

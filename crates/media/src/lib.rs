@@ -13,14 +13,18 @@
 mod convert;
 mod decode;
 mod image;
+mod mux;
 mod pacing;
 mod policy;
+mod reader;
 mod source;
 mod spec;
 mod status;
 
 pub use image::load_image;
+pub use mux::{check_remux, remux_with_subtitles, Cue, MuxError};
 pub use policy::{Allowed, PolicyError, Restrictions, SourcePolicy};
+pub use reader::{Captured, ReadSummary, VideoFile, VideoInfo};
 pub use source::{Source, SourceConfig, SourceContext, StatusReader};
 pub use spec::SourceSpec;
 pub use status::{SourceState, SourceStatus};

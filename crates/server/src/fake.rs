@@ -97,6 +97,9 @@ pub struct Options {
     pub pictures: Option<Vec<Jpeg>>,
     /// The voices streams may speak with (none by default).
     pub voices: Voices,
+    /// Instead of `engine`, e.g. one whose answers depend on the question.
+    pub engine_override: Option<Arc<dyn kibitz_engine::Engine>>,
+    pub alert_sink: Option<Arc<dyn kibitz_stream::AlertSink>>,
 }
 
 impl Default for Options {
@@ -124,6 +127,8 @@ impl Default for Options {
             media_dir: None,
             pictures: None,
             voices: Voices::off(),
+            engine_override: None,
+            alert_sink: None,
         }
     }
 }
@@ -142,7 +147,11 @@ impl Harness {
     }
 
     pub async fn with(options: Options) -> Harness {
-        let scheduler = Scheduler::new(Arc::new(options.engine.clone()), 1);
+        let engine: Arc<dyn kibitz_engine::Engine> = match options.engine_override.clone() {
+            Some(engine) => engine,
+            None => Arc::new(options.engine.clone()),
+        };
+        let scheduler = Scheduler::new(engine, 1);
         let streams = Streams::new(RegistryConfig {
             defaults: options.defaults.clone(),
             sources: Arc::new(match options.pictures.clone() {
@@ -156,6 +165,7 @@ impl Harness {
             max_streams: options.max_streams,
             state_file: options.state_file.clone(),
             voices: Arc::new(options.voices),
+            alert_sink: options.alert_sink.clone(),
         });
         let specs = kibitz_stream::topology::plan(
             &options

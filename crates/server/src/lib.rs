@@ -19,6 +19,8 @@
 //! | `POST /api/streams/{id}/ask` | `{question}`: the answer streams back, and as `answer_*` events |
 //! | `GET /api/streams/{id}/speech` | the spoken commentary, one Ogg/Opus stream, delayed like the picture |
 //! | `GET /api/streams/{id}/speech/clips/{n}` | one spoken comment (WAV), as `speech` events name it |
+//! | `GET`/`POST /api/streams/{id}/alerts`, `DELETE …/alerts/{rule}` | alert rules |
+//! | `GET /api/alerts`, `GET /api/alerts/{id}/clip` | fired alerts; the picture around one (Motion JPEG) |
 //! | `GET /api/events` | every stream's events, tagged with `stream` (SSE) |
 //! | `/api/mjpeg`, `/api/frame`, `/api/stream`, `/api/ws`, `/api/status`, `/api/instruction` | the same for the first stream still running |
 //! | `GET /api/profiles` | profile names, voices offered |
@@ -37,6 +39,7 @@ use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+mod alerts;
 mod api;
 mod ask;
 pub mod auth;
@@ -50,6 +53,7 @@ mod page;
 mod speech;
 mod state;
 
+pub use alerts::{hmac_sha256, sink as alert_sink, Webhook};
 pub use error::{ApiError, ServerError};
 pub use state::{AppState, Parts};
 
@@ -85,6 +89,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/streams/{id}/frame", get(mjpeg::frame))
         .route("/api/streams/{id}/instruction", post(api::instruction))
         .route("/api/streams/{id}/ask", post(ask::ask))
+        .route(
+            "/api/streams/{id}/alerts",
+            get(alerts::list).post(alerts::add),
+        )
+        .route(
+            "/api/streams/{id}/alerts/{rule}",
+            axum::routing::delete(alerts::remove),
+        )
+        .route("/api/alerts", get(alerts::recent))
+        .route("/api/alerts/{id}/clip", get(alerts::clip))
         .route("/api/streams/{id}/speech/clips/{n}", get(speech::clip))
         .route("/api/frame", get(mjpeg::frame))
         .route("/api/status", get(api::status))

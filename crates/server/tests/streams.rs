@@ -1008,3 +1008,171 @@ async fn a_question_is_answered_to_the_asker_and_to_every_viewer() {
         .unwrap();
     assert_eq!(nowhere.status(), StatusCode::NOT_FOUND);
 }
+
+/// Commentary says "a ball rolls"; alert checks answer from a script, then "no".
+struct Judge {
+    answers: std::sync::Mutex<std::collections::VecDeque<&'static str>>,
+    checks: std::sync::atomic::AtomicUsize,
+}
+
+impl kibitz_engine::Engine for Judge {
+    fn submit(
+        &self,
+        request: kibitz_engine::Request,
+    ) -> Result<kibitz_engine::Generation, kibitz_engine::EngineError> {
+        let text = if request.user.contains("Answer yes or no") {
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.answers.lock().unwrap().pop_front().unwrap_or("no")
+        } else {
+            "a ball rolls"
+        };
+        let (tx, generation) = kibitz_engine::Generation::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tx.send(Ok(kibitz_engine::Output::Text(text.into()))).await;
+            let _ = tx
+                .send(Ok(kibitz_engine::Output::Done(Default::default())))
+                .await;
+        });
+        Ok(generation)
+    }
+    fn info(&self) -> kibitz_engine::EngineInfo {
+        kibitz_engine::EngineInfo {
+            kind: "judge".into(),
+            model: "script".into(),
+            backend: "none".into(),
+        }
+    }
+    fn in_flight(&self) -> usize {
+        0
+    }
+    fn health(&self) -> futures::future::BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
+}
+
+#[tokio::test]
+async fn an_alert_fires_on_the_edge_only_and_reaches_the_webhook_signed() {
+    // The receiver: refuses its first delivery (to be retried), keeps the rest.
+    let received = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<(String, Value)>::new()));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = {
+        let (received, refused) = (received.clone(), refused.clone());
+        Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let (received, refused) = (received.clone(), refused.clone());
+                async move {
+                    if !refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    let signature = headers["x-kibitz-signature"].to_str().unwrap().to_string();
+                    let mac = kibitz_server::hmac_sha256(b"hook-secret", body.as_bytes());
+                    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+                    assert_eq!(signature, format!("sha256={hex}"), "a valid signature");
+                    received
+                        .lock()
+                        .await
+                        .push((signature, serde_json::from_str(&body).unwrap()));
+                    StatusCode::OK
+                }
+            }),
+        )
+    };
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(hook, app).await });
+
+    let judge = std::sync::Arc::new(Judge {
+        // no, YES (fires), yes (still), no, yes (an edge, but within the cooldown), no...
+        answers: std::sync::Mutex::new(["no", "yes", "yes", "no", "Yes."].into()),
+        checks: Default::default(),
+    });
+    let webhook = kibitz_server::Webhook::start(
+        format!("http://{hook_addr}/hook"),
+        Some("hook-secret".into()),
+        "http://kibitz.example".into(),
+    );
+    let harness = Harness::with(Options {
+        engine_override: Some(judge.clone()),
+        alert_sink: Some(kibitz_server::alert_sink(webhook)),
+        ..Options::default()
+    })
+    .await;
+    let router = harness.router();
+
+    // Rules: bad ones refused, a good one added.
+    let response = call(
+        &router,
+        Method::POST,
+        "/api/streams/s1/alerts",
+        Some(r#"{"rule": ""}"#),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let long = json!({ "rule": "x".repeat(301) }).to_string();
+    let response = call(&router, Method::POST, "/api/streams/s1/alerts", Some(&long)).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let response = call(
+        &router,
+        Method::POST,
+        "/api/streams/s1/alerts",
+        Some(r#"{"rule": "the bar is white", "cooldown": 600}"#),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let rule = json_of(response).await;
+
+    // Six checks: the script, then "no"s.
+    eventually("six checks", || async {
+        judge.checks.load(std::sync::atomic::Ordering::SeqCst) >= 6
+    })
+    .await;
+    let rules = json_of(call(&router, Method::GET, "/api/streams/s1/alerts", None).await).await;
+    assert_eq!(rules["rules"][0]["fired"], 1, "{rules}");
+    let alerts = json_of(call(&router, Method::GET, "/api/alerts", None).await).await;
+    let alerts = alerts["alerts"].as_array().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "fired once: on the edge, then resting");
+    assert_eq!(alerts[0]["rule"], "the bar is white");
+
+    // The clip holds the seconds around it.
+    eventually("the clip fills", || async {
+        let clip = bytes_of(call(&router, Method::GET, "/api/alerts/1/clip", None).await).await;
+        clip.windows(8)
+            .filter(|w| w.starts_with(&[0xFF, 0xD8]))
+            .count()
+            >= 30
+    })
+    .await;
+
+    // The webhook got it once, after one refusal, with the picture.
+    eventually("the webhook delivery", || async {
+        !received.lock().await.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = received.lock().await;
+    assert_eq!(received.len(), 1);
+    let body = &received[0].1;
+    assert_eq!(body["stream"], "s1");
+    assert_eq!(body["rule"], "the bar is white");
+    assert_eq!(body["clip"], "http://kibitz.example/api/alerts/1/clip");
+    let jpeg = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        body["frame_jpeg"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(&jpeg[..2], &[0xFF, 0xD8]);
+
+    let id = rule["id"].as_u64().unwrap();
+    let path = format!("/api/streams/s1/alerts/{id}");
+    assert_eq!(
+        call(&router, Method::DELETE, &path, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&router, Method::DELETE, &path, None).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}

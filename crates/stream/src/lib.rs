@@ -9,6 +9,7 @@
 //! - [`Sources`]: how sources start (FFmpeg; pattern pictures behind the `fake` feature).
 //! - `speech`: which comments are spoken when, and the continuous Ogg/Opus stream.
 
+mod alerts;
 mod ask;
 mod events;
 mod id;
@@ -22,6 +23,9 @@ mod stream;
 pub mod topology;
 mod voices;
 
+pub use alerts::{
+    is_yes, Alert, AlertLog, AlertSink, Rule, RuleSettings, MAX_RULES, MAX_RULE_CHARS,
+};
 pub use ask::{AnswerPiece, MAX_QUESTION_CHARS};
 pub use events::{StreamEvent, StreamEventKind};
 pub use id::{StreamId, MAX_ID_LEN};

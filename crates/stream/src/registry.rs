@@ -35,6 +35,8 @@ pub struct RegistryConfig {
     /// Where API streams and changes are kept; `None` keeps nothing.
     pub state_file: Option<PathBuf>,
     pub voices: Arc<crate::Voices>,
+    /// The webhook for alerts, when there is one.
+    pub alert_sink: Option<Arc<dyn crate::AlertSink>>,
 }
 
 /// The set of running streams. Cheap to clone.
@@ -78,6 +80,8 @@ impl Streams {
                     scheduler: config.scheduler,
                     bus,
                     voices: config.voices,
+                    alerts: Arc::default(),
+                    alert_sink: config.alert_sink,
                 },
                 policy: config.policy,
                 max_streams: config.max_streams,
@@ -105,6 +109,11 @@ impl Streams {
             offered.push(default);
         }
         offered
+    }
+
+    /// Fired alerts of every stream (the last few, with their clips).
+    pub fn alerts(&self) -> &crate::AlertLog {
+        &self.inner.cx.alerts
     }
 
     pub fn max_streams(&self) -> usize {

@@ -59,6 +59,9 @@ pub struct StreamSettings {
     /// Who speaks the comments: `espeak`, `piper:PATH`, `openai:URL` or `off`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub voice: Option<String>,
+    /// Alert rules the stream starts with (`POST …/alerts` adds more while it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Vec<String>>,
 }
 
 /// One stream, complete and checked.
@@ -79,6 +82,7 @@ pub struct StreamSpec {
     pub scene_change_threshold: f64,
     pub language: String,
     pub voice: String,
+    pub alerts: Vec<String>,
 }
 
 /// The global flags: per-stream defaults, and the settings every stream shares.
@@ -96,6 +100,8 @@ pub struct StreamDefaults {
     pub language: String,
     /// `--voice`.
     pub voice: String,
+    /// `--alert`: rules every command-line stream starts with.
+    pub alerts: Vec<String>,
     /// Frames the inference window keeps (`WINDOW_SIZE`).
     pub window_size: usize,
     /// Picture the display buffer keeps (`DISPLAY_BUFFER_SECONDS`).
@@ -126,6 +132,7 @@ impl Default for StreamDefaults {
             scene_change_threshold: c.scene_change_threshold,
             language: c.style.language.code().to_string(),
             voice: "off".into(),
+            alerts: Vec::new(),
             window_size: 32,
             display_span: Duration::from_secs(15),
             jpeg_quality: kibitz_frames::JPEG_QUALITY,
@@ -247,6 +254,7 @@ impl StreamSpec {
                 .unwrap_or(&d.voice)
                 .trim()
                 .to_string(),
+            alerts: settings.alerts.clone().unwrap_or_else(|| d.alerts.clone()),
         };
         problems.extend(spec.check(defaults));
         if problems.is_empty() {
@@ -333,6 +341,12 @@ impl StreamSpec {
         }
         if let Some(interval) = change.inference_interval {
             next.inference_interval = interval;
+        }
+        if change.alerts.is_some() {
+            problems.push(FieldError {
+                field: "alerts",
+                message: "change rules with POST or DELETE /api/streams/{id}/alerts".into(),
+            });
         }
         if let Some(voice) = &change.voice {
             next.voice = voice.trim().to_string();
@@ -438,6 +452,24 @@ impl StreamSpec {
         if let Err(e) = kibitz_voice::VoiceSpec::parse(&self.voice) {
             bad("voice", e.to_string());
         }
+        if self.alerts.len() > crate::MAX_RULES {
+            bad(
+                "alerts",
+                format!(
+                    "{} rules; a stream takes at most {}",
+                    self.alerts.len(),
+                    crate::MAX_RULES
+                ),
+            );
+        }
+        for rule in &self.alerts {
+            if let Err(e) = crate::alerts::check_rule(&crate::RuleSettings {
+                rule: rule.clone(),
+                cooldown: None,
+            }) {
+                bad("alerts", e.to_string());
+            }
+        }
         problems
     }
 
@@ -488,6 +520,7 @@ impl StreamSpec {
             scene_change_threshold: Some(self.scene_change_threshold),
             language: Some(self.language.clone()),
             voice: Some(self.voice.clone()),
+            alerts: (!self.alerts.is_empty()).then(|| self.alerts.clone()),
         }
     }
 }
@@ -558,6 +591,7 @@ mod tests {
             scene_change_threshold: Some(-1.0),
             language: Some("klingon!".into()),
             voice: Some("bard".into()),
+            alerts: Some(vec![String::new()]),
         };
         let Problems(problems) =
             StreamSpec::resolve(&settings, None, &StreamDefaults::default()).unwrap_err();
@@ -577,7 +611,8 @@ mod tests {
                 "stream_delay_ema_alpha",
                 "scene_change_threshold",
                 "language",
-                "voice"
+                "voice",
+                "alerts"
             ]
         );
         assert!(problems[2].message.contains("unknown profile 'opera'"));

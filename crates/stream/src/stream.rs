@@ -67,6 +67,10 @@ pub struct StartContext {
     /// Every stream's events, tagged with the stream (`/api/events`).
     pub bus: broadcast::Sender<crate::StreamEvent>,
     pub voices: Arc<crate::Voices>,
+    /// Fired alerts of every stream.
+    pub alerts: Arc<crate::AlertLog>,
+    /// The webhook, when there is one.
+    pub alert_sink: Option<Arc<dyn crate::AlertSink>>,
 }
 
 /// A running stream. Dropping it without [`Stream::stop`] still stops the commentary
@@ -98,6 +102,7 @@ struct Shared {
     /// The stream's place on the engine; the commentary loop holds a clone, questions use
     /// this one.
     session: Session,
+    rules: crate::alerts::Rules,
     /// The last few comments, oldest first: context for questions.
     recent: Mutex<std::collections::VecDeque<String>>,
     frames_sent: AtomicU64,
@@ -136,6 +141,7 @@ impl Stream {
             .map_err(|e| StreamError::Open(e.to_string()))?;
 
         let (voice, voice_name) = build_voice(&cx.voices, &spec).await;
+        let alerts = spec.alerts.clone();
         let commentator = Commentator::new(spec.commentator(&defaults), now())
             .map_err(|e| StreamError::Internal(e.to_string()))?;
         let (snapshot_tx, snapshot) = watch::channel(commentator.snapshot());
@@ -167,6 +173,7 @@ impl Stream {
                 speech: Speech::new(voice, voice_name),
                 session,
                 recent: Mutex::default(),
+                rules: crate::alerts::Rules::default(),
                 frames_sent: AtomicU64::new(0),
                 stopped,
                 started: Instant::now(),
@@ -175,9 +182,20 @@ impl Stream {
         let forward = tokio::spawn(forward_events(handle.clone(), cx.bus.clone()));
         let speaker = tokio::spawn(crate::speech::speak_comments(handle.clone()));
         let encoder = tokio::spawn(crate::speech::encode_stream(handle.clone()));
+        for rule in &alerts {
+            handle.add_alert_rule(&crate::RuleSettings {
+                rule: rule.clone(),
+                cooldown: None,
+            })?;
+        }
+        let watcher = tokio::spawn(crate::alerts::watch(
+            handle.clone(),
+            cx.alerts.clone(),
+            cx.alert_sink.clone(),
+        ));
         Ok(Stream {
             handle,
-            tasks: vec![commentary, forward, speaker, encoder],
+            tasks: vec![commentary, forward, speaker, encoder, watcher],
         })
     }
 
@@ -323,6 +341,22 @@ impl StreamHandle {
             .skip(recent.len().saturating_sub(n))
             .cloned()
             .collect()
+    }
+
+    pub(crate) fn rules(&self) -> &crate::alerts::Rules {
+        &self.shared.rules
+    }
+
+    /// The display buffer's frames captured at or after `t`, oldest first.
+    pub(crate) fn frames_since(&self, t: Instant) -> Vec<DisplayFrame> {
+        let mut frames = self.shared.display.since(None);
+        frames.retain(|f| f.stamp.captured >= t);
+        frames
+    }
+
+    /// The display buffer's frames newer than `seq`.
+    pub(crate) fn frames_after(&self, seq: Option<u64>) -> Vec<DisplayFrame> {
+        self.shared.display.since(seq)
     }
 
     pub(crate) fn speech(&self) -> &Speech {

@@ -237,6 +237,25 @@ fn a_missing_or_broken_piper_voice_is_a_clear_error() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("not a Piper config"), "{e}");
+
+    // A good config beside a model that is not one: ONNX Runtime's refusal, as an error.
+    let Some(joe) = joe() else { return };
+    std::fs::copy(
+        joe.with_extension("onnx.json"),
+        dir.path().join("broken.onnx.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        fixtures().join("libonnxruntime.so.1.22.1"),
+        dir.path().join("libonnxruntime.so.1.22.1"),
+    )
+    .unwrap();
+    let e = within(60, move || Piper::open(&broken, &VoiceOptions::default()))
+        .err()
+        .unwrap();
+    assert!(matches!(e, VoiceError::PiperLoad { .. }), "{e:?}");
+    assert!(e.to_string().contains("broken.onnx"), "{e}");
+    println!("{e}");
 }
 
 /// A WAV of `seconds` of a 440 Hz tone at 24 kHz.

@@ -269,10 +269,6 @@ impl Context {
             std::slice::from_raw_parts(ptr, n_vocab)
         }
     }
-
-    pub fn as_ptr(&self) -> *mut sys::llama_context {
-        self.0.as_ptr()
-    }
 }
 
 impl Drop for Context {

@@ -169,7 +169,10 @@ mod tests {
         assert_ne!(a, draws(43));
         assert!(a.iter().all(|t| [3, 5, 7].contains(t)), "only the top 3");
         let sevens = a.iter().filter(|&&t| t == 7).count();
-        assert!((300..=380).contains(&sevens), "7 drawn {sevens} times of 400");
+        assert!(
+            (300..=380).contains(&sevens),
+            "7 drawn {sevens} times of 400"
+        );
         // top_p 0.5: token 7 alone holds more than half of the mass.
         let mut s = Sampler::new(&sampling(1.0, 0.5, 100, 1));
         assert!((0..100).all(|_| s.sample(&logits) == 7));

@@ -34,7 +34,7 @@ use super::ffi::{self, ChunkKind, Token};
 use super::sampling::Sampler;
 use super::{
     content_key, fit_to_slices, frame_key, frame_piece, ms, question_piece, system_piece,
-    take_utf8, to_rgb, EngineState, FlashAttention, LlamaConfig, SequenceState,
+    take_utf8, to_rgb, EngineState, FlashAttention, LlamaConfig, SequenceState, StepProfile,
 };
 use crate::{EngineError, EngineInfo, Frame, Output, Priority, Request, Stats};
 

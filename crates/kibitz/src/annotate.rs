@@ -1,0 +1,652 @@
+//! `kibitz annotate FILE -o OUT`: the live commentary loop run over a recorded video on the
+//! video's own time, as fast as the engine answers, into subtitles, JSON or a copy of the
+//! video with a subtitle track.
+//!
+//! **Media time drives the machine.** The [`Commentator`] never reads a clock: every input
+//! carries `now`. Here `now` is a made-up instant `base` plus the media time of the newest
+//! frame read so far, and a frame's capture instant is `base` plus its own media time, so
+//! to the machine the file looks like a live source whose clock only moves when a frame
+//! arrives. Frames are read (decoded and scaled to the model's size at `--capture-fps`, as
+//! the live path does) as fast as FFmpeg goes, into a plain [`InferenceWindow`] that the
+//! machine's `NeedFrames` is answered from; nothing paces them and there is no display
+//! buffer.
+//!
+//! - *The interval is media seconds.* A cycle that ends at media time `t` makes the next one
+//!   due at `t + interval`; reading on to that point is what makes it come due.
+//! - *"The first frame captured after the interval"* is the first frame read whose media
+//!   time is at or past the due time: the machine is ticked on that frame's arrival, and
+//!   that frame is the newest of the window it samples, exactly as in the live loop.
+//! - *While a cycle is with the engine, media time is held.* No frame is read until its
+//!   answer is complete, and its tokens and end are stamped with the same `now` as its start.
+//!   The engine's time is not media time: a live stream would go on for as long as the
+//!   answer takes, but a recording waits, so a cycle's frames are the same whatever the
+//!   engine's speed, and the cycle after it starts `interval` media seconds after this one's
+//!   newest frame. (So `latency` in the JSON is 0; the engine's own times are in `stats`.)
+//!
+//! A comment's cue starts at the media time of the newest frame its window saw, the moment
+//! the live page would show it, and lasts until the next cue starts, a readable time
+//! ([`readable`]) has passed, or the video ends, whichever comes first. Skipped cycles
+//! (the model saw nothing new, or the scene-change gate found nothing changed) leave gaps.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kibitz_commentator::{Commentator, CommentatorConfig, Event, Input, Language, Output, Style};
+use kibitz_engine::{EngineError, Generation, Output as EngineOutput, Scheduler, Stats, Turn};
+use kibitz_frames::{InferenceWindow, Stamp, WINDOW_SIZE};
+use kibitz_media::{Captured, Cue, VideoFile, VideoInfo};
+use serde::Serialize;
+
+use crate::flags::AnnotateArgs;
+
+/// What `-o` writes, by its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Vtt,
+    Srt,
+    Json,
+    /// A copy of the video with a subtitle track (Matroska or MP4).
+    Video,
+}
+
+impl Format {
+    fn of(path: &Path) -> anyhow::Result<Format> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        Ok(match ext.as_deref() {
+            Some("vtt") => Format::Vtt,
+            Some("srt") => Format::Srt,
+            Some("json") => Format::Json,
+            Some("mkv" | "mp4") => Format::Video,
+            other => bail!(
+                "cannot write '{}': {} is not an output kibitz knows\nhint: end the name in .vtt, .srt, .json, .mkv or .mp4",
+                path.display(),
+                other.map_or("no extension".to_string(), |e| format!("'.{e}'"))
+            ),
+        })
+    }
+}
+
+/// One cycle as the JSON output lists it.
+#[derive(Debug, Clone, Serialize)]
+struct CycleRecord {
+    cycle: u64,
+    /// Media time (seconds) of each frame sent, oldest first.
+    frames: Vec<f64>,
+    text: String,
+    skipped: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// The engine's account of the request (none when the model was not asked).
+    stats: Option<Stats>,
+    /// Wall-clock milliseconds the engine took for this cycle.
+    wall_ms: f64,
+}
+
+pub async fn run(args: AnnotateArgs) -> anyhow::Result<ExitCode> {
+    // Everything that can be wrong with the input, the output or the settings is found
+    // before the model loads.
+    let format = Format::of(&args.output)?;
+    let config = commentator_config(&args)?;
+    let video = VideoFile::open(&args.file)?;
+    if format == Format::Video {
+        kibitz_media::check_remux(&args.file, &args.output)?;
+    }
+    check_writable(&args.file, &args.output)?;
+    let info = video.info().clone();
+
+    let engine = crate::engine::build(&args.engine).await?;
+    let started = Instant::now();
+    let run = annotate(video, &args, config, engine.clone()).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let end = run.end.as_secs_f64();
+    let cues = cues(&run.cycles, run.end);
+
+    match format {
+        Format::Vtt => write_file(&args.output, &webvtt(&cues))?,
+        Format::Srt => write_file(&args.output, &srt(&cues))?,
+        Format::Json => {
+            let json = serde_json::json!({
+                "input": args.file,
+                "duration": end,
+                "video": {
+                    "codec": info.codec,
+                    "width": info.width,
+                    "height": info.height,
+                    "fps": info.fps,
+                },
+                "settings": {
+                    "profile": args.profile,
+                    "instruction": args.instruction,
+                    "language": args.language,
+                    "capture_fps": args.capture_fps,
+                    "frames_per_inference": args.frames_per_inference,
+                    "frame_stride": args.frame_stride,
+                    "interval": args.inference_interval,
+                    "scene_change_threshold": args.scene_change_threshold,
+                    "max_tokens": args.sampling.max_tokens,
+                },
+                "engine": engine.info(),
+                "cycles": run.cycles,
+                "cues": cues.iter().map(|c| serde_json::json!({
+                    "start": c.start.as_secs_f64(),
+                    "end": c.end.as_secs_f64(),
+                    "text": c.text,
+                })).collect::<Vec<_>>(),
+                "elapsed_s": elapsed,
+                "speed": end / elapsed.max(1e-9),
+            });
+            write_file(&args.output, &(serde_json::to_string_pretty(&json)? + "\n"))?
+        }
+        Format::Video => {
+            let (input, output) = (args.file.clone(), args.output.clone());
+            let language = iso639_2(&args.language).to_string();
+            let cues = cues.clone();
+            tokio::task::spawn_blocking(move || {
+                kibitz_media::remux_with_subtitles(&input, &output, &cues, &language)
+            })
+            .await
+            .context("the muxer stopped")??
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let comments = cues.len();
+    let skipped = run.cycles.iter().filter(|c| c.skipped).count();
+    let failed = run.cycles.iter().filter(|c| c.error.is_some()).count();
+    println!(
+        "annotated {end:.1} s of video in {elapsed:.1} s ({:.2}x real time): {} cycles, {comments} comments, {skipped} skipped, {failed} failed -> {}",
+        end / elapsed.max(1e-9),
+        run.cycles.len(),
+        args.output.display()
+    );
+    if run.cycles.is_empty() {
+        let span = (args.frames_per_inference.max(1) - 1) * args.frame_stride.max(1) + 1;
+        eprintln!(
+            "kibitz: warning: no cycle ran: a cycle needs {span} frames at {} fps ({:.1} s of video)",
+            args.capture_fps,
+            span as f64 / args.capture_fps
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The loop's settings from the flags, every problem reported at once.
+fn commentator_config(args: &AnnotateArgs) -> anyhow::Result<CommentatorConfig> {
+    let mut problems = Vec::new();
+    if !(args.capture_fps.is_finite() && args.capture_fps > 0.0 && args.capture_fps <= 60.0) {
+        problems.push(format!(
+            "--capture-fps {} must be above 0 and at most 60",
+            args.capture_fps
+        ));
+    }
+    let language = match Language::parse(&args.language) {
+        Ok(l) => l,
+        Err(e) => {
+            problems.push(format!("--language: {e}"));
+            Language::default()
+        }
+    };
+    let interval =
+        if (0.0..=kibitz_commentator::MAX_INTERVAL_SECS).contains(&args.inference_interval) {
+            Duration::from_secs_f64(args.inference_interval)
+        } else {
+            Duration::ZERO // refused by `validate` below with its reason
+        };
+    let config = CommentatorConfig {
+        frames_per_inference: args.frames_per_inference,
+        frame_stride: args.frame_stride,
+        interval,
+        max_tokens: args.sampling.max_tokens,
+        sampling: crate::engine::sampling(&args.sampling),
+        // No picture is shown late: there is no one to sync for.
+        delay_init: 0.0,
+        profile: args.profile.clone(),
+        instruction: args.instruction.clone(),
+        scene_change_threshold: args.scene_change_threshold,
+        style: Style {
+            language,
+            ..Style::default()
+        },
+        ..CommentatorConfig::default()
+    };
+    if let Err(e) = config.validate() {
+        problems.extend(e.to_string().lines().map(str::to_owned));
+    }
+    if !(0.0..=kibitz_commentator::MAX_INTERVAL_SECS).contains(&args.inference_interval) {
+        problems.push(format!(
+            "--inference-interval {} must be between 0 and {} seconds",
+            args.inference_interval,
+            kibitz_commentator::MAX_INTERVAL_SECS
+        ));
+    }
+    problems.extend(crate::engine::problems(&args.engine));
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\nkibitz: "));
+    }
+    Ok(config)
+}
+
+/// The output must not be the input (it would be truncated before it is read) and must be
+/// writable; checked by opening it, and a file made only for the check is removed again.
+fn check_writable(input: &Path, output: &Path) -> anyhow::Result<()> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            bail!(
+                "cannot write '{}': it is the input\nhint: give another name to -o",
+                output.display()
+            );
+        }
+    }
+    let existed = output.exists();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(output)
+        .map_err(|e| anyhow::anyhow!("cannot write '{}': {}", output.display(), io_reason(&e)))?;
+    if !existed {
+        let _ = std::fs::remove_file(output);
+    }
+    Ok(())
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such folder".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text)
+        .map_err(|e| anyhow::anyhow!("cannot write '{}': {}", path.display(), io_reason(&e)))
+}
+
+/// What a run produced.
+struct Run {
+    cycles: Vec<CycleRecord>,
+    /// Media time at which the video ends.
+    end: Duration,
+}
+
+/// Reads the file on a thread of its own and drives the commentary loop on its media time
+/// (see the module docs).
+async fn annotate(
+    video: VideoFile,
+    args: &AnnotateArgs,
+    config: CommentatorConfig,
+    engine: Arc<dyn kibitz_engine::Engine>,
+) -> anyhow::Result<Run> {
+    let info = video.info().clone();
+    let (tx, mut frames) = tokio::sync::mpsc::channel::<Captured>(16);
+    let (fps, slices) = (args.capture_fps, args.engine.max_slice_nums);
+    let reader = std::thread::Builder::new()
+        .name("kibitz-annotate-read".into())
+        .spawn(move || video.read(fps, slices, |frame| tx.blocking_send(frame).is_ok()))?;
+
+    let span = (config.frames_per_inference - 1) * config.frame_stride + 1;
+    let window = InferenceWindow::new(span.max(WINDOW_SIZE));
+    let base = Instant::now();
+    let mut now = base;
+    let mut machine = Commentator::new(config, base)?;
+    let scheduler = Scheduler::new(engine, 1);
+    let session = scheduler.open_session("annotate");
+    let bar = progress_bar(&info);
+
+    let mut generation: Option<Generation> = None;
+    let mut turn: Option<Turn> = None;
+    let mut infer_started = Instant::now();
+    let mut stats: Option<Stats> = None;
+    let mut wall_ms = 0.0;
+    let mut started_frames: HashMap<u64, Vec<f64>> = HashMap::new();
+    let mut cycles = Vec::new();
+    let mut comments = 0usize;
+    loop {
+        let deadline = loop {
+            match machine.poll_output() {
+                Output::NeedFrames {
+                    count,
+                    stride,
+                    newest,
+                } => {
+                    turn = Some(match session.try_turn() {
+                        Ok(turn) => turn,
+                        Err(EngineError::Busy(_)) => {
+                            session
+                                .turn(kibitz_engine::Priority::Commentary, newest)
+                                .await?
+                        }
+                        Err(e) => return Err(e.into()),
+                    });
+                    let frames = window.sample(count, stride);
+                    machine.handle_input(Input::Frames { now, frames });
+                }
+                Output::Infer { cycle, request } => {
+                    infer_started = Instant::now();
+                    stats = None;
+                    let submitted = match turn.take() {
+                        Some(turn) => turn.submit(request),
+                        None => Err(EngineError::Unavailable(
+                            "the loop asked without an engine turn".into(),
+                        )),
+                    };
+                    match submitted {
+                        Ok(g) => generation = Some(g),
+                        Err(e) => {
+                            tracing::warn!(cycle, %e, "engine refused the request");
+                            machine.handle_input(Input::Failed(e, now));
+                        }
+                    }
+                }
+                Output::Cancel { .. } => generation = None,
+                Output::Emit(event) => match event {
+                    Event::CycleStart { cycle, frames } => {
+                        started_frames.insert(cycle, frames);
+                    }
+                    Event::CycleEnd(end) => {
+                        started_frames.remove(&end.cycle);
+                        if !end.skipped {
+                            comments += 1;
+                        }
+                        let asked = end.reason.is_none();
+                        cycles.push(CycleRecord {
+                            cycle: end.cycle,
+                            frames: end.frames,
+                            text: end.text,
+                            skipped: end.skipped,
+                            reason: end.reason,
+                            error: None,
+                            stats: if asked { stats.take() } else { None },
+                            wall_ms: if asked { wall_ms } else { 0.0 },
+                        });
+                    }
+                    Event::Error {
+                        cycle: Some(cycle),
+                        message,
+                    } => {
+                        tracing::warn!(cycle, %message, "a cycle failed");
+                        cycles.push(CycleRecord {
+                            cycle,
+                            frames: started_frames.remove(&cycle).unwrap_or_default(),
+                            text: String::new(),
+                            skipped: false,
+                            reason: None,
+                            error: Some(message),
+                            stats: None,
+                            wall_ms: ms(infer_started.elapsed()),
+                        });
+                    }
+                    _ => {}
+                },
+                Output::Timeout(at) => break at,
+            }
+        };
+        // A turn the loop did not use goes back.
+        turn = None;
+
+        if let Some(g) = generation.as_mut() {
+            // A cycle is with the engine: media time stands still until it is answered.
+            let input = match g.next().await {
+                Some(Ok(EngineOutput::Text(text))) => Input::Token(text, now),
+                Some(Ok(EngineOutput::Done(done))) => {
+                    wall_ms = ms(infer_started.elapsed());
+                    stats = Some(done.clone());
+                    Input::Done(done, now)
+                }
+                Some(Err(e)) => Input::Failed(e, now),
+                None => Input::Failed(
+                    EngineError::Stopped("the answer ended before it was complete".into()),
+                    now,
+                ),
+            };
+            if matches!(input, Input::Done(..) | Input::Failed(..)) {
+                generation = None;
+            }
+            machine.handle_input(input);
+            continue;
+        }
+        if deadline <= now {
+            machine.handle_input(Input::Tick(now));
+            continue;
+        }
+        // Nothing due before the next frame: read on, which is what moves media time.
+        let Some(Captured { pts, rgb }) = frames.recv().await else {
+            break;
+        };
+        now = base + pts;
+        window.push(Stamp { pts, captured: now }, rgb);
+        bar.set_position(pts.as_millis() as u64);
+        bar.set_message(format!("{:.1} s, {comments} comments", pts.as_secs_f64()));
+        if now >= deadline {
+            machine.handle_input(Input::Tick(now));
+        }
+    }
+    drop(frames);
+    let summary = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the frame reader panicked"))??;
+    bar.finish_and_clear();
+    session.close();
+    let end = match info.duration {
+        // The container's word, unless the frames say the video is shorter.
+        Some(d) => Duration::from_secs_f64(d).min(summary.end.max(Duration::from_millis(1))),
+        None => summary.end,
+    };
+    Ok(Run { cycles, end })
+}
+
+fn progress_bar(info: &VideoInfo) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let length = info.duration.map_or(0, |d| (d * 1e3) as u64);
+    let bar = indicatif::ProgressBar::new(length);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "annotating {bar:30} {percent:>3}% {msg} [{elapsed_precise}, ETA {eta}]",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// How long a comment of `text` stays up when nothing comes after it: a second plus 60 ms a
+/// character (a brisk reading pace), at most 8 s.
+fn readable(text: &str) -> Duration {
+    let chars = text.chars().count() as u64;
+    Duration::from_millis((1000 + 60 * chars).min(8000))
+}
+
+/// One cue per comment (skips and failures leave gaps), in whole milliseconds so that
+/// rounding can never make two overlap: from the newest frame its cycle saw to the next
+/// cue's start, its readable time or the video's `end`, whichever comes first.
+fn cues(cycles: &[CycleRecord], end: Duration) -> Vec<Cue> {
+    let end_ms = end.as_millis() as u64;
+    let comments: Vec<(u64, &str)> = cycles
+        .iter()
+        .filter(|c| !c.skipped && c.error.is_none() && !c.text.trim().is_empty())
+        .filter_map(|c| {
+            let start = c.frames.last()?;
+            Some(((start * 1e3).round() as u64, c.text.trim()))
+        })
+        .filter(|(start, _)| *start < end_ms)
+        .collect();
+    let mut out: Vec<Cue> = Vec::with_capacity(comments.len());
+    for (i, (start, text)) in comments.iter().enumerate() {
+        if out
+            .last()
+            .is_some_and(|prev| prev.end.as_millis() as u64 > *start)
+        {
+            continue; // never two at once (cycles only move forward, so never happens)
+        }
+        let mut stop = (start + readable(text).as_millis() as u64).min(end_ms);
+        if let Some((next, _)) = comments.get(i + 1) {
+            stop = stop.min(*next);
+        }
+        if stop <= *start {
+            continue;
+        }
+        out.push(Cue {
+            start: Duration::from_millis(*start),
+            end: Duration::from_millis(stop),
+            text: text.to_string(),
+        });
+    }
+    out
+}
+
+/// A cue's text with no empty lines (which end a cue in both formats).
+fn cue_lines(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn timestamp(d: Duration, separator: char) -> String {
+    let ms = d.as_millis();
+    format!(
+        "{:02}:{:02}:{:02}{separator}{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
+fn webvtt(cues: &[Cue]) -> String {
+    let mut out = String::from("WEBVTT\n");
+    for (i, cue) in cues.iter().enumerate() {
+        let text = cue_lines(&cue.text)
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        out.push_str(&format!(
+            "\n{}\n{} --> {}\n{text}\n",
+            i + 1,
+            timestamp(cue.start, '.'),
+            timestamp(cue.end, '.')
+        ));
+    }
+    out
+}
+
+fn srt(cues: &[Cue]) -> String {
+    let mut out = String::new();
+    for (i, cue) in cues.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{}\n{} --> {}\n{}\n",
+            i + 1,
+            timestamp(cue.start, ','),
+            timestamp(cue.end, ','),
+            cue_lines(&cue.text).replace("-->", "->")
+        ));
+    }
+    out
+}
+
+/// The ISO 639-2 code containers expect for a language's (primary) code; `und` when unknown.
+fn iso639_2(code: &str) -> &'static str {
+    let primary = code.split(['-', '_']).next().unwrap_or_default();
+    match primary.to_ascii_lowercase().as_str() {
+        "en" | "eng" => "eng",
+        "de" | "ger" | "deu" => "ger",
+        "fr" | "fre" | "fra" => "fre",
+        "es" | "spa" => "spa",
+        "it" | "ita" => "ita",
+        "pt" | "por" => "por",
+        "nl" | "dut" | "nld" => "dut",
+        "ru" | "rus" => "rus",
+        "ja" | "jpn" => "jpn",
+        "zh" | "chi" | "zho" => "chi",
+        "ko" | "kor" => "kor",
+        "pl" | "pol" => "pol",
+        "sv" | "swe" => "swe",
+        _ => "und",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(cycle: u64, newest: f64, text: &str, skipped: bool) -> CycleRecord {
+        CycleRecord {
+            cycle,
+            frames: vec![newest - 1.0, newest],
+            text: text.into(),
+            skipped,
+            reason: None,
+            error: None,
+            stats: None,
+            wall_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn cues_start_at_the_newest_frame_and_never_overlap() {
+        let cycles = [
+            record(
+                1,
+                3.0,
+                "A long comment that would stay up for quite a while.",
+                false,
+            ),
+            record(2, 4.5, "", true),
+            record(3, 5.0, "Short.", false),
+            record(4, 9.5, "Near the end of the video.", false),
+        ];
+        let cues = cues(&cycles, Duration::from_secs(10));
+        let spans: Vec<(u128, u128)> = cues
+            .iter()
+            .map(|c| (c.start.as_millis(), c.end.as_millis()))
+            .collect();
+        // Cut by the next cue, a readable time (1 s + 6 × 60 ms), the video's end.
+        assert_eq!(spans, [(3000, 5000), (5000, 6360), (9500, 10000)]);
+    }
+
+    #[test]
+    fn formats_are_what_players_read() {
+        let cues = [Cue {
+            start: Duration::from_millis(3_500),
+            end: Duration::from_millis(3_661_250),
+            text: "a <b> & c\n\nd".into(),
+        }];
+        assert_eq!(
+            webvtt(&cues),
+            "WEBVTT\n\n1\n00:00:03.500 --> 01:01:01.250\na &lt;b&gt; &amp; c\nd\n"
+        );
+        assert_eq!(
+            srt(&cues),
+            "1\n00:00:03,500 --> 01:01:01,250\na <b> & c\nd\n"
+        );
+    }
+
+    #[test]
+    fn unknown_extensions_are_refused_with_the_known_ones() {
+        let err = Format::of(Path::new("out.txt")).unwrap_err().to_string();
+        assert!(
+            err.contains("'.txt'") && err.contains(".vtt, .srt"),
+            "{err}"
+        );
+        assert_eq!(Format::of(Path::new("a.MKV")).unwrap(), Format::Video);
+    }
+}
