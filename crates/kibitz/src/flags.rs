@@ -198,6 +198,13 @@ pub struct ServeArgs {
     /// `alerts = [...]`; the API adds more.
     #[arg(long = "alert", env = "ALERTS", value_delimiter = '|')]
     pub alerts: Vec<String>,
+    /// The history file (SQLite) every comment, answer and alert goes to, or `off`
+    /// [default: ~/.local/share/kibitz/history.sqlite].
+    #[arg(long, env = "HISTORY")]
+    pub history: Option<String>,
+    /// Days of history kept (0 keeps everything).
+    #[arg(long, env = "HISTORY_DAYS", default_value_t = 30.0)]
+    pub history_days: f64,
     /// POST every fired alert here as JSON (stream, rule, comment, time, frame, clip URL).
     #[arg(long, env = "WEBHOOK")]
     pub webhook: Option<String>,

@@ -75,12 +75,38 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("{warning}");
     }
 
+    // A history that cannot be opened (a corrupt file, a read-only folder) is one warning:
+    // kibitz serves without it.
+    let history = match settings.history.clone() {
+        Some((path, retention)) => {
+            match tokio::task::spawn_blocking(move || {
+                kibitz_history::History::open(&path, retention)
+            })
+            .await?
+            {
+                Ok(history) => {
+                    tokio::spawn(kibitz_stream::history::record(
+                        streams.clone(),
+                        history.clone(),
+                    ));
+                    Some(history)
+                }
+                Err(e) => {
+                    tracing::warn!("history is off: {e}");
+                    eprintln!("kibitz: warning: history is off: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let state = AppState::new(Parts {
         streams: streams.clone(),
         access: Access::new(settings.token.clone(), settings.token_for_viewing),
         profiles: Profiles::names().into_iter().map(String::from).collect(),
         shutdown: shutdown.clone(),
+        history: history.clone(),
     });
 
     let stop = shutdown.clone();
@@ -102,6 +128,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     kibitz_server::serve(listener, state).await?;
     shutdown.cancel();
     streams.stop_all().await;
+    if let Some(history) = history {
+        // What the last cycles said reaches the file before the process ends.
+        if let Err(e) = history.flush().await {
+            tracing::warn!("the history's last entries may be lost: {e}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -23,6 +23,8 @@ pub struct Settings {
     pub engine: EngineArgs,
     pub voice: kibitz_voice::VoiceOptions,
     pub webhook: Option<(String, Option<String>)>,
+    /// Where the history goes, and for how long; `None` when off.
+    pub history: Option<(PathBuf, Duration)>,
 }
 
 impl Settings {
@@ -68,6 +70,28 @@ impl Settings {
                 ));
             }
         }
+        if !(args.history_days.is_finite() && args.history_days >= 0.0) {
+            problems.push(format!(
+                "--history-days (HISTORY_DAYS) must be 0 (keep all) or more, got {}",
+                args.history_days
+            ));
+        }
+        let history = match args.history.as_deref().map(str::trim) {
+            Some("off") => None,
+            Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+            _ => kibitz_history::default_path(),
+        }
+        .map(|path| {
+            let days = args.history_days.max(0.0);
+            (
+                path,
+                Duration::from_secs_f64(if days.is_finite() {
+                    days * 86_400.0
+                } else {
+                    0.0
+                }),
+            )
+        });
         if args.webhook_secret.is_some() && args.webhook.is_none() {
             problems.push("--webhook-secret needs --webhook URL".into());
         }
@@ -203,6 +227,7 @@ impl Settings {
             engine: args.engine,
             voice: voice.expect("checked above"),
             webhook: args.webhook.map(|url| (url, args.webhook_secret)),
+            history,
         })
     }
 }

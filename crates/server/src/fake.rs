@@ -100,6 +100,8 @@ pub struct Options {
     /// Instead of `engine`, e.g. one whose answers depend on the question.
     pub engine_override: Option<Arc<dyn kibitz_engine::Engine>>,
     pub alert_sink: Option<Arc<dyn kibitz_stream::AlertSink>>,
+    /// A history in memory (recording every stream), or none.
+    pub history: bool,
 }
 
 impl Default for Options {
@@ -129,6 +131,7 @@ impl Default for Options {
             voices: Voices::off(),
             engine_override: None,
             alert_sink: None,
+            history: false,
         }
     }
 }
@@ -182,11 +185,20 @@ impl Harness {
                 .await
                 .expect("pattern sources start");
         }
+        let history = options.history.then(|| {
+            let history = kibitz_history::History::in_memory().expect("an in-memory history");
+            tokio::spawn(kibitz_stream::history::record(
+                streams.clone(),
+                history.clone(),
+            ));
+            history
+        });
         let state = AppState::new(Parts {
             streams: streams.clone(),
             access: Access::new(options.token.clone(), options.token_for_viewing),
             profiles: profiles(),
             shutdown: CancellationToken::new(),
+            history,
         });
         Harness {
             state,

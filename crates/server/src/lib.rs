@@ -21,6 +21,8 @@
 //! | `GET /api/streams/{id}/speech/clips/{n}` | one spoken comment (WAV), as `speech` events name it |
 //! | `GET`/`POST /api/streams/{id}/alerts`, `DELETE …/alerts/{rule}` | alert rules |
 //! | `GET /api/alerts`, `GET /api/alerts/{id}/clip` | fired alerts; the picture around one (Motion JPEG) |
+//! | `GET /api/history?q=&stream=&since=&until=&limit=&before=` | search what was said |
+//! | `GET /api/streams/{id}/history.vtt?since=&until=` | a time range as WebVTT |
 //! | `GET /api/events` | every stream's events, tagged with `stream` (SSE) |
 //! | `/api/mjpeg`, `/api/frame`, `/api/stream`, `/api/ws`, `/api/status`, `/api/instruction` | the same for the first stream still running |
 //! | `GET /api/profiles` | profile names, voices offered |
@@ -47,6 +49,7 @@ mod error;
 mod events;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+mod history;
 mod metrics;
 mod mjpeg;
 mod page;
@@ -98,6 +101,8 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(alerts::remove),
         )
         .route("/api/alerts", get(alerts::recent))
+        .route("/api/history", get(history::search))
+        .route("/api/streams/{id}/history.vtt", get(history::vtt))
         .route("/api/alerts/{id}/clip", get(alerts::clip))
         .route("/api/streams/{id}/speech/clips/{n}", get(speech::clip))
         .route("/api/frame", get(mjpeg::frame))

@@ -114,6 +114,9 @@ mod tests {
             "/frame",
             "/status",
             "/stream`",
+            "/stream?sound=on",
+            "/api/clock",
+            "/speech`",
         ] {
             assert!(
                 SCRIPT.contains(api) || INDEX.contains(api),

@@ -24,6 +24,8 @@ pub struct Parts {
     pub profiles: Vec<String>,
     /// Cancelled to stop the server: long-lived responses end and `serve` returns.
     pub shutdown: CancellationToken,
+    /// What was said, searchable; `None` with `--history off`.
+    pub history: Option<kibitz_history::History>,
 }
 
 /// The one state every handler gets. Cheap to clone.
@@ -40,6 +42,7 @@ pub(crate) struct Shared {
     pub meters: Meters,
     pub started: Instant,
     pub questions: crate::ask::RateLimit,
+    pub history: Option<kibitz_history::History>,
 }
 
 /// Server-wide counts for `/metrics`; per-stream counts live in each stream's status.
@@ -64,6 +67,7 @@ impl AppState {
                 meters: Meters::default(),
                 started: Instant::now(),
                 questions: crate::ask::RateLimit::default(),
+                history: parts.history,
             }),
         }
     }

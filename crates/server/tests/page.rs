@@ -875,6 +875,12 @@ async fn with_sound_on_the_stream_view_schedules_each_clip_at_its_picture() {
     browser
         .screenshot(&screenshot_path("page-stream-sound.png"))
         .await;
+    browser.resize(390, 844).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    browser
+        .screenshot(&screenshot_path("page-stream-sound-phone.png"))
+        .await;
+    browser.resize(1280, 900).await;
     browser
         .wait_for(
             "four clips have started",
@@ -925,6 +931,39 @@ async fn with_sound_on_the_stream_view_schedules_each_clip_at_its_picture() {
     println!("clips: {}", serde_json::to_string_pretty(clips).unwrap());
     let spoken = site.harness.stream("s1").status().speech;
     assert!(spoken.spoken >= 4, "{spoken:?}");
+
+    // A clip that comes late starts at once, part way in, so its words still meet their
+    // picture; one with more than half of it gone is not played.
+    browser
+        .run(
+            "const k = window.kibitz;
+             const last = k.speech[k.speech.length - 1];
+             const clip = `/api/streams/s1/speech/clips/${last.cycle}`;
+             const serverNow = performance.timeOrigin + performance.now() + k.clockOffset;
+             playSpeech({ type: 'speech', cycle: 1001, clip, play_at: serverNow - 200, duration: 0.5 });
+             playSpeech({ type: 'speech', cycle: 1002, clip, play_at: serverNow - 400, duration: 0.5 });
+             return true;",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the late clip starts part way in and the later one is skipped",
+            "const k = window.kibitz;
+             const a = k.speech.find((c) => c.cycle === 1001);
+             const b = k.speech.find((c) => c.cycle === 1002);
+             return a && a.started && a.offset >= 0.2 && b && b.skipped !== null;",
+        )
+        .await;
+    let late = browser
+        .run("return window.kibitz.speech.find((c) => c.cycle === 1001);")
+        .await;
+    let play_at = late["playAt"].as_f64().unwrap() - offset;
+    let heard = late["scheduledAt"].as_f64().unwrap();
+    assert!(
+        (heard - play_at).abs() <= IN_STEP_MS,
+        "the late clip is {:.0} ms off its picture: {late}",
+        heard - play_at
+    );
 
     // The voice picker reaches the stream.
     browser.click("#voice").await;

@@ -1176,3 +1176,77 @@ async fn an_alert_fires_on_the_edge_only_and_reaches_the_webhook_signed() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn what_was_said_is_kept_searchable_and_exported() {
+    let harness = Harness::with(Options {
+        history: true,
+        ..three()
+    })
+    .await;
+    let router = harness.router();
+    eventually("comments in the history", || async {
+        let page = json_of(call(&router, Method::GET, "/api/history?stream=b", None).await).await;
+        page["entries"].as_array().is_some_and(|e| e.len() >= 2)
+    })
+    .await;
+    let page = json_of(call(&router, Method::GET, "/api/history?q=ball&limit=2", None).await).await;
+    let entries = page["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["text"], "a ball rolls");
+    assert_eq!(entries[0]["kind"], "comment");
+    assert!(
+        entries[0]["wall_ms"].as_i64() >= entries[1]["wall_ms"].as_i64(),
+        "newest first"
+    );
+    // The next page goes on from where this one ended.
+    let next = page["next"].as_str().expect("more pages");
+    let more = json_of(
+        call(
+            &router,
+            Method::GET,
+            &format!("/api/history?q=ball&limit=2&before={next}"),
+            None,
+        )
+        .await,
+    )
+    .await;
+    let first_of_next = more["entries"][0]["id"].as_i64().unwrap();
+    assert!(first_of_next < entries[1]["id"].as_i64().unwrap());
+
+    // Hostile search text is just text.
+    for q in ["%22", "NEAR(", "*", "OR%20AND", "-ball", "%E2%9C%93"] {
+        let response = call(&router, Method::GET, &format!("/api/history?q={q}"), None).await;
+        assert_eq!(response.status(), StatusCode::OK, "{q}");
+    }
+    let response = call(
+        &router,
+        Method::GET,
+        "/api/history?since=yesterday-ish",
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let response = call(&router, Method::GET, "/api/streams/c/history.vtt", None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/vtt"));
+    let vtt = String::from_utf8(bytes_of(response).await).unwrap();
+    assert!(vtt.starts_with("WEBVTT"), "{vtt}");
+    assert!(
+        vtt.contains(" --> ") && vtt.contains("a ball rolls"),
+        "{vtt}"
+    );
+
+    // Without a history: a clear 404.
+    let bare = Harness::new().await;
+    let response = call(&bare.router(), Method::GET, "/api/history", None).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert!(json_of(response).await["error"]
+        .as_str()
+        .unwrap()
+        .contains("history is off"));
+}

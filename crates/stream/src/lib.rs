@@ -12,6 +12,7 @@
 mod alerts;
 mod ask;
 mod events;
+pub mod history;
 mod id;
 mod playout;
 mod registry;

@@ -3,8 +3,9 @@
 //! Why `ort` with `load-dynamic`: nothing downloads or links at build time; ONNX Runtime's
 //! shared library (1.22, e.g. from PyPI `onnxruntime`) is opened at run time from
 //! `ORT_DYLIB_PATH`, else from beside the voice file (`scripts/fixtures.sh` puts them side by
-//! side), else the system's `libonnxruntime.so`. ort panics when that library is missing or
-//! of another version; [`Piper::open`] turns that into an error at start.
+//! side), else from the loader's usual folders. The first voice's library serves the whole
+//! process. ort panics when the library is not ONNX Runtime 1.22; [`Piper::open`] catches that
+//! and returns it as an error (the panic's message is still printed once).
 //!
 //! The model's input is what Piper itself builds: phonemes ([`crate::phonemize`], one run per
 //! phoneme sentence) mapped through the config's `phoneme_id_map` as
@@ -280,26 +281,26 @@ fn decompose(phonemes: &str) -> impl Iterator<Item = char> + '_ {
 /// Finds ONNX Runtime, loads it (once per process) and the model. ort panics where the
 /// library is missing or of the wrong version; that panic becomes an error here.
 fn load_session(model: &Path) -> Result<Session, String> {
-    let dylib = std::env::var_os("ORT_DYLIB_PATH")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| beside(model));
-    if let Some(lib) = &dylib {
-        if !lib.is_file() {
+    let hint = "hint: set ORT_DYLIB_PATH to ONNX Runtime 1.22's libonnxruntime.so (PyPI onnxruntime==1.22.1 has one; scripts/fixtures.sh fetches it)";
+    let dylib = match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        Some(lib) if !Path::new(&lib).is_file() => {
             return Err(format!(
                 "ONNX Runtime not found at {} (ORT_DYLIB_PATH)",
-                lib.display()
-            ));
+                Path::new(&lib).display()
+            ))
         }
-    }
+        Some(lib) => PathBuf::from(lib),
+        None => beside(model)
+            .or_else(system_library)
+            .ok_or_else(|| format!("ONNX Runtime (libonnxruntime.so) not found\n{hint}"))?,
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let load = move || -> Result<Session, String> {
-        let builder = match &dylib {
-            Some(lib) => ort::init_from(lib.display().to_string()),
-            None => ort::init(),
-        };
-        // `false` only says an environment existed already (a second voice): fine.
-        builder.commit().map_err(|e| e.to_string())?;
+        // The first voice's library serves the whole process; `false` only says an
+        // environment existed already (a second voice): fine.
+        ort::init_from(dylib.display().to_string())
+            .commit()
+            .map_err(|e| e.to_string())?;
         Session::builder()
             .and_then(|b| b.with_intra_threads(threads))
             .and_then(|b| b.commit_from_file(model))
@@ -313,16 +314,35 @@ fn load_session(model: &Path) -> Result<Session, String> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "ONNX Runtime failed to load".into());
-            Err(format!(
-                "{why}\nhint: set ORT_DYLIB_PATH to ONNX Runtime 1.22's libonnxruntime.so (PyPI onnxruntime==1.22.1 has one)"
-            ))
+            Err(format!("{why}\n{hint}"))
         }
     }
 }
 
 /// A `libonnxruntime.so*` in the voice file's folder.
 fn beside(model: &Path) -> Option<PathBuf> {
-    let dir = model.parent()?;
+    find_in(model.parent()?)
+}
+
+/// `libonnxruntime.so*` where the dynamic loader looks (LD_LIBRARY_PATH, then the usual
+/// folders), so that a missing library is an error here rather than a panic inside ort.
+fn system_library() -> Option<PathBuf> {
+    let from_env = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|v| std::env::split_paths(&v).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let usual = [
+        "/usr/local/lib",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ];
+    from_env
+        .into_iter()
+        .chain(usual.iter().map(PathBuf::from))
+        .find_map(|dir| find_in(&dir))
+}
+
+fn find_in(dir: &Path) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))

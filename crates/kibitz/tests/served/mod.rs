@@ -39,6 +39,8 @@ pub fn start(args: &[String], interval: &str) -> Server {
         .args(args)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .arg("--history")
+        .arg(dir.path().join("history.sqlite"))
         .arg("--model")
         .arg(&model)
         .env("THREADS", "1")
