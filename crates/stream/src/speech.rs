@@ -33,6 +33,8 @@ use crate::stream::{OutputKind, StreamHandle};
 
 /// A comment that could start this much after its picture is shown only, not spoken.
 pub const MAX_LATE: Duration = Duration::from_millis(1500);
+/// The soonest a clip may start after it is ready: time for a page to fetch and decode it.
+const DELIVERY: Duration = Duration::from_millis(150);
 /// Clips kept for the page to fetch (`/api/streams/{id}/speech/clips/{n}`).
 const CLIPS_KEPT: usize = 16;
 /// Answers' clips are numbered from here, cycles' below.
@@ -184,7 +186,8 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
             }
             None => ready,
         };
-        let start = [play_at, ready, busy_until.unwrap_or(play_at)]
+        // A page needs a moment to fetch and decode a clip before it can play it on time.
+        let start = [play_at, ready + DELIVERY, busy_until.unwrap_or(play_at)]
             .into_iter()
             .max()
             .expect("three times");

@@ -130,6 +130,8 @@ pub struct StreamSummary {
     pub profile: String,
     pub instruction: String,
     pub last_comment: Option<String>,
+    /// Who speaks its comments (`off`, or `off (why)` when the voice could not start).
+    pub voice: String,
     pub target_delay: f64,
     /// Attached outputs (MJPEG, SSE, WebSocket) together.
     pub viewers: u64,
@@ -146,6 +148,7 @@ impl From<&StreamStatus> for StreamSummary {
             profile: s.settings.profile.clone().unwrap_or_default(),
             instruction: s.settings.instruction.clone().unwrap_or_default(),
             last_comment: s.commentary.last_comment.clone(),
+            voice: s.speech.voice.clone(),
             target_delay: s.target_delay,
             viewers: s.viewers.total(),
         }
