@@ -112,9 +112,7 @@ async fn run(rows: i64) {
         .unwrap()
         .entries[0]
         .clone();
-    let deep_cursor = format!("{}_{}", deep.entry.wall_ms, deep.id)
-        .parse()
-        .unwrap();
+    let deep_cursor = deep.id.to_string().parse().unwrap();
     let cases: Vec<(&str, Query)> = vec![
         ("latest 50, no text", Query::default()),
         (

@@ -15,8 +15,13 @@
 //! the index in step on insert and on prune. User text never reaches FTS5 as syntax:
 //! `fts::match_expr` turns it into quoted phrases.
 //!
-//! Why a keyset cursor: a page ends at some (`wall_ms`, `id`) and the next one starts strictly
-//! below it, so rows added meanwhile neither repeat nor push others off a page.
+//! Why time-ordered ids: an entry's id is its wall time in ms × 1000 plus a sequence number
+//! (the writer gives it). Id order is then time order, so FTS5 hands over matches newest first
+//! and a search stops at the page's end instead of sorting every match: a word in a fifth of a
+//! million rows costs what a rare one does. Time ranges become id ranges.
+//!
+//! Why a keyset cursor: a page ends at some id and the next one starts strictly below it, so
+//! rows added meanwhile neither repeat nor push others off a page.
 //!
 //! Retention: the writer thread prunes entries older than the retention when it starts and
 //! every hour after; [`History::prune`] does it on demand (tests, or a lead with its own clock).
@@ -102,7 +107,8 @@ pub struct Entry {
     pub question: Option<String>,
 }
 
-/// An entry as stored, with its id (unique and increasing, never reused).
+/// An entry as stored, with its id: `wall_ms × 1000` plus its place among the entries of that
+/// millisecond, so ids sort as time does (an exact integer in JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     pub id: i64,
@@ -138,22 +144,13 @@ pub struct Page {
 /// string) and pass it back as `before`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cursor {
-    wall_ms: i64,
+    /// The last id on the page; the next page starts below it.
     id: i64,
-}
-
-impl Cursor {
-    fn after(stored: &Stored) -> Cursor {
-        Cursor {
-            wall_ms: stored.entry.wall_ms,
-            id: stored.id,
-        }
-    }
 }
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}_{}", self.wall_ms, self.id)
+        write!(f, "{}", self.id)
     }
 }
 
@@ -161,12 +158,10 @@ impl FromStr for Cursor {
     type Err = HistoryError;
 
     fn from_str(text: &str) -> Result<Cursor, HistoryError> {
-        let bad = || HistoryError::BadCursor(error::clip(text));
-        let (wall_ms, id) = text.split_once('_').ok_or_else(bad)?;
-        Ok(Cursor {
-            wall_ms: wall_ms.parse().map_err(|_| bad())?,
-            id: id.parse().map_err(|_| bad())?,
-        })
+        match text.parse() {
+            Ok(id) if id >= 0 && text.bytes().all(|b| b.is_ascii_digit()) => Ok(Cursor { id }),
+            _ => Err(HistoryError::BadCursor(error::clip(text))),
+        }
     }
 }
 
@@ -236,7 +231,7 @@ impl History {
         readers.with(|_| Ok(()))?;
         let (queue, inbox) = mpsc::sync_channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        let writer = Writer::new(conn, inbox, retention, dropped.clone());
+        let writer = Writer::new(conn, inbox, retention, dropped.clone())?;
         std::thread::Builder::new()
             .name("kibitz-history".into())
             .spawn(move || writer.run())

@@ -1,15 +1,15 @@
 //! Reading: a few idle read-only connections, and the queries behind search, last and vtt.
 //!
-//! Why `entries_fts CROSS JOIN entries`: SQLite then takes the matching rows from the index
-//! first and sorts only those; left to choose, it may walk every entry by time and probe the
-//! index for each one.
+//! Why `entries_fts CROSS JOIN entries ... ORDER BY id DESC`: FTS5 yields matching rowids in
+//! descending order by itself, and ids are time-ordered, so SQLite reads matches newest first
+//! and stops after the page; the time range goes to FTS5 as a rowid range.
 
 use std::sync::Mutex;
 
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, Row};
 
-use crate::schema::Location;
+use crate::schema::{first_id, Location};
 use crate::{fts, vtt, Cursor, Entry, HistoryError, Kind, Page, Query, Stored};
 
 /// Idle connections kept for the next read; more are opened when more run at once.
@@ -53,56 +53,56 @@ impl Readers {
 }
 
 pub(crate) fn search(conn: &Connection, query: &Query, limit: usize) -> Result<Page, HistoryError> {
-    let mut sql = format!("SELECT {COLUMNS} FROM ");
-    let mut args: Vec<Value> = Vec::new();
-    match query.q.as_deref().and_then(fts::match_expr) {
-        Some(expr) => {
-            sql.push_str(
-                "entries_fts CROSS JOIN entries e ON e.id = entries_fts.rowid \
-                 WHERE entries_fts MATCH ?",
-            );
-            args.push(Value::Text(expr));
-        }
-        None => sql.push_str("entries e WHERE 1"),
-    }
-    if let Some(stream) = &query.stream {
-        sql.push_str(" AND e.stream = ?");
-        args.push(Value::Text(stream.clone()));
-    }
-    if let Some(since) = query.since_ms {
-        sql.push_str(" AND e.wall_ms >= ?");
-        args.push(Value::Integer(since));
-    }
-    if let Some(until) = query.until_ms {
-        sql.push_str(" AND e.wall_ms < ?");
-        args.push(Value::Integer(until));
-    }
-    if let Some(before) = query.before {
-        sql.push_str(" AND (e.wall_ms, e.id) < (?, ?)");
-        args.push(Value::Integer(before.wall_ms));
-        args.push(Value::Integer(before.id));
-    }
-    // One more than asked for tells whether there is a next page.
-    sql.push_str(" ORDER BY e.wall_ms DESC, e.id DESC LIMIT ?");
-    args.push(Value::Integer(limit as i64 + 1));
-
+    let (sql, args) = search_sql(query, limit);
     let mut st = conn.prepare_cached(&sql)?;
     let mut entries = st
         .query_map(params_from_iter(args), stored)?
         .collect::<Result<Vec<_>, _>>()?;
     let next = if entries.len() > limit {
         entries.truncate(limit);
-        entries.last().map(Cursor::after)
+        entries.last().map(|s| Cursor { id: s.id })
     } else {
         None
     };
     Ok(Page { entries, next })
 }
 
+/// The statement for a search and its arguments.
+pub(crate) fn search_sql(query: &Query, limit: usize) -> (String, Vec<Value>) {
+    let (low, mut high) = id_range(query.since_ms, query.until_ms);
+    if let Some(before) = query.before {
+        high = high.min(before.id);
+    }
+    let mut args = vec![Value::Integer(low), Value::Integer(high)];
+    let text = query.q.as_deref().and_then(fts::match_expr);
+    let order = if text.is_some() {
+        "entries_fts.rowid"
+    } else {
+        "e.id"
+    };
+    let mut sql = match text {
+        Some(expr) => {
+            args.push(Value::Text(expr));
+            format!(
+                "SELECT {COLUMNS} FROM entries_fts CROSS JOIN entries e ON e.id = entries_fts.rowid \
+                 WHERE entries_fts.rowid >= ? AND entries_fts.rowid < ? AND entries_fts MATCH ?"
+            )
+        }
+        None => format!("SELECT {COLUMNS} FROM entries e WHERE e.id >= ? AND e.id < ?"),
+    };
+    if let Some(stream) = &query.stream {
+        sql.push_str(" AND e.stream = ?");
+        args.push(Value::Text(stream.clone()));
+    }
+    // One more than asked for tells whether there is a next page.
+    sql.push_str(&format!(" ORDER BY {order} DESC LIMIT ?"));
+    args.push(Value::Integer(limit as i64 + 1));
+    (sql, args)
+}
+
 pub(crate) fn last(conn: &Connection, stream: &str, n: usize) -> Result<Vec<Stored>, HistoryError> {
     let mut st = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM entries e WHERE e.stream = ?1 \
-         ORDER BY e.wall_ms DESC, e.id DESC LIMIT ?2"
+        "SELECT {COLUMNS} FROM entries e WHERE e.stream = ?1 ORDER BY e.id DESC LIMIT ?2"
     ))?;
     let mut entries = st
         .query_map(params![stream, n as i64], stored)?
@@ -117,20 +117,14 @@ pub(crate) fn vtt(
     since_ms: Option<i64>,
     until_ms: Option<i64>,
 ) -> Result<String, HistoryError> {
+    let (low, high) = id_range(since_ms, until_ms);
     let mut st = conn.prepare_cached(
         "SELECT id, wall_ms, text FROM entries \
-         WHERE stream = ?1 AND kind = ?2 AND wall_ms >= ?3 AND wall_ms < ?4 \
-         ORDER BY wall_ms, id LIMIT ?5",
+         WHERE stream = ?1 AND id >= ?2 AND id < ?3 AND kind = ?4 ORDER BY id LIMIT ?5",
     )?;
     let lines = st
         .query_map(
-            params![
-                stream,
-                Kind::Comment.as_str(),
-                since_ms.unwrap_or(i64::MIN),
-                until_ms.unwrap_or(i64::MAX),
-                MAX_CUES as i64
-            ],
+            params![stream, low, high, Kind::Comment.as_str(), MAX_CUES as i64],
             |row| {
                 Ok(vtt::Line {
                     id: row.get(0)?,
@@ -141,6 +135,14 @@ pub(crate) fn vtt(
         )?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(vtt::render(since_ms, &lines))
+}
+
+/// `[since, until)` in wall time as ids, `[low, high)`.
+fn id_range(since_ms: Option<i64>, until_ms: Option<i64>) -> (i64, i64) {
+    (
+        since_ms.map_or(0, first_id),
+        until_ms.map_or(i64::MAX, first_id),
+    )
 }
 
 fn stored(row: &Row<'_>) -> rusqlite::Result<Stored> {

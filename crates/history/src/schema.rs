@@ -13,13 +13,25 @@ use crate::HistoryError;
 
 pub(crate) const VERSION: i64 = 1;
 
+/// Ids per millisecond: an entry's id is its `wall_ms × SLOT` plus a sequence number, so id
+/// order is time order. That lets the full-text index (which yields rowids in order) stop at
+/// the page's end instead of sorting every match, and turns time ranges into id ranges.
+pub(crate) const SLOT: i64 = 1000;
+/// The last millisecond with ids below 2⁵³, so ids stay exact as JSON numbers (year 2255).
+pub(crate) const MAX_WALL_MS: i64 = (1 << 53) / SLOT - 1;
+
+/// The first id of a millisecond; times before 1970 share the first one.
+pub(crate) fn first_id(wall_ms: i64) -> i64 {
+    wall_ms.clamp(0, MAX_WALL_MS) * SLOT
+}
+
 /// How long a connection waits for another's lock before failing.
 const BUSY: Duration = Duration::from_secs(5);
 
 const SCHEMA_V1: &str = "
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE entries (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          INTEGER PRIMARY KEY,
     kind        TEXT    NOT NULL,
     stream      TEXT    NOT NULL,
     wall_ms     INTEGER NOT NULL,
@@ -31,8 +43,7 @@ CREATE TABLE entries (
     latency_s   REAL,
     question    TEXT
 );
-CREATE INDEX entries_by_time ON entries (wall_ms, id);
-CREATE INDEX entries_by_stream ON entries (stream, wall_ms, id);
+CREATE INDEX entries_by_stream ON entries (stream, id);
 CREATE VIRTUAL TABLE entries_fts USING fts5 (
     text, question,
     content = 'entries', content_rowid = 'id',

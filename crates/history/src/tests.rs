@@ -98,7 +98,9 @@ async fn roundtrip() {
     assert_eq!(page.next, None);
     let got: Vec<&Entry> = page.entries.iter().map(|s| &s.entry).collect();
     assert_eq!(got, [&bare, &full]);
-    assert!(page.entries[0].id > page.entries[1].id);
+    // Ids are time-ordered: the wall time in ms, then a place within the millisecond.
+    assert_eq!(page.entries[1].id, T0 * 1000);
+    assert_eq!(page.entries[0].id, (T0 + 1) * 1000);
 
     let json = serde_json::to_value(&page).unwrap();
     assert_eq!(json["entries"][1]["kind"], "answer");
@@ -322,20 +324,28 @@ async fn bad_input_is_reported_as_such() {
     }
     for text in [
         "",
-        "12",
-        "a_b",
-        "1_",
-        "_1",
-        "1_2_3",
+        "a",
+        "-1",
+        "+1",
+        "1_2",
+        " 1",
+        "1.5",
+        "99999999999999999999",
         "x".repeat(1000).as_str(),
     ] {
         let err = text.parse::<Cursor>().unwrap_err();
         assert!(err.is_bad_input(), "{text}");
         assert!(err.to_string().len() < 200);
     }
-    let cursor: Cursor = "-5_7".parse().unwrap();
-    assert_eq!(serde_json::to_string(&cursor).unwrap(), "\"-5_7\"");
-    assert_eq!(serde_json::from_str::<Cursor>("\"-5_7\"").unwrap(), cursor);
+    let cursor: Cursor = "1796061600000001".parse().unwrap();
+    assert_eq!(
+        serde_json::to_string(&cursor).unwrap(),
+        "\"1796061600000001\""
+    );
+    assert_eq!(
+        serde_json::from_str::<Cursor>("\"1796061600000001\"").unwrap(),
+        cursor
+    );
 }
 
 #[tokio::test]
@@ -603,4 +613,99 @@ async fn reads_run_beside_a_busy_writer() {
     bounded(writer).await.unwrap();
     assert!(reads > 0);
     assert_eq!(count(&history).await, 20_000);
+}
+
+#[tokio::test]
+async fn ids_follow_time_even_out_of_order_and_crowded() {
+    let history = History::in_memory().unwrap();
+    // Late entries, a crowded millisecond (more than the thousand ids it has), times before
+    // 1970 and beyond the last exact id.
+    history.record(entry("s", T0 + 10, "later"));
+    for i in 0..1005 {
+        history.record(entry("s", T0, &format!("crowd {i}")));
+    }
+    history.record(entry("s", T0 + 1, "next ms"));
+    history.record(entry("s", T0 - 5, "earlier"));
+    history.record(entry("s", -42, "before 1970"));
+    history.record(entry("s", i64::MAX, "far future"));
+    bounded(history.flush()).await.unwrap();
+    assert_eq!(history.dropped(), 0);
+    assert_eq!(count(&history).await, 1010);
+
+    let mut all = Vec::new();
+    let mut before = None;
+    loop {
+        let page = search(
+            &history,
+            Query {
+                limit: Some(MAX_LIMIT),
+                before,
+                ..Query::default()
+            },
+        )
+        .await;
+        all.extend(page.entries);
+        match page.next {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), 1010);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    let id_of = |text: &str| all.iter().find(|s| s.entry.text == text).unwrap().id;
+    assert_eq!(id_of("crowd 0"), T0 * 1000);
+    assert_eq!(id_of("crowd 999"), T0 * 1000 + 999);
+    // The crowd spills into the next millisecond, ahead of what was recorded there later.
+    assert_eq!(id_of("crowd 1000"), (T0 + 1) * 1000);
+    assert_eq!(id_of("next ms"), (T0 + 1) * 1000 + 5);
+    assert_eq!(id_of("earlier"), (T0 - 5) * 1000);
+    assert_eq!(id_of("later"), (T0 + 10) * 1000);
+    assert_eq!(id_of("before 1970"), 0);
+    assert!(id_of("far future") < 1 << 53);
+    // Stored times are kept as given.
+    let far = all.iter().find(|s| s.entry.text == "far future").unwrap();
+    assert_eq!(far.entry.wall_ms, i64::MAX);
+}
+
+#[tokio::test]
+async fn searches_stop_at_the_page_instead_of_sorting() {
+    let history = History::in_memory().unwrap();
+    let queries = [
+        Query::default(),
+        Query {
+            q: Some("ball goal".into()),
+            ..Query::default()
+        },
+        Query {
+            q: Some("ball".into()),
+            stream: Some("s".into()),
+            since_ms: Some(T0),
+            until_ms: Some(T0 + 1),
+            before: Some("5".parse().unwrap()),
+            ..Query::default()
+        },
+        Query {
+            stream: Some("s".into()),
+            since_ms: Some(T0),
+            ..Query::default()
+        },
+    ];
+    for query in queries {
+        let (sql, args) = read::search_sql(&query, 50);
+        let plan: Vec<String> = bounded(history.read(move |conn| {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let rows = st.query_map(rusqlite::params_from_iter(args), |row| row.get(3))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        }))
+        .await
+        .unwrap();
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{query:?}: {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step == "SCAN e"),
+            "{query:?}: {plan:?}"
+        );
+    }
 }

@@ -3,6 +3,10 @@
 //! It sleeps on the queue, wakes for the first message, takes whatever else is already
 //! waiting (up to [`BATCH`]) and commits it in one transaction. Pruning runs here too, in
 //! chunks between batches, so deleting a month of rows never holds entries back for long.
+//!
+//! It also gives each entry its id ([`crate::schema::SLOT`]): the next free one in the
+//! entry's millisecond. Entries come in time order nearly always, so the newest id it gave is
+//! enough to know; an older entry asks the table what its millisecond holds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
+use crate::schema::{first_id, SLOT};
 use crate::{Entry, HistoryError};
 
 /// Messages taken for one transaction at most.
@@ -49,6 +54,8 @@ pub(crate) struct Writer {
     /// `None` keeps everything.
     retention_ms: Option<i64>,
     dropped: Arc<AtomicU64>,
+    /// The highest id given so far.
+    last_id: i64,
     batch: Vec<Entry>,
     flushes: Vec<oneshot::Sender<()>>,
     prune: Option<Prune>,
@@ -60,17 +67,21 @@ impl Writer {
         inbox: Receiver<Msg>,
         retention: Duration,
         dropped: Arc<AtomicU64>,
-    ) -> Writer {
+    ) -> rusqlite::Result<Writer> {
+        let last_id = conn.query_row("SELECT coalesce(max(id), -1) FROM entries", [], |row| {
+            row.get(0)
+        })?;
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        Writer {
+        Ok(Writer {
             conn,
             inbox,
             retention_ms: (retention_ms > 0).then_some(retention_ms),
             dropped,
+            last_id,
             batch: Vec::with_capacity(BATCH),
             flushes: Vec::new(),
             prune: None,
-        }
+        })
     }
 
     pub fn run(mut self) {
@@ -154,7 +165,7 @@ impl Writer {
     /// Writes the batch in one transaction, then answers the flushes.
     fn commit(&mut self) {
         if !self.batch.is_empty() {
-            if let Err(e) = insert(&mut self.conn, &self.batch) {
+            if let Err(e) = insert(&mut self.conn, &mut self.last_id, &self.batch) {
                 let lost = self.batch.len() as u64;
                 self.dropped.fetch_add(lost, Ordering::Relaxed);
                 tracing::error!(lost, "history: cannot write entries: {e}");
@@ -172,8 +183,8 @@ impl Writer {
         };
         let result = self.conn.execute(
             "DELETE FROM entries WHERE id IN \
-             (SELECT id FROM entries WHERE wall_ms < ?1 ORDER BY wall_ms LIMIT ?2)",
-            params![prune.cutoff_ms, PRUNE_CHUNK],
+             (SELECT id FROM entries WHERE id < ?1 ORDER BY id LIMIT ?2)",
+            params![first_id(prune.cutoff_ms), PRUNE_CHUNK],
         );
         let finished = match result {
             Ok(n) => {
@@ -197,16 +208,20 @@ impl Writer {
     }
 }
 
-fn insert(conn: &mut Connection, entries: &[Entry]) -> rusqlite::Result<()> {
+/// Inserts `entries` in one transaction. `last_id` may run ahead of the table if it fails:
+/// that leaves a gap, never a clash.
+fn insert(conn: &mut Connection, last_id: &mut i64, entries: &[Entry]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO entries (kind, stream, wall_ms, media_start, media_end, profile, \
+            "INSERT INTO entries (id, kind, stream, wall_ms, media_start, media_end, profile, \
              instruction, text, latency_s, question) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         for e in entries {
+            let id = next_id(&tx, last_id, e.wall_ms)?;
             insert.execute(params![
+                id,
                 e.kind.as_str(),
                 e.stream,
                 e.wall_ms,
@@ -221,6 +236,32 @@ fn insert(conn: &mut Connection, entries: &[Entry]) -> rusqlite::Result<()> {
         }
     }
     tx.commit()
+}
+
+/// The first free id in `wall_ms`'s millisecond, or in the next one with room (a thousand
+/// entries in one millisecond move the rest along by a millisecond).
+fn next_id(conn: &Connection, last_id: &mut i64, wall_ms: i64) -> rusqlite::Result<i64> {
+    let mut base = first_id(wall_ms);
+    loop {
+        let top: Option<i64> = if *last_id < base {
+            None
+        } else if *last_id < base + SLOT {
+            Some(*last_id)
+        } else {
+            conn.prepare_cached("SELECT max(id) FROM entries WHERE id >= ?1 AND id < ?2")?
+                .query_row(params![base, base + SLOT], |row| row.get(0))?
+        };
+        let id = match top {
+            None => base,
+            Some(top) if top + 1 < base + SLOT => top + 1,
+            Some(_) => {
+                base += SLOT;
+                continue;
+            }
+        };
+        *last_id = (*last_id).max(id);
+        return Ok(id);
+    }
 }
 
 fn now_ms() -> i64 {

@@ -216,6 +216,11 @@ fn commentator_config(args: &AnnotateArgs) -> anyhow::Result<CommentatorConfig> 
             language,
             ..Style::default()
         },
+        cycle_timeout: if args.cycle_timeout.is_finite() && args.cycle_timeout > 0.0 {
+            Duration::from_secs_f64(args.cycle_timeout.min(7.0 * 24.0 * 3600.0))
+        } else {
+            Duration::ZERO // refused by `validate` below with its reason
+        },
         ..CommentatorConfig::default()
     };
     if let Err(e) = config.validate() {
@@ -298,6 +303,7 @@ async fn annotate(
     let window = InferenceWindow::new(span.max(WINDOW_SIZE));
     let base = Instant::now();
     let mut now = base;
+    let cycle_timeout = config.cycle_timeout;
     let mut machine = Commentator::new(config, base)?;
     let scheduler = Scheduler::new(engine, 1);
     let session = scheduler.open_session("annotate");
@@ -395,8 +401,20 @@ async fn annotate(
         turn = None;
 
         if let Some(g) = generation.as_mut() {
-            // A cycle is with the engine: media time stands still until it is answered.
-            let input = match g.next().await {
+            // A cycle is with the engine: media time stands still until it is answered,
+            // so the machine's own cycle timeout (in media time) cannot fire; it is kept
+            // here in real time instead.
+            let next = tokio::time::timeout(cycle_timeout, g.next()).await;
+            let Ok(next) = next else {
+                generation = None;
+                let message = format!(
+                    "no answer within {:.1} s (--cycle-timeout)",
+                    cycle_timeout.as_secs_f64()
+                );
+                machine.handle_input(Input::Failed(EngineError::Timeout(message), now));
+                continue;
+            };
+            let input = match next {
                 Some(Ok(EngineOutput::Text(text))) => Input::Token(text, now),
                 Some(Ok(EngineOutput::Done(done))) => {
                     wall_ms = ms(infer_started.elapsed());

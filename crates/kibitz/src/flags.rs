@@ -501,6 +501,14 @@ pub struct AnnotateArgs {
     /// Language of the commentary (and of the subtitle track): `en`, `de`, `fr`, …
     #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
     pub language: String,
+    /// Seconds (of real time) before a cycle without an answer is abandoned.
+    #[arg(
+        long,
+        env = "CYCLE_TIMEOUT",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
+    pub cycle_timeout: f64,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use ff::codec;
 use ff::media::Type;
-use ff::{Dictionary, Packet, Rational};
+use ff::{Dictionary, Packet, Rational, Rescale};
 use ffmpeg_next as ff;
 
 use crate::decode::describe;
@@ -138,9 +138,10 @@ pub fn check_remux(input: &Path, output: &Path) -> Result<(), MuxError> {
 }
 
 /// Writes `output`: `input`'s video and audio streams copied as they are, plus a subtitle
-/// track of `cues` (times from the file's start, `start` seconds being the container's
-/// own start time, which the cues are shifted by). `language` is the track's ISO 639-2
-/// code, e.g. `eng`. Call [`check_remux`] first for the clear error.
+/// track of `cues` (media time: seconds from the container's start). Every timestamp is
+/// moved back by the container's start time (an MPEG-TS file starts at 1.4 s, say), as
+/// `ffmpeg -c copy` does, so the copy starts at 0 like the cues. `language` is the track's
+/// ISO 639-2 code, e.g. `eng`. Call [`check_remux`] first for the clear error.
 pub fn remux_with_subtitles(
     input: &Path,
     output: &Path,
@@ -223,7 +224,6 @@ pub fn remux_with_subtitles(
     octx.write_header().map_err(out_err)?;
     let subtitle_tb = octx.stream(subtitle_index).expect("added").time_base();
     let ms = Rational::new(1, 1000);
-    let start_ms = start / 1000; // AV_TIME_BASE is microseconds
     let mut pending = cues.iter().peekable();
     let codec = subtitle_codec(output);
 
@@ -239,7 +239,7 @@ pub fn remux_with_subtitles(
             text.to_vec()
         };
         let mut packet = Packet::copy(&data);
-        let pts = start_ms + cue.start.as_millis() as i64;
+        let pts = cue.start.as_millis() as i64;
         packet.set_pts(Some(pts));
         packet.set_dts(Some(pts));
         packet.set_duration(cue.end.saturating_sub(cue.start).as_millis() as i64);
@@ -253,20 +253,23 @@ pub fn remux_with_subtitles(
         let Some(out_index) = map[ist.index()] else {
             continue;
         };
+        let in_tb = ist.time_base();
+        // The container's start time in this stream's ticks, taken off every timestamp.
+        let offset = start.rescale(Rational::new(1, ff::ffi::AV_TIME_BASE), in_tb);
+        packet.set_pts(packet.pts().map(|t| t - offset));
+        packet.set_dts(packet.dts().map(|t| t - offset));
         // Cues due by this packet's time go in first, so the interleaver holds few.
         if let Some(dts) = packet.dts().or(packet.pts()) {
             let at_ms = dts
                 .saturating_mul(1000)
                 .saturating_mul(i64::from(ist.time_base().numerator()))
                 / i64::from(ist.time_base().denominator().max(1));
-            while let Some(cue) =
-                pending.next_if(|c| start_ms + c.start.as_millis() as i64 <= at_ms)
-            {
+            while let Some(cue) = pending.next_if(|c| c.start.as_millis() as i64 <= at_ms) {
                 write_cue(cue, &mut octx).map_err(out_err)?;
             }
         }
         let out_tb = octx.stream(out_index).expect("added").time_base();
-        packet.rescale_ts(ist.time_base(), out_tb);
+        packet.rescale_ts(in_tb, out_tb);
         packet.set_position(-1);
         packet.set_stream(out_index);
         packet.write_interleaved(&mut octx).map_err(out_err)?;

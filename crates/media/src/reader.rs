@@ -311,3 +311,53 @@ impl std::fmt::Debug for VideoFile {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn a_file_is_read_whole_at_the_capture_rate_on_its_own_time() {
+        let file = VideoFile::open(&fixture("testsrc2-360p25.mp4")).unwrap();
+        assert_eq!(file.info().codec, "h264");
+        assert_eq!(file.info().fps, Some(25.0));
+        let mut frames = Vec::new();
+        let summary = file
+            .read(2.0, 1, |c| {
+                frames.push(c);
+                true
+            })
+            .unwrap();
+        assert_eq!(summary.decoded, 250);
+        assert_eq!(summary.end, Duration::from_secs(10));
+        let times: Vec<f64> = frames.iter().map(|c| c.pts.as_secs_f64()).collect();
+        let want: Vec<f64> = (0..20).map(|k| k as f64 * 0.5).collect();
+        assert_eq!(times.len(), 20, "{times:?}");
+        assert!(
+            times.iter().zip(&want).all(|(a, b)| (a - b).abs() < 0.021),
+            "{times:?}"
+        );
+        // The model's size, as the live path makes it.
+        let (w, h) = model_size(640, 360, 1);
+        assert!(frames.iter().all(|c| (c.rgb.width, c.rgb.height) == (w, h)));
+    }
+
+    #[test]
+    fn reading_stops_when_asked() {
+        let file = VideoFile::open(&fixture("testsrc2-360p25.mp4")).unwrap();
+        let mut n = 0;
+        let summary = file
+            .read(2.0, 1, |_| {
+                n += 1;
+                n < 3
+            })
+            .unwrap();
+        assert!(summary.stopped && summary.captured == 3, "{summary:?}");
+    }
+}

@@ -59,6 +59,29 @@ async fn main() {
             rtf[rtf.len() * 9 / 10],
             loaded.as_millis()
         );
+        // What the speech stream costs: its comments, resampled to 48 kHz and Opus-encoded.
+        let mut pcm = kibitz_voice::Pcm::default();
+        for comment in COMMENTS {
+            let voice = voice.clone();
+            let text = comment.to_string();
+            let clip = tokio::task::spawn_blocking(move || voice.synthesize(&text))
+                .await
+                .expect("the thread")
+                .expect("speech");
+            pcm.append(&clip);
+        }
+        let started = Instant::now();
+        let mut writer = kibitz_voice::OggOpusWriter::new(1).expect("an encoder");
+        let mut bytes = writer.push(&pcm).expect("encoded").len();
+        bytes += writer.finish().expect("encoded").len();
+        let took = started.elapsed();
+        println!(
+            "  Ogg/Opus 48 kHz: {:.1} s of it in {} ms ({:.4} of real time), {} bytes",
+            pcm.duration().as_secs_f64(),
+            took.as_millis(),
+            took.as_secs_f64() / pcm.duration().as_secs_f64(),
+            bytes
+        );
     }
 }
 

@@ -22,6 +22,8 @@ pub struct Espeak {
     voice: String,
     language: String,
     wpm: u32,
+    /// What the program answers in (22050 Hz for its own voices, 16 kHz for mbrola ones).
+    sample_rate: u32,
 }
 
 impl Espeak {
@@ -31,13 +33,14 @@ impl Espeak {
             .espeak_voice
             .clone()
             .unwrap_or_else(|| options.language.clone());
-        let espeak = Espeak {
+        let mut espeak = Espeak {
             program: options.espeak_program.clone(),
             voice,
             language: options.language.clone(),
             wpm: options.rate_wpm.clamp(80, 450),
+            sample_rate: 22050,
         };
-        espeak.synthesize("ok")?;
+        espeak.sample_rate = espeak.synthesize("ok")?.sample_rate;
         Ok(espeak)
     }
 }
@@ -48,7 +51,7 @@ impl Voice for Espeak {
             engine: "espeak",
             name: self.voice.clone(),
             language: self.language.clone(),
-            sample_rate: 22050,
+            sample_rate: self.sample_rate,
         }
     }
 

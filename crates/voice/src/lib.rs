@@ -15,6 +15,19 @@
 //! Runtime, loaded at run time), `openai:URL` (an OpenAI-compatible `/v1/audio/speech`) and
 //! `off`. Outputs that need another rate resample ([`Resampler`]); the speech stream is
 //! Ogg/Opus at 48 kHz ([`OggOpusWriter`], or [`OpusEncoder`] + [`OggMuxer`] per listener).
+//!
+//! How a server uses it:
+//! - At start, `spawn_blocking(move || build(&spec, &options))`: it checks the voice works
+//!   (speaks a word, loads the model, asks the server), so an error is one warning and
+//!   speech stays off.
+//! - Per comment, `speak(voice.clone(), &text)` and `Utterance::next().await` for each
+//!   sentence's [`Clip`]; drop the utterance to stop. One piper model runs one sentence at a
+//!   time (streams queue for it); espeak and openai run concurrently.
+//! - Per stream, one [`OpusEncoder`] fed in playout order: a clip's PCM when it is due,
+//!   [`OpusEncoder::silence`] for the gaps. It costs ~1 % of a core per second of audio, but a
+//!   whole clip at once is ~50 ms of CPU: push it in slices (e.g. 100 ms) or from a blocking
+//!   thread. Each listener gets an [`OggMuxer`]: its `headers()`, then `page()` of the
+//!   frames from then on.
 
 mod espeak;
 mod ogg;

@@ -10,7 +10,7 @@ pub const MAX_CHARS: usize = 600;
 
 /// Words that end in a period without ending the sentence.
 const ABBREVIATIONS: &[&str] = &[
-    "mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "jr", "sr", "no", "approx",
+    "mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "jr", "sr", "approx",
 ];
 
 /// `text` cleaned ([`clean`]) and split into sentences, each with its end punctuation.

@@ -15,6 +15,15 @@
 //   the offset to the server's clock (`/api/clock`, NTP-style), then into the
 //   AudioContext's time. That is when the picture shows what the clip talks about.
 //
+// Both views also have: a search box over everything said (`/api/history?q=`, debounced,
+// newest first, "more" pages back with its `next` cursor), and alerts: a stream's rules
+// (`/api/streams/{id}/alerts`) are listed and edited in its view, and a fired `alert` event
+// is highlighted there (and flashes the picture's border) and on its overview tile, with
+// its clip. The stream view shows its last entries from the history at once when opened,
+// and has a question box: `POST /ask`, whose answer streams into the same list as the
+// comments (from the response body and from the `answer_*` events, which also bring the
+// answers to other viewers' questions).
+//
 // The token: browsers cannot put headers on <img>, EventSource or WebSocket. When the
 // server answers 401 the page asks for the token, sends it once as `Authorization:
 // Bearer` to `POST /api/session`, which sets an HttpOnly, SameSite=Strict cookie that
@@ -38,6 +47,17 @@ const CLOCK_SAMPLES = 5;
 const LATE_OK_MS = 150;
 /// Clip records kept in `kibitz.speech`.
 const SPEECH_KEPT = 50;
+/// History entries shown at once when a stream's view opens.
+const RECENT_ENTRIES = 20;
+/// Search: the pause after the last key before asking, and results a page.
+const SEARCH_DEBOUNCE_MS = 300;
+const SEARCH_PAGE = 20;
+/// How long a fired alert flashes the picture's border.
+const ALERT_FLASH_MS = 6000;
+/// The overview highlights alerts fired this recently when it opens (from `/api/alerts`).
+const ALERT_RECENT_MS = 15 * 60 * 1000;
+/// An alert clip's pictures a second when played here (the MJPEG does not say).
+const CLIP_FPS = 10;
 
 // Exposed for curious users and for the browser test.
 const kibitz = {
@@ -66,6 +86,18 @@ const kibitz = {
   // `speech` events that came while sound was off (another page listens).
   speechIgnored: 0,
   voice: null,
+  // Questions: per answer id {question, text, done, error, mine}; `asked`: sent from here.
+  answers: {},
+  asked: 0,
+  // Fired alerts seen (events, and on the overview `/api/alerts`), newest last; the
+  // stream's rules as last listed.
+  alerts: [],
+  rules: [],
+  // The history: whether the server keeps one (null until known), entries shown at once
+  // when the view opened, and the search {query, shown, next, busy}.
+  historyOn: null,
+  earlier: 0,
+  search: { query: "", shown: 0, next: null, busy: false },
   // The overview: per stream id, {state, comment, profile, loads, fresh, changes}: pictures
   // shown, of them new frames (by the server's `x-frame-seq`), of them different-looking.
   tiles: {},
@@ -370,6 +402,7 @@ function startOverview() {
   $("overview").hidden = false;
   listen(() => "/api/events", overviewEvents, () => refreshList());
   refreshList();
+  loadRecentAlerts();
   setInterval(refreshList, LIST_REFRESH_MS);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) for (const tile of tiles.values()) pollThumb(tile);
@@ -417,6 +450,10 @@ const overviewEvents = {
     tile.text = "";
     showComment(tile);
     say(tile.message, e.message, true);
+  },
+  alert(e) {
+    noteAlert(e);
+    showTileAlert(e, true);
   },
   // Events were lost: the list is the truth.
   lagged() { refreshList(); },
@@ -474,6 +511,7 @@ function showTile(summary) {
   else if (tile.message.classList.contains("error") && s.state === "live") say(tile.message, "", false);
   Object.assign(kibitz.tiles[s.id], { state: s.state, profile: s.profile, comment: s.last_comment || null });
   showComment(tile);
+  if (tileAlerts.has(s.id) && !tile.alertShown) showTileAlert(tileAlerts.get(s.id), false);
 }
 
 function makeTile(id) {
@@ -491,6 +529,11 @@ function makeTile(id) {
     </a>
     <p class="comment" data-active="false"></p>
     <p class="instruction muted" hidden></p>
+    <div class="alert-note" role="alert" hidden>
+      <span class="alert-text"></span>
+      <a class="clip" title="the seconds of picture around it (Motion JPEG)">clip</a>
+      <button type="button" class="dismiss quiet" title="dismiss">×</button>
+    </div>
     <div class="tile-controls">
       <select class="profile" aria-label="profile"></select>
       <button type="button" class="remove danger" title="stop this stream and remove it">remove</button>
@@ -509,6 +552,8 @@ function makeTile(id) {
     select: li.querySelector(".profile"),
     remove: li.querySelector(".remove"),
     message: li.querySelector(".message"),
+    alertNote: li.querySelector(".alert-note"),
+    alertShown: null,
     summary: { id },
     active: false,
     text: "",
@@ -526,7 +571,16 @@ function makeTile(id) {
   fillProfiles(tile.select, null);
   tile.select.addEventListener("change", () => changeTileProfile(tile));
   armedButton(tile.remove, () => removeTile(tile));
-  kibitz.tiles[id] = { state: null, comment: null, profile: null, loads: 0, fresh: 0, changes: 0 };
+  tile.alertNote.querySelector(".clip").addEventListener("click", (event) => {
+    event.preventDefault();
+    playClip(event.currentTarget.href);
+  });
+  tile.alertNote.querySelector(".dismiss").addEventListener("click", () => {
+    li.dataset.alert = "false";
+    tile.alertNote.hidden = true;
+    kibitz.tiles[id].alert = null;
+  });
+  kibitz.tiles[id] = { state: null, comment: null, profile: null, loads: 0, fresh: 0, changes: 0, alert: null, alerts: 0 };
   return tile;
 }
 
@@ -593,6 +647,48 @@ async function showThumb(tile, blob, seq) {
   const hash = sample(tile.img);
   if (hash !== null && tile.lastSample !== null && hash !== tile.lastSample) stats.changes += 1;
   if (hash !== null) tile.lastSample = hash;
+}
+
+/// The newest alert per stream, for tiles made after it came.
+const tileAlerts = new Map();
+
+/// Highlights the tile of the alert's stream, with the rule, the comment and the clip; a
+/// fresh one (`flash`) also pulses.
+function showTileAlert(alert, flash) {
+  const previous = tileAlerts.get(alert.stream);
+  if (!previous || previous.time <= alert.time) tileAlerts.set(alert.stream, alert);
+  const tile = tiles.get(alert.stream);
+  if (!tile) return;
+  const stats = kibitz.tiles[tile.id];
+  if (flash || !tile.alertShown) stats.alerts += 1;
+  if (tile.alertShown && tile.alertShown.time > alert.time) return;
+  tile.alertShown = alert;
+  tile.li.dataset.alert = "true";
+  if (flash) {
+    tile.li.classList.remove("flash");
+    void tile.li.offsetWidth; // restarts the animation
+    tile.li.classList.add("flash");
+  }
+  const note = tile.alertNote;
+  note.hidden = false;
+  note.querySelector(".alert-text").textContent =
+    `⚠ ${alert.rule} · ${stamp(alert.time)}` + (alert.comment ? ` — ${alert.comment}` : "");
+  const clip = note.querySelector(".clip");
+  clip.href = alert.clip;
+  clip.download = `${alert.stream}-alert-${alert.alert ?? alert.id}.mjpeg`;
+  stats.alert = { rule: alert.rule, comment: alert.comment || null, clip: alert.clip, time: alert.time };
+}
+
+/// Alerts fired shortly before the overview opened.
+async function loadRecentAlerts() {
+  const answer = await api("GET", "/api/alerts", undefined, { ask: false });
+  if (!answer.ok) return;
+  const now = Date.now() + (kibitz.clockOffset || 0);
+  for (const alert of answer.data.alerts || []) {
+    if (now - alert.time > ALERT_RECENT_MS) continue;
+    noteAlert({ ...alert, alert: alert.id });
+    showTileAlert({ ...alert, alert: alert.id }, false);
+  }
 }
 
 async function changeTileProfile(tile) {
