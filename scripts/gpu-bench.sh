@@ -64,7 +64,7 @@ streams() {
   echo "peak GPU memory: $(sort -n "$work/mem.log" | tail -1) MiB"
 }
 bench --flash-attn on --new-frames 2    # one cycle at a time, live-like frame reuse
-streams --streams 1,2,4,8,16,32 --seconds 12
-streams --streams 16 --seconds 12 --kv-split
-streams --streams 1,4,16 --seconds 12 --serial
+streams --streams 1,2,4,8,16,24,32 --seconds 12
+streams --streams 8,16 --seconds 12 --kv-split
+# streams --streams 1,4,16 --seconds 12 --serial   # measured 2026-11-30 (first run), see docs/benchmarks.md
 echo "== done $(date -u +%FT%TZ)"

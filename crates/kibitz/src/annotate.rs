@@ -27,6 +27,11 @@
 //! the live page would show it, and lasts until the next cue starts, a readable time
 //! ([`readable`]) has passed, or the video ends, whichever comes first. Skipped cycles
 //! (the model saw nothing new, or the scene-change gate found nothing changed) leave gaps.
+//!
+//! With `--voice` (a .mkv or .mp4 output), each comment is spoken after the run and laid on
+//! one speech track at its cue's start, or as soon as the clip before it ends (clips never
+//! overlap; one that would start more than 1.5 s late is left out, as on the live page);
+//! `kibitz_media` mixes that over the original sound, ducked, as an extra audio track.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -102,6 +107,7 @@ pub async fn run(args: AnnotateArgs) -> anyhow::Result<ExitCode> {
         kibitz_media::check_remux(&args.file, &args.output)?;
     }
     check_writable(&args.file, &args.output)?;
+    let voice = voice(&args, format).await?;
     let info = video.info().clone();
 
     let engine = crate::engine::build(&args.engine).await?;
@@ -151,8 +157,18 @@ pub async fn run(args: AnnotateArgs) -> anyhow::Result<ExitCode> {
             let (input, output) = (args.file.clone(), args.output.clone());
             let language = iso639_2(&args.language).to_string();
             let cues = cues.clone();
+            let speech = match voice {
+                Some(voice) => Some(speech(voice, &cues, run.end).await?),
+                None => None,
+            };
             tokio::task::spawn_blocking(move || {
-                kibitz_media::remux_with_subtitles(&input, &output, &cues, &language)
+                kibitz_media::remux_with_subtitles(
+                    &input,
+                    &output,
+                    &cues,
+                    &language,
+                    speech.as_ref(),
+                )
             })
             .await
             .context("the muxer stopped")??
@@ -177,6 +193,88 @@ pub async fn run(args: AnnotateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The voice `--voice` asks for, built and tried before any work (`None` without one).
+async fn voice(
+    args: &AnnotateArgs,
+    format: Format,
+) -> anyhow::Result<Option<Arc<dyn kibitz_voice::Voice>>> {
+    let spec = match &args.voice {
+        None | Some(kibitz_voice::VoiceSpec::Off) => return Ok(None),
+        Some(spec) => spec.clone(),
+    };
+    if format != Format::Video {
+        bail!(
+            "--voice makes an audio track, which '{}' cannot hold\nhint: write a .mkv or .mp4",
+            args.output.display()
+        );
+    }
+    let options = kibitz_voice::VoiceOptions {
+        language: args.language.clone(),
+        rate_wpm: args.voice_rate,
+        ..kibitz_voice::VoiceOptions::default()
+    };
+    let voice = tokio::task::spawn_blocking(move || kibitz_voice::build(&spec, &options))
+        .await
+        .context("the voice loader stopped")??;
+    Ok(voice)
+}
+
+/// Longest a clip may start after its cue (the voice still speaking the one before) before
+/// it is left out, as on the live page.
+const MOST_LATE: Duration = Duration::from_millis(1500);
+
+/// The comments spoken, each at its cue's start or as soon as the one before has ended
+/// (never two at once; one that would start more than [`MOST_LATE`] late is left out), on
+/// one track as long as the video.
+async fn speech(
+    voice: Arc<dyn kibitz_voice::Voice>,
+    cues: &[Cue],
+    end: Duration,
+) -> anyhow::Result<kibitz_media::SpeechTrack> {
+    let rate = voice.info().sample_rate.max(1);
+    let at = |d: Duration| (d.as_secs_f64() * f64::from(rate)) as usize;
+    let mut samples = vec![0i16; at(end)];
+    let mut free = 0usize;
+    let mut rate_known = false;
+    let mut rate = rate;
+    for cue in cues {
+        let mut pcm = kibitz_voice::Pcm::default();
+        let mut utterance = kibitz_voice::speak(voice.clone(), &cue.text);
+        while let Some(clip) = utterance.next().await {
+            pcm.append(&clip?.pcm);
+        }
+        if pcm.samples.is_empty() {
+            continue;
+        }
+        if !rate_known {
+            // An openai voice says its rate with its first answer.
+            rate_known = true;
+            if pcm.sample_rate != rate {
+                rate = pcm.sample_rate;
+                samples = vec![0i16; (end.as_secs_f64() * f64::from(rate)) as usize];
+            }
+        } else if pcm.sample_rate != rate {
+            tracing::warn!(cue = %cue.text, "a clip at another sample rate is left out");
+            continue;
+        }
+        let wanted = (cue.start.as_secs_f64() * f64::from(rate)) as usize;
+        let start = wanted.max(free);
+        if start - wanted > (MOST_LATE.as_secs_f64() * f64::from(rate)) as usize {
+            continue;
+        }
+        let stop = start + pcm.samples.len();
+        if samples.len() < stop {
+            samples.resize(stop, 0);
+        }
+        samples[start..stop].copy_from_slice(&pcm.samples);
+        free = stop;
+    }
+    Ok(kibitz_media::SpeechTrack {
+        sample_rate: rate,
+        samples,
+    })
 }
 
 /// The loop's settings from the flags, every problem reported at once.

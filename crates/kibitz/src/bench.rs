@@ -277,27 +277,28 @@ async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         args.streams.iter().all(|&n| n > 0),
         "--streams takes counts of at least 1"
     );
-    let most = *args.streams.iter().max().unwrap();
-    let engine = streams_engine(args, most).await?;
-    let info = engine.info();
-    eprintln!(
-        "bench: {} on {}, {} engine, streams {:?}, {} s each after {} s warm-up",
-        info.model,
-        info.backend,
-        if args.serial { "serial" } else { "batched" },
-        args.streams,
-        args.seconds,
-        args.warmup
-    );
+    let mut backend = String::new();
     let mut rows = Vec::new();
     let mut json = Vec::new();
     for &n in &args.streams {
-        let before = engine.status();
+        // An engine sized for N streams each time: the KV cache holds N sequences.
+        let engine = streams_engine(args, n).await?;
+        let info = engine.info();
+        if backend.is_empty() {
+            eprintln!(
+                "bench: {} on {}, {} engine, streams {:?}, {} s each after {} s warm-up",
+                info.model,
+                info.backend,
+                if args.serial { "serial" } else { "batched" },
+                args.streams,
+                args.seconds,
+                args.warmup
+            );
+        }
+        backend = info.backend;
         let tallies = run_streams(engine.clone(), n, args).await?;
-        eprintln!(
-            "engine steps for {n} streams: before {before} after {}",
-            engine.status()
-        );
+        eprintln!("engine steps for {n} streams: {}", engine.status());
+        drop(engine);
         let all = |f: fn(&StreamTally) -> &Vec<f64>| -> Vec<f64> {
             tallies.iter().flat_map(|t| f(t).iter().copied()).collect()
         };
@@ -331,7 +332,7 @@ async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "{}: {} engine, live loops at interval 0, up to {} tokens a cycle\n",
-        info.backend,
+        backend,
         if args.serial { "serial" } else { "batched" },
         args.generate
     );

@@ -501,6 +501,14 @@ pub struct AnnotateArgs {
     /// Language of the commentary (and of the subtitle track): `en`, `de`, `fr`, …
     #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
     pub language: String,
+    /// With a .mkv or .mp4 output, an extra audio track: the commentary spoken by this
+    /// voice (`espeak`, `piper:PATH`, `openai:URL`) at each cue, mixed over the original
+    /// sound, which is ducked while it speaks.
+    #[arg(long, value_parser = kibitz_voice::VoiceSpec::parse)]
+    pub voice: Option<kibitz_voice::VoiceSpec>,
+    /// Speaking rate in words per minute (espeak; piper is scaled to match).
+    #[arg(long, env = "VOICE_RATE", default_value_t = 175)]
+    pub voice_rate: u32,
     /// Seconds (of real time) before a cycle without an answer is abandoned.
     #[arg(
         long,

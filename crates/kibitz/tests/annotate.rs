@@ -62,6 +62,10 @@ const FIRST_NEWEST: f64 = 0.5;
 
 /// Annotates `video` into `out` (in a fresh folder) and returns the output's path.
 fn annotate(video: &str, out: &str, dir: &Path) -> PathBuf {
+    annotate_with(video, out, dir, &[])
+}
+
+fn annotate_with(video: &str, out: &str, dir: &Path, extra: &[&str]) -> PathBuf {
     let path = dir.join(out);
     let run = kibitz()
         .arg("annotate")
@@ -69,6 +73,7 @@ fn annotate(video: &str, out: &str, dir: &Path) -> PathBuf {
         .arg("-o")
         .arg(&path)
         .args(QUICK)
+        .args(extra)
         .arg("--model")
         .arg(tiny_model())
         .output()
@@ -248,6 +253,102 @@ fn mkv_and_mp4_copy_video_and_audio_and_add_subtitles() {
     }
 }
 
+#[test]
+fn voice_adds_the_spoken_commentary_mixed_over_the_original_sound() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = annotate_with(
+        "bigbuckbunny.mp4",
+        "v.mkv",
+        dir.path(),
+        &["--voice", "espeak"],
+    );
+    let copied = streams(&out);
+    assert_eq!(copied.len(), 4, "{copied:?}");
+    assert_eq!(copied[..2], streams(&fixture("bigbuckbunny.mp4"))[..]);
+    assert!(copied[2].starts_with("subrip|subtitle|"), "{copied:?}");
+    assert!(copied[3].starts_with("aac|audio|"), "{copied:?}");
+    // As long as the original sound: 48 kHz AAC frames of 1024 samples over 5.3 s.
+    let packets: u32 = copied[3].rsplit('|').next().unwrap().parse().unwrap();
+    assert!((240..=260).contains(&packets), "{copied:?}");
+    let title = probe(&out, "stream_tags=title");
+    assert!(title.contains("spoken commentary"), "{title}");
+}
+
+/// Mean level in dB of a 3 kHz tone in audio stream `stream` of `path` over `[from, from + 0.3 s]`.
+fn tone_level(path: &Path, stream: usize, from: f64) -> f64 {
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-ss", &from.to_string(), "-t", "0.3", "-i"])
+        .arg(path)
+        .args(["-map", &format!("0:{stream}")])
+        .args([
+            "-af",
+            "bandpass=f=3000:w=50,volumedetect",
+            "-f",
+            "null",
+            "-",
+        ])
+        .output()
+        .expect("ffmpeg runs");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let mean = log
+        .split("mean_volume: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" dB").next())
+        .unwrap_or_else(|| panic!("no level in {log}"));
+    mean.trim().parse().unwrap()
+}
+
+#[test]
+fn the_original_sound_is_ducked_while_the_voice_speaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let tone = dir.path().join("tone.mp4");
+    let made = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=160x120:rate=10",
+        ])
+        .args(["-f", "lavfi", "-i", "sine=frequency=3000:sample_rate=48000"])
+        .args(["-t", "4", "-c:v", "mpeg4", "-c:a", "aac", "-shortest"])
+        .arg(&tone)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(made.success());
+    let out = dir.path().join("tone.mkv");
+    let run = kibitz()
+        .arg("annotate")
+        .arg(&tone)
+        .arg("-o")
+        .arg(&out)
+        .args(["--frames-per-inference", "2", "--frame-stride", "1"])
+        .args([
+            "--inference-interval",
+            "10",
+            "--scene-change-threshold",
+            "0",
+        ])
+        .args(["--max-tokens", "4", "--voice", "espeak", "--model"])
+        .arg(tiny_model())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run).1);
+    // One comment, shown and spoken from 0.5 s (the first window's newest frame).
+    let before = tone_level(&out, 3, 0.0);
+    let during = tone_level(&out, 3, 0.7);
+    let original = tone_level(&out, 1, 0.7);
+    assert!(
+        before > original - 6.0,
+        "{before} vs the original's {original}"
+    );
+    assert!(
+        during < before - 6.0,
+        "not ducked: {during} vs {before} before"
+    );
+}
+
 /// One `kibitz: …` line naming the problem (a `hint:` line may follow), a failure exit, no
 /// panic, and no model needed to find out.
 fn assert_fails_before_work(args: &[&std::ffi::OsStr], needle: &str) -> String {
@@ -307,6 +408,16 @@ fn bad_input_or_output_fails_with_one_line_before_any_work() {
             "cannot write",
         ),
         (vec![os(&video), o.clone(), os(&video)], "it is the input"),
+        (
+            vec![
+                os(&video),
+                o.clone(),
+                os(&vtt),
+                "--voice".into(),
+                "espeak".into(),
+            ],
+            "--voice makes an audio track",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();

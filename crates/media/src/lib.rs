@@ -13,6 +13,7 @@
 mod convert;
 mod decode;
 mod image;
+mod mix;
 mod mux;
 mod pacing;
 mod policy;
@@ -22,6 +23,7 @@ mod spec;
 mod status;
 
 pub use image::load_image;
+pub use mix::SpeechTrack;
 pub use mux::{check_remux, remux_with_subtitles, Cue, MuxError};
 pub use policy::{Allowed, PolicyError, Restrictions, SourcePolicy};
 pub use reader::{Captured, ReadSummary, VideoFile, VideoInfo};

@@ -1,7 +1,8 @@
 //! A video file copied into a new container with a subtitle track added: the original video
 //! and audio packets as they are (no re-encode, timestamps only rescaled to the new
 //! streams' time bases), plus one subtitle packet per cue, `mov_text` in MP4 and `subrip`
-//! in Matroska (the codecs players read in each).
+//! in Matroska (the codecs players read in each), and, given a [`SpeechTrack`], one more
+//! audio track: the speech mixed over the original sound (see `mix.rs`).
 //!
 //! Whether the container can hold the file's codecs is asked of FFmpeg
 //! (`avformat_query_codec`) by [`check_remux`] before any work: MP4 refuses many old codecs
@@ -24,6 +25,7 @@ use ff::{Dictionary, Packet, Rational, Rescale};
 use ffmpeg_next as ff;
 
 use crate::decode::describe;
+use crate::mix::SpeechTrack;
 
 /// One subtitle: shown from `start` to `end`, media time (seconds from the file's start).
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +149,7 @@ pub fn remux_with_subtitles(
     output: &Path,
     cues: &[Cue],
     language: &str,
+    speech: Option<&SpeechTrack>,
 ) -> Result<(), MuxError> {
     crate::init();
     let in_name = input.display().to_string();
@@ -163,6 +166,11 @@ pub fn remux_with_subtitles(
         match unsafe { (*ictx.as_ptr()).start_time } {
         t if t == ff::ffi::AV_NOPTS_VALUE => 0,
         t => t,
+    };
+    // The mix is made first, whole: its packets then go in between the copied ones.
+    let mixed = match speech {
+        Some(speech) => Some(crate::mix::mix(input, speech, start)?),
+        None => None,
     };
     let mut octx = ff::format::output(output).map_err(out_err)?;
 
@@ -220,8 +228,42 @@ pub fn remux_with_subtitles(
             }
         }
     }
+    let mixed_index = subtitle_index + 1;
+    if let Some(mixed) = &mixed {
+        let mut ost = octx
+            .add_stream(ff::encoder::find(codec::Id::AAC))
+            .map_err(out_err)?;
+        ost.set_parameters(mixed.parameters.clone());
+        ost.set_time_base(mixed.time_base);
+        let mut metadata = Dictionary::new();
+        metadata.set("language", language);
+        metadata.set("title", "original sound with spoken commentary");
+        ost.set_metadata(metadata);
+        // SAFETY: as for the copied streams above.
+        unsafe {
+            (*ost.parameters().as_mut_ptr()).codec_tag = 0;
+        }
+    }
     octx.set_metadata(ictx.metadata().to_owned());
     octx.write_header().map_err(out_err)?;
+    let mut mixed_packets = mixed.map(|m| {
+        let tb = octx.stream(mixed_index).expect("added").time_base();
+        let from = m.time_base;
+        m.packets
+            .into_iter()
+            .map(move |mut p| {
+                p.set_stream(mixed_index);
+                p.rescale_ts(from, tb);
+                p.set_position(-1);
+                (p, tb)
+            })
+            .peekable()
+    });
+    let packet_ms = |p: &Packet, tb: Rational| {
+        p.dts()
+            .or(p.pts())
+            .map_or(i64::MIN, |t| t.rescale(tb, Rational::new(1, 1000)))
+    };
     let subtitle_tb = octx.stream(subtitle_index).expect("added").time_base();
     let ms = Rational::new(1, 1000);
     let mut pending = cues.iter().peekable();
@@ -267,6 +309,11 @@ pub fn remux_with_subtitles(
             while let Some(cue) = pending.next_if(|c| c.start.as_millis() as i64 <= at_ms) {
                 write_cue(cue, &mut octx).map_err(out_err)?;
             }
+            if let Some(mixed) = mixed_packets.as_mut() {
+                while let Some((p, _)) = mixed.next_if(|(p, tb)| packet_ms(p, *tb) <= at_ms) {
+                    p.write_interleaved(&mut octx).map_err(out_err)?;
+                }
+            }
         }
         let out_tb = octx.stream(out_index).expect("added").time_base();
         packet.rescale_ts(in_tb, out_tb);
@@ -276,6 +323,9 @@ pub fn remux_with_subtitles(
     }
     for cue in pending {
         write_cue(cue, &mut octx).map_err(out_err)?;
+    }
+    for (p, _) in mixed_packets.into_iter().flatten() {
+        p.write_interleaved(&mut octx).map_err(out_err)?;
     }
     octx.write_trailer().map_err(out_err)?;
     Ok(())

@@ -117,6 +117,11 @@ mod tests {
             "/stream?sound=on",
             "/api/clock",
             "/speech`",
+            "/ask`",
+            "/alerts`",
+            "/api/alerts",
+            "/api/history?",
+            "/history.vtt`",
         ] {
             assert!(
                 SCRIPT.contains(api) || INDEX.contains(api),

@@ -996,3 +996,368 @@ async fn with_sound_on_the_stream_view_schedules_each_clip_at_its_picture() {
     drop(browser);
     site.stop().await;
 }
+
+/// The engine for the alert tests: commentary and answers say "a ball rolls" word by word;
+/// each alert rule's yes/no check answers "no", then "yes" once (the edge that fires it),
+/// then "no" for good.
+#[derive(Default)]
+struct Judge {
+    checks: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl kibitz_engine::Engine for Judge {
+    fn submit(
+        &self,
+        request: kibitz_engine::Request,
+    ) -> Result<kibitz_engine::Generation, kibitz_engine::EngineError> {
+        let pieces: Vec<&'static str> = if request.user.contains("Answer yes or no") {
+            let rule = request
+                .user
+                .split("Condition: ")
+                .nth(1)
+                .and_then(|rest| rest.lines().next())
+                .unwrap_or_default()
+                .to_string();
+            let mut checks = self.checks.lock().unwrap();
+            let seen = checks.entry(rule).or_default();
+            *seen += 1;
+            vec![if *seen == 2 { "yes" } else { "no" }]
+        } else {
+            vec!["a ", "ball ", "rolls"]
+        };
+        let (tx, generation) = kibitz_engine::Generation::channel();
+        tokio::spawn(async move {
+            for piece in pieces {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(Ok(kibitz_engine::Output::Text(piece.into()))).await;
+            }
+            let _ = tx
+                .send(Ok(kibitz_engine::Output::Done(Default::default())))
+                .await;
+        });
+        Ok(generation)
+    }
+
+    fn info(&self) -> kibitz_engine::EngineInfo {
+        kibitz_engine::EngineInfo {
+            kind: "judge".into(),
+            model: "script".into(),
+            backend: "none".into(),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    fn health(&self) -> futures::future::BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
+}
+
+/// WebDriver's Enter key.
+const ENTER: &str = "\u{E007}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_is_answered_and_an_alert_shows_in_the_view_and_on_its_tile() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(Options {
+        engine_override: Some(std::sync::Arc::new(Judge::default())),
+        ..streams(&["s1", "s2"], None)
+    })
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&site.url("/streams/s1")).await;
+    browser
+        .wait_for(
+            "the view runs",
+            "return window.kibitz.view === 'stream' && window.kibitz.comments >= 1
+               && window.kibitz.pictureChanges >= 2;",
+        )
+        .await;
+
+    // A question typed in the box (Enter sends it) is answered in the list of comments.
+    browser
+        .type_into("#question", &format!("What colour is the bar?{ENTER}"))
+        .await;
+    browser
+        .wait_for(
+            "the answer shows with its question",
+            "const a = Object.values(window.kibitz.answers).find((a) => a.mine);
+             const li = document.querySelector('#history li.answer');
+             return a !== undefined && a.done && a.text === 'a ball rolls' && a.error === null
+               && li !== null && li.innerText.includes('What colour is the bar?')
+               && li.innerText.includes('a ball rolls')
+               && document.getElementById('question').value === '';",
+        )
+        .await;
+
+    // A rule added in the view is listed; its check turns from no to yes, which fires an
+    // alert: highlighted in the list, the picture's border flashing.
+    browser.type_into("#alert-rule", "the bar is white").await;
+    browser.type_into("#alert-cooldown", "600").await;
+    browser.click("#alert-add").await;
+    browser
+        .wait_for(
+            "the rule is listed",
+            "const r = window.kibitz.rules;
+             return r.length === 1 && r[0].rule === 'the bar is white' && r[0].cooldown === 600
+               && document.getElementById('rules').innerText.includes('the bar is white');",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the alert shows highlighted",
+            "const li = document.querySelector('#history li.alert');
+             return window.kibitz.alerts.length === 1
+               && window.kibitz.alerts[0].rule === 'the bar is white'
+               && li !== null && li.innerText.includes('the bar is white')
+               && li.querySelector('a.clip').getAttribute('href') === window.kibitz.alerts[0].clip
+               && getComputedStyle(li).borderLeftColor !== getComputedStyle(document.querySelector('#history li:not(.alert):not(.answer)')).borderLeftColor
+               && document.getElementById('frame').dataset.alert === 'true';",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the rule counts its firing",
+            "return window.kibitz.rules[0].fired === 1;",
+        )
+        .await;
+    // Let the entry's arrival settle, with the whole view in sight.
+    browser.run("window.scrollTo(0, 0); return true;").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    browser
+        .screenshot(&screenshot_path("page-ask-alert.png"))
+        .await;
+
+    // An answer to someone else's question comes through the events.
+    let response = site
+        .http
+        .post(site.url("/api/streams/s1/ask"))
+        .timeout(WAIT)
+        .body(r#"{"question": "Who asked this?"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    browser
+        .wait_for(
+            "another viewer's answer shows",
+            "return Object.values(window.kibitz.answers).some((a) => !a.mine && a.done
+               && a.question === 'Who asked this?' && a.text === 'a ball rolls');",
+        )
+        .await;
+
+    // Too many questions: the server's reason shows.
+    let mut refused = false;
+    for n in 0..8 {
+        browser
+            .type_into("#question", &format!("And now {n}?{ENTER}"))
+            .await;
+        browser
+            .wait_for(
+                "the question is sent or refused",
+                "const m = document.getElementById('ask-message');
+                 return !document.getElementById('ask-submit').disabled
+                   && !m.innerText.includes('asking');",
+            )
+            .await;
+        let message = browser
+            .run("return document.getElementById('ask-message').innerText;")
+            .await;
+        if message
+            .as_str()
+            .unwrap_or_default()
+            .contains("too many questions")
+        {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "never refused");
+    assert_eq!(
+        browser
+            .run("return document.getElementById('ask-message').classList.contains('error');")
+            .await,
+        true
+    );
+
+    // The rule goes.
+    browser.click("#rules .delete").await;
+    browser
+        .wait_for(
+            "the rule is gone",
+            "return window.kibitz.rules.length === 0
+               && document.querySelectorAll('#rules li').length === 0;",
+        )
+        .await;
+    let rules = site.json("/api/streams/s1/alerts").await;
+    assert_eq!(rules["rules"], json!([]));
+
+    // The overview: s1's alert (fired before it opened) and s2's, live.
+    browser.goto(&site.url("/")).await;
+    browser
+        .wait_for(
+            "s1's tile shows its alert",
+            &format!(
+                "const t = document.querySelector(\"{}\");
+                 return t !== null && t.dataset.alert === 'true'
+                   && t.querySelector('.alert-note').innerText.includes('the bar is white')
+                   && t.querySelector('.alert-note .clip').getAttribute('href').endsWith('/clip');",
+                tile("s1")
+            ),
+        )
+        .await;
+    let response = site
+        .http
+        .post(site.url("/api/streams/s2/alerts"))
+        .timeout(WAIT)
+        .body(r#"{"rule": "the ball is red"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    browser
+        .wait_for(
+            "s2's tile lights up",
+            &format!(
+                "const t = document.querySelector(\"{}\");
+                 return t.dataset.alert === 'true' && t.classList.contains('flash')
+                   && t.querySelector('.alert-note').innerText.includes('the ball is red')
+                   && window.kibitz.tiles.s2.alert.rule === 'the ball is red';",
+                tile("s2")
+            ),
+        )
+        .await;
+    browser
+        .screenshot(&screenshot_path("page-overview-alert.png"))
+        .await;
+
+    // The clip plays in the page: its JPEGs, one after another.
+    browser
+        .click(&format!("{} .alert-note .clip", tile("s2")))
+        .await;
+    browser
+        .wait_for(
+            "the clip plays",
+            "return document.getElementById('clip').open
+               && /\\d+ pictures/.test(document.getElementById('clip-title').innerText)
+               && !document.getElementById('clip-title').innerText.startsWith('clip: 0 ');",
+        )
+        .await;
+    browser.click("#clip-close").await;
+
+    drop(browser);
+    site.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_is_searched_and_a_view_opens_with_what_was_said() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(Options {
+        history: true,
+        ..streams(&["a", "b"], None)
+    })
+    .await;
+    // Enough said to fill more than one page of results, then `a` goes quiet.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let page = site.json("/api/history?stream=a&limit=100").await;
+        if page["entries"].as_array().unwrap().len() >= 25 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the history does not fill"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    site.patch("/api/streams/a", json!({ "inference_interval": 3600 }))
+        .await;
+    site.wait_quiet("a").await;
+
+    // The view shows what was said before it opened, at once.
+    let browser = Browser::start().await;
+    browser.goto(&site.url("/streams/a")).await;
+    browser
+        .wait_for(
+            "earlier comments show from the history",
+            "const earlier = document.querySelectorAll('#history li.earlier');
+             return window.kibitz.view === 'stream' && window.kibitz.historyOn === true
+               && window.kibitz.comments === 0 && window.kibitz.earlier >= 3
+               && earlier.length === window.kibitz.earlier
+               && [...earlier].every((li) => li.innerText.includes('a ball rolls'))
+               && !document.getElementById('vtt-link').hidden;",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .run("return window.kibitz.earlier;")
+            .await
+            .as_u64()
+            .unwrap(),
+        20,
+        "the last 20 entries"
+    );
+    let href = browser
+        .run("return document.getElementById('vtt-link').getAttribute('href');")
+        .await;
+    assert_eq!(href, "/api/streams/a/history.vtt");
+    let vtt = site
+        .http
+        .get(site.url("/api/streams/a/history.vtt"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(vtt.starts_with("WEBVTT") && vtt.contains("a ball rolls"));
+
+    // The search box finds "ball", a page at a time.
+    browser.type_into("#search", "ball").await;
+    browser
+        .wait_for(
+            "results show",
+            "const items = document.querySelectorAll('#results-list li');
+             return !document.getElementById('results').hidden && items.length === 20
+               && window.kibitz.search.shown === 20 && window.kibitz.search.next !== null
+               && items[0].innerText.includes('a ball rolls')
+               && items[0].querySelector('.kind').innerText.toLowerCase() === 'comment'
+               && /^(a|b)$/.test(items[0].querySelector('.stream').innerText)
+               && items[0].querySelector('.time').innerText !== ''
+               && !document.getElementById('results-more').hidden;",
+        )
+        .await;
+    browser
+        .screenshot(&screenshot_path("page-history-search.png"))
+        .await;
+    browser.click("#results-more").await;
+    browser
+        .wait_for(
+            "more results show",
+            "return document.querySelectorAll('#results-list li').length > 20
+               && window.kibitz.search.shown > 20 && !window.kibitz.search.busy;",
+        )
+        .await;
+    // A result opens its stream.
+    let first = browser
+        .run("return document.querySelector('#results-list li .stream').getAttribute('href');")
+        .await;
+    assert!(first.as_str().unwrap().starts_with("/streams/"), "{first}");
+
+    // Nothing found, and hostile text, are just said.
+    browser.type_into("#search", "zebra \"NEAR(").await;
+    browser
+        .wait_for(
+            "nothing found",
+            "return window.kibitz.search.query === 'zebra \"NEAR(' && !window.kibitz.search.busy
+               && window.kibitz.search.shown === 0
+               && document.getElementById('results-message').innerText.includes('Nothing');",
+        )
+        .await;
+
+    drop(browser);
+    site.stop().await;
+}

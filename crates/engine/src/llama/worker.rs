@@ -84,6 +84,8 @@ pub(super) struct Worker {
     inspect: Vec<mpsc::Sender<EngineState>>,
     profile: Arc<std::sync::Mutex<StepProfile>>,
     sampling_ms: f64,
+    /// Since when ready image rows have been left for a later step.
+    rows_since: Option<Instant>,
     in_flight: Arc<AtomicUsize>,
     info: EngineInfo,
 }
@@ -266,6 +268,7 @@ impl Worker {
             inspect: Vec::new(),
             profile,
             sampling_ms: 0.0,
+            rows_since: None,
             in_flight,
             info,
         })
@@ -748,6 +751,10 @@ impl Worker {
     /// Every sequence's leading encoded images, in one embeddings batch.
     fn decode_images(&mut self, order: &[u64]) {
         self.rows.clear();
+        if self.defer_images() {
+            return;
+        }
+        self.rows_since = None;
         let mut used = Vec::new();
         for &stream in order {
             let seq = self.seqs.get_mut(&stream).unwrap();
@@ -781,6 +788,48 @@ impl Worker {
                 self.fail_seq(stream, e.clone());
             }
         }
+    }
+
+    /// Whether to leave ready image rows for a later step. Each embeddings batch is a
+    /// `llama_decode` of its own that every running answer waits for, so while answers run,
+    /// pushed frames (needed at the next cycle, not now) are gathered into fewer, fuller
+    /// batches: rows go in at once only when a request waits for them, a batch's worth is
+    /// ready, or the oldest has waited `ROWS_WAIT`.
+    fn defer_images(&mut self) -> bool {
+        const ROWS_WAIT: Duration = Duration::from_millis(250);
+        let decoding = self
+            .seqs
+            .values()
+            .any(|s| s.generation.as_ref().is_some_and(|g| g.next.is_some()));
+        if !decoding {
+            return false;
+        }
+        let waiting: Vec<u64> = self.waiting.iter().map(|w| key(&w.job)).collect();
+        let mut ready = 0;
+        for (stream, seq) in &self.seqs {
+            let rows: usize = seq
+                .queue
+                .iter()
+                .map_while(|i| match i {
+                    Input::Image {
+                        n_tokens,
+                        data: ImageData::Encoded(_),
+                        ..
+                    } => Some(*n_tokens),
+                    _ => None,
+                })
+                .sum();
+            let asked = seq.generation.is_some() || waiting.contains(stream);
+            if rows > 0 && asked {
+                return false;
+            }
+            ready += rows;
+        }
+        if ready == 0 {
+            return true;
+        }
+        let since = *self.rows_since.get_or_insert_with(Instant::now);
+        ready * 2 < self.rows.room() && since.elapsed() < ROWS_WAIT
     }
 
     /// Running answers' next tokens and prompt text, in one token batch; then sampling.

@@ -115,6 +115,16 @@ function clock(seconds) {
   return `${m}:${s}`;
 }
 
+/// A wall-clock time (unix ms) as a person reads it: the time of day, with the date when
+/// it is not today.
+function stamp(ms) {
+  if (typeof ms !== "number" || !isFinite(ms)) return "";
+  const date = new Date(ms);
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return date.toDateString() === new Date().toDateString()
+    ? time : `${date.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
+}
+
 function secs(value) {
   return typeof value === "number" && isFinite(value) ? `${value.toFixed(1)} s` : "–";
 }
@@ -770,8 +780,16 @@ function startSingle(id) {
     refreshStatus();
   });
   startSound();
+  recentShown = loadRecent(id);
   refreshStatus();
   setInterval(refreshStatus, STATUS_REFRESH_MS);
+  $("ask").addEventListener("submit", askQuestion);
+  $("question").addEventListener("input", () => $("question").removeAttribute("aria-invalid"));
+  $("alert-form").addEventListener("submit", addRule);
+  $("alert-rule").addEventListener("input", () => $("alert-rule").removeAttribute("aria-invalid"));
+  $("vtt-link").href = `${base}/history.vtt`;
+  $("vtt-link").download = `${id}.vtt`;
+  loadRules();
   setInterval(samplePicture, 250);
   setInterval(() => { if (kibitz.retryAt !== null) renderSource(); }, 1000);
   $("profile").addEventListener("change", async (event) => {
@@ -819,12 +837,47 @@ function renderCurrent(active) {
 }
 
 function addHistory(text, when, kind) {
+  prependItem(listItem({ kind, when, text }));
+}
+
+/// One entry of the commentary list: `when` above, then for an answer its question (for an
+/// alert its rule), the text, and for an alert a link to its clip.
+function listItem({ kind, when, question, text, clip }) {
   const item = document.createElement("li");
   if (kind) item.className = kind;
   const label = document.createElement("span");
   label.className = "when";
-  label.textContent = when;
-  item.append(label, document.createTextNode(text));
+  label.textContent = when || "";
+  item.append(label);
+  if (question !== undefined) {
+    const asked = document.createElement("span");
+    asked.className = "question";
+    asked.textContent = question || "";
+    item.append(asked);
+  }
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text || "";
+  item.append(body);
+  if (clip) {
+    const link = document.createElement("a");
+    link.className = "clip";
+    link.href = clip;
+    link.textContent = "clip";
+    link.title = "play the seconds of picture around it (shift-click: download)";
+    link.download = clip.replace(/^.*\/alerts\/(\d+)\/clip$/, "alert-$1.mjpeg");
+    link.addEventListener("click", (event) => {
+      if (event.shiftKey) return;
+      event.preventDefault();
+      playClip(clip);
+    });
+    item.append(" ", link);
+  }
+  return item;
+}
+
+/// Newest at the top; the list keeps HISTORY_LIMIT entries.
+function prependItem(item) {
   const history = $("history");
   history.prepend(item);
   while (history.children.length > HISTORY_LIMIT) history.lastElementChild.remove();
@@ -883,8 +936,440 @@ const streamEvents = {
   speech(e) {
     playSpeech(e);
   },
+  answer_start(e) {
+    answerItem(e.answer, e.question, "event");
+  },
+  answer_token(e) {
+    const answer = answerItem(e.answer);
+    if (answer.done) return;
+    answer.events += e.text;
+    renderAnswer(answer);
+  },
+  answer_end(e) {
+    const answer = answerItem(e.answer, e.question);
+    answer.done = true;
+    answer.text = e.text || "";
+    answer.error = e.error || null;
+    answer.latency = e.latency;
+    renderAnswer(answer);
+  },
+  alert(e) {
+    noteAlert({ ...e, stream: e.stream || kibitz.stream });
+    prependItem(alertItem(e, false));
+    flashPicture();
+    loadRules();
+  },
   lagged() {},
 };
+
+// ---- questions -------------------------------------------------------------------------------
+
+/// id → {li, id, question, events (text from `answer_token`s), body (from the response, for
+/// our own questions), text (the whole, from `answer_end`), error, latency, done, mine}.
+const answerItems = new Map();
+
+/// The list entry of answer `id`, made when first heard of (by its event or its response).
+/// `fresh`: a question starts ("event": its `answer_start`, "mine": the response to ours);
+/// a finished answer already under its id is from before a server restart (ids start
+/// again), so the new one gets an entry of its own.
+function answerItem(id, question, fresh) {
+  id = Number(id);
+  let answer = answerItems.get(id);
+  if (answer && answer.done
+    && (fresh === "event" || (fresh === "mine" && answer.question !== question))) {
+    answer = null;
+  }
+  if (!answer) {
+    const li = listItem({ kind: "answer", when: "answer", question: question || "", text: "" });
+    li.dataset.answer = String(id);
+    answer = { li, id, question: question || "", events: "", body: "", text: null, error: null, latency: null, done: false, mine: false };
+    answerItems.set(id, answer);
+    prependItem(li);
+  }
+  if (question && !answer.question) answer.question = question;
+  renderAnswer(answer);
+  return answer;
+}
+
+function renderAnswer(answer) {
+  // Both the events and the response carry the same words; whichever has more so far.
+  const text = answer.text !== null ? answer.text
+    : answer.body.length > answer.events.length ? answer.body : answer.events;
+  const parts = [answer.mine ? "answer to your question" : "answer"];
+  if (typeof answer.latency === "number") parts.push(`${answer.latency.toFixed(1)} s`);
+  answer.li.querySelector(".when").textContent = parts.join(" · ");
+  answer.li.querySelector(".question").textContent = answer.question;
+  answer.li.querySelector(".text").textContent = answer.error ? `no answer: ${answer.error}` : text;
+  answer.li.classList.toggle("error", Boolean(answer.error));
+  answer.li.dataset.active = answer.done ? "false" : "true";
+  kibitz.answers[answer.id] = {
+    question: answer.question, text, done: answer.done, error: answer.error, mine: answer.mine,
+  };
+}
+
+/// The question box: `POST /ask`; the answer streams into the list from the response body
+/// (and from the events, which every viewer gets). A refusal (429, 422) shows the reason.
+async function askQuestion(event) {
+  event.preventDefault();
+  const box = $("question");
+  const question = box.value.trim();
+  if (!question) return;
+  const button = $("ask-submit");
+  const message = $("ask-message");
+  button.disabled = true;
+  say(message, "asking…", false);
+  const init = {
+    method: "POST",
+    cache: "no-store",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ question }),
+  };
+  let response;
+  try {
+    response = await fetch(`${base}/ask`, init);
+    if (response.status === 401 && (await signIn())) response = await fetch(`${base}/ask`, init);
+  } catch (_) {
+    say(message, "cannot reach the server", true);
+    button.disabled = false;
+    return;
+  }
+  button.disabled = false;
+  if (!response.ok) {
+    const data = await response.json().catch(() => ({}));
+    say(message, data.error || `the server said ${response.status}`, true);
+    if (response.status === 422 || response.status === 400) box.setAttribute("aria-invalid", "true");
+    return;
+  }
+  kibitz.asked += 1;
+  box.value = "";
+  say(message, "", false);
+  const answer = answerItem(response.headers.get("x-answer-id") || `-${kibitz.asked}`, question, "mine");
+  answer.mine = true;
+  renderAnswer(answer);
+  const decoder = new TextDecoder();
+  try {
+    const reader = response.body.getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      answer.body += decoder.decode(value, { stream: true });
+      renderAnswer(answer);
+    }
+    answer.body += decoder.decode();
+  } catch (_) {
+    // The connection broke; the events may still bring the rest.
+    return;
+  }
+  // The whole answer is here even if its `answer_end` event never comes (events lagged).
+  setTimeout(() => {
+    if (answer.done) return;
+    answer.done = true;
+    answer.text = answer.body.trim();
+    renderAnswer(answer);
+  }, 2000);
+}
+
+// ---- alerts ----------------------------------------------------------------------------------
+
+function noteAlert(e) {
+  kibitz.alerts.push({
+    alert: e.alert, stream: e.stream, rule: e.rule, rule_id: e.rule_id,
+    comment: e.comment || null, time: e.time, clip: e.clip,
+  });
+  if (kibitz.alerts.length > HISTORY_LIMIT) kibitz.alerts.shift();
+}
+
+/// A fired alert in the commentary list, highlighted (`earlier`: from the history, no clip).
+function alertItem(e, earlier) {
+  return listItem({
+    kind: earlier ? "alert earlier" : "alert",
+    when: `alert · ${stamp(e.time)}`,
+    question: e.rule,
+    text: e.comment || "",
+    clip: earlier ? null : e.clip,
+  });
+}
+
+let flashTimer = null;
+
+function flashPicture() {
+  const frame = $("frame");
+  clearTimeout(flashTimer);
+  frame.dataset.alert = "false";
+  void frame.offsetWidth; // restarts the animation
+  frame.dataset.alert = "true";
+  flashTimer = setTimeout(() => { frame.dataset.alert = "false"; }, ALERT_FLASH_MS);
+}
+
+/// rule id → its list entry.
+const ruleItems = new Map();
+
+async function loadRules() {
+  if (!base) return;
+  const answer = await api("GET", `${base}/alerts`, undefined, { ask: false });
+  if (!answer.ok) return;
+  const rules = answer.data.rules || [];
+  kibitz.rules = rules;
+  const list = $("rules");
+  const listed = new Set();
+  for (const rule of rules) {
+    listed.add(rule.id);
+    let item = ruleItems.get(rule.id);
+    if (!item) {
+      item = document.createElement("li");
+      item.dataset.id = String(rule.id);
+      item.innerHTML = `<span class="rule"></span><span class="muted detail"></span>
+        <button type="button" class="quiet delete" title="delete this rule">delete</button>`;
+      item.querySelector(".delete").addEventListener("click", () => deleteRule(rule.id, item));
+      ruleItems.set(rule.id, item);
+      list.append(item);
+    }
+    item.querySelector(".rule").textContent = rule.rule;
+    const detail = [`cooldown ${rule.cooldown} s`, `${rule.checks} checks`, `fired ${rule.fired}×`];
+    if (rule.last !== null && rule.last !== undefined) detail.push(`now ${rule.last ? "yes" : "no"}`);
+    item.querySelector(".detail").textContent = detail.join(" · ");
+    item.dataset.last = rule.last === true ? "yes" : rule.last === false ? "no" : "";
+  }
+  for (const [id, item] of [...ruleItems]) {
+    if (!listed.has(id)) {
+      item.remove();
+      ruleItems.delete(id);
+    }
+  }
+  $("rules-empty").hidden = rules.length > 0;
+}
+
+async function addRule(event) {
+  event.preventDefault();
+  const input = $("alert-rule");
+  const body = { rule: input.value.trim() };
+  if (!body.rule) return;
+  const cooldown = $("alert-cooldown").value.trim();
+  if (cooldown !== "") body.cooldown = Number(cooldown);
+  $("alert-add").disabled = true;
+  const answer = await api("POST", `${base}/alerts`, body);
+  $("alert-add").disabled = false;
+  if (!answer.ok) {
+    say($("alert-message"), problem(answer), true);
+    input.setAttribute("aria-invalid", "true");
+    return;
+  }
+  input.value = "";
+  $("alert-cooldown").value = "";
+  say($("alert-message"), `rule added: “${answer.data.rule}”`, false);
+  loadRules();
+}
+
+async function deleteRule(id, item) {
+  const button = item.querySelector(".delete");
+  button.disabled = true;
+  const answer = await api("DELETE", `${base}/alerts/${id}`);
+  button.disabled = false;
+  if (answer.ok || answer.status === 404) {
+    say($("alert-message"), "rule deleted", false);
+  } else {
+    say($("alert-message"), problem(answer), true);
+  }
+  loadRules();
+}
+
+/// Plays an alert's clip in the dialog: the Motion JPEG is JPEGs back to back, so it is
+/// split at each start-of-image marker and the pictures drawn in turn, over and over.
+let clipPlaying = 0;
+
+async function playClip(url) {
+  const dialog = $("clip");
+  const canvas = $("clip-canvas");
+  const context = canvas.getContext("2d");
+  const playing = ++clipPlaying;
+  $("clip-download").href = url;
+  $("clip-download").download = url.replace(/^.*\/alerts\/(\d+)\/clip$/, "alert-$1.mjpeg");
+  $("clip-title").textContent = "clip: loading…";
+  $("clip-close").onclick = () => dialog.close();
+  dialog.onclose = () => { if (clipPlaying === playing) clipPlaying += 1; };
+  if (!dialog.open) dialog.showModal();
+  let pictures;
+  try {
+    const response = await fetch(url, { cache: "no-store" });
+    if (!response.ok) throw new Error(`the server said ${response.status}`);
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    pictures = await Promise.all(splitJpegs(bytes).map((jpeg) =>
+      createImageBitmap(new Blob([jpeg], { type: "image/jpeg" })).catch(() => null)));
+    pictures = pictures.filter(Boolean);
+  } catch (err) {
+    $("clip-title").textContent = `clip: ${err.message || err}`;
+    return;
+  }
+  if (playing !== clipPlaying) return;
+  $("clip-title").textContent = `clip: ${pictures.length} pictures`;
+  if (!pictures.length) return;
+  canvas.width = pictures[0].width;
+  canvas.height = pictures[0].height;
+  let i = 0;
+  const step = () => {
+    if (playing !== clipPlaying || !dialog.open) return;
+    context.drawImage(pictures[i % pictures.length], 0, 0, canvas.width, canvas.height);
+    i += 1;
+    setTimeout(step, 1000 / CLIP_FPS);
+  };
+  step();
+}
+
+/// The JPEGs in a Motion JPEG: each starts with FF D8 FF (which entropy-coded data, where
+/// every FF is followed by 00 or a marker, cannot hold).
+function splitJpegs(bytes) {
+  const starts = [];
+  for (let i = 0; i + 2 < bytes.length; i += 1) {
+    if (bytes[i] === 0xff && bytes[i + 1] === 0xd8 && bytes[i + 2] === 0xff) starts.push(i);
+  }
+  return starts.map((start, n) => bytes.subarray(start, n + 1 < starts.length ? starts[n + 1] : bytes.length));
+}
+
+// ---- the history -----------------------------------------------------------------------------
+
+/// Resolves with how many earlier entries the view shows from the history (0 when it is off).
+let recentShown = Promise.resolve(0);
+
+/// Shows stream `id`'s last entries at once, below anything live: they came earlier.
+async function loadRecent(id) {
+  const opened = Date.now() + (kibitz.clockOffset || 0);
+  const params = new URLSearchParams({ stream: id, limit: String(RECENT_ENTRIES) });
+  const answer = await api("GET", `/api/history?${params}`, undefined, { ask: false });
+  if (!answer.ok) {
+    if (answer.status === 404) showHistoryOn(false);
+    return 0;
+  }
+  showHistoryOn(true);
+  // Newer ones the page has already seen live.
+  const entries = (answer.data.entries || []).filter((entry) => entry.wall_ms <= opened);
+  const history = $("history");
+  for (const entry of entries) {
+    if (history.children.length >= HISTORY_LIMIT) break;
+    history.append(entryItem(entry));
+  }
+  if (entries.length) $("empty").hidden = true;
+  kibitz.earlier = entries.length;
+  return entries.length;
+}
+
+/// A stored entry in the commentary list.
+function entryItem(entry) {
+  if (entry.kind === "alert") {
+    return alertItem({ rule: entry.question, comment: entry.text, time: entry.wall_ms }, true);
+  }
+  const parts = [stamp(entry.wall_ms)];
+  const media = when([entry.media_start, entry.media_end].filter((t) => typeof t === "number"), entry.latency_s);
+  if (media) parts.push(media);
+  if (entry.kind === "answer") {
+    return listItem({ kind: "answer earlier", when: `answer · ${parts.join(" · ")}`, question: entry.question || "", text: entry.text });
+  }
+  return listItem({ kind: "earlier", when: parts.join(" · "), text: entry.text });
+}
+
+/// Whether the server keeps a history: the search box and the WebVTT link show only then.
+function showHistoryOn(on) {
+  kibitz.historyOn = on;
+  $("search").hidden = !on;
+  $("vtt-link").hidden = !on || !base;
+}
+
+async function probeHistory() {
+  const answer = await api("GET", "/api/history?limit=1", undefined, { ask: false });
+  if (answer.ok) showHistoryOn(true);
+  else if (answer.status === 404) showHistoryOn(false);
+}
+
+let searchTimer = null;
+/// Counts searches, so an answer to an older one is dropped.
+let searchSeq = 0;
+
+function startSearch() {
+  const box = $("search");
+  box.addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => search(false), SEARCH_DEBOUNCE_MS);
+  });
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      clearTimeout(searchTimer);
+      search(false);
+    } else if (event.key === "Escape") {
+      box.value = "";
+      closeResults();
+    }
+  });
+  $("results-more").addEventListener("click", () => search(true));
+  $("results-close").addEventListener("click", closeResults);
+}
+
+function closeResults() {
+  searchSeq += 1;
+  clearTimeout(searchTimer);
+  $("results").hidden = true;
+  $("results-list").replaceChildren();
+  Object.assign(kibitz.search, { query: "", shown: 0, next: null, busy: false });
+}
+
+/// Searches for the box's words (`more`: the next page of the same search).
+async function search(more) {
+  const query = more ? kibitz.search.query : $("search").value.trim();
+  if (!query) {
+    closeResults();
+    return;
+  }
+  if (more && !kibitz.search.next) return;
+  const seq = ++searchSeq;
+  const params = new URLSearchParams({ q: query, limit: String(SEARCH_PAGE) });
+  if (more) params.set("before", kibitz.search.next);
+  kibitz.search.busy = true;
+  $("results").hidden = false;
+  $("results-more").disabled = true;
+  say($("results-message"), "searching…", false);
+  const answer = await api("GET", `/api/history?${params}`, undefined, { ask: false });
+  if (seq !== searchSeq) return;
+  const state = kibitz.search;
+  state.busy = false;
+  $("results-more").disabled = false;
+  if (!more) {
+    $("results-list").replaceChildren();
+    state.shown = 0;
+  }
+  state.query = query;
+  if (!answer.ok) {
+    state.next = null;
+    $("results-more").hidden = true;
+    say($("results-message"), problem(answer), true);
+    return;
+  }
+  const entries = answer.data.entries || [];
+  for (const entry of entries) $("results-list").append(resultItem(entry));
+  state.shown += entries.length;
+  state.next = answer.data.next || null;
+  $("results-title").textContent = `“${query}”: ${state.shown}${state.next ? "+" : ""} found`;
+  say($("results-message"), state.shown ? "" : "Nothing said matches that.", false);
+  $("results-more").hidden = !state.next;
+}
+
+/// One search result: its stream (a link to its view), time, kind and text.
+function resultItem(entry) {
+  const item = document.createElement("li");
+  item.className = "result";
+  item.dataset.kind = entry.kind;
+  item.innerHTML = `<span class="head"><span class="kind"></span><a class="stream"></a>
+    <span class="muted time"></span></span><span class="question"></span><span class="text"></span>`;
+  item.querySelector(".kind").textContent = entry.kind;
+  const stream = item.querySelector(".stream");
+  stream.textContent = entry.stream;
+  stream.href = `/streams/${encodeURIComponent(entry.stream)}`;
+  const media = when([entry.media_start, entry.media_end].filter((t) => typeof t === "number"), null);
+  item.querySelector(".time").textContent = [stamp(entry.wall_ms), media].filter(Boolean).join(" · ");
+  item.querySelector(".time").title = new Date(entry.wall_ms).toString();
+  const question = item.querySelector(".question");
+  question.textContent = entry.question || "";
+  question.hidden = !entry.question;
+  item.querySelector(".text").textContent = entry.text;
+  return item;
+}
 
 function showSource(state, detail, retryIn) {
   kibitz.sourceState = state || "unknown";
@@ -935,10 +1420,15 @@ async function refreshStatus() {
     + (engine.healthy === false ? " · down" : "");
   showSelection(tally.profile, tally.instruction);
   showVoice(status.settings && status.settings.voice, status.speech);
-  if (!statusSeen && tally.last_comment && kibitz.comments === 0) {
-    // A newly opened view shows what was last said at once, not after the next cycle.
-    addHistory(tally.last_comment, "before you came", "earlier");
+  if (!statusSeen && tally.last_comment) {
+    // A newly opened view shows what was last said at once, not after the next cycle:
+    // from the history when the server keeps one, else the status's last comment.
+    const last = tally.last_comment;
+    recentShown.then((shown) => {
+      if (shown === 0 && kibitz.comments === 0) addHistory(last, "before you came", "earlier");
+    });
   }
+  loadRules();
   statusSeen = true;
 }
 
@@ -1265,6 +1755,8 @@ async function changeVoice() {
 async function start() {
   await loadSession();
   loadProfiles();
+  startSearch();
+  probeHistory();
   const match = location.pathname.match(/^\/streams\/([^/]+)\/?$/);
   if (match) startSingle(decodeURIComponent(match[1]));
   else startOverview();
