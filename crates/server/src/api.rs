@@ -177,6 +177,7 @@ pub(crate) async fn profiles(State(state): State<AppState>) -> Json<Value> {
         "max_instruction_chars": kibitz_commentator::MAX_INSTRUCTION_CHARS,
         "live_fields": kibitz_stream::LIVE_FIELDS,
         "voices": state.streams().voices_offered(),
+        "history": state.shared().history.is_some(),
     }))
 }
 

@@ -49,7 +49,16 @@ pub(crate) async fn ask(
         .await
         .map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
     let question: Question = crate::api::parse(&body, r#"{"question": "who is winning?"}"#)?;
-    state.shared().questions.take(client, Instant::now())?;
+    if let Err(wait) = state.shared().questions.take(client, Instant::now()) {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut response =
+            ApiError::Busy(format!("too many questions: ask again in {seconds} s")).into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+        );
+        return Ok(response);
+    }
     let (id, pieces) = handle.ask(&question.question)?;
     let body = stream::unfold(pieces, |mut pieces| async move {
         let piece = match pieces.recv().await? {
@@ -84,8 +93,8 @@ pub(crate) struct RateLimit {
 }
 
 impl RateLimit {
-    /// Takes one question from `client`'s bucket, or says when to come back.
-    fn take(&self, client: IpAddr, now: Instant) -> Result<(), ApiError> {
+    /// Takes one question from `client`'s bucket, or says how long until the next.
+    fn take(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() >= CLIENTS && !buckets.contains_key(&client) {
             // Forget the client seen longest ago.
@@ -105,10 +114,7 @@ impl RateLimit {
             *tokens -= 1.0;
             Ok(())
         } else {
-            let wait = (1.0 - *tokens) * REFILL.as_secs_f64();
-            Err(ApiError::Busy(format!(
-                "too many questions: ask again in {wait:.0} s"
-            )))
+            Err(REFILL.mul_f64(1.0 - *tokens))
         }
     }
 }
@@ -125,8 +131,8 @@ mod tests {
         for _ in 0..3 {
             assert!(limit.take(client, t0).is_ok());
         }
-        let err = limit.take(client, t0).unwrap_err();
-        assert!(err.to_string().contains("ask again"), "{err}");
+        let wait = limit.take(client, t0).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= REFILL, "{wait:?}");
         assert!(limit.take(client, t0 + REFILL).is_ok());
         assert!(limit.take(client, t0 + REFILL).is_err());
         // Someone else is not held up.
