@@ -19,8 +19,11 @@
 //! for the layout and its measured drift.
 
 mod ffi;
+mod replicas;
 mod sampling;
 mod worker;
+
+pub use replicas::Replicas;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -74,6 +77,9 @@ pub struct LlamaConfig {
     /// Rebuild a stream's frames from their cached embeddings once this many frames have
     /// been shifted out since the last rebuild (0 = never). See `docs/design.md` (drift).
     pub rebuild_every: u32,
+    /// Put the model and the projector on this GPU alone (an index into llama.cpp's GPUs),
+    /// for one replica per GPU ([`Replicas`]); `None` = llama.cpp's default placement.
+    pub gpu: Option<u32>,
 }
 
 impl LlamaConfig {
@@ -91,6 +97,7 @@ impl LlamaConfig {
             kv_unified: true,
             window_frames: 4,
             rebuild_every: 0,
+            gpu: None,
         }
     }
 }
@@ -198,6 +205,27 @@ impl LlamaEngine {
             max_streams,
             profile,
         })
+    }
+
+    /// One engine per GPU of `gpus` (indexes into [`LlamaEngine::gpus`]), each with the whole
+    /// model and `config.max_streams` streams, behind one [`Replicas`]. Loaded one after
+    /// another.
+    pub fn load_replicas(config: &LlamaConfig, gpus: &[u32]) -> Result<Replicas, LoadError> {
+        let mut engines: Vec<Arc<dyn Engine>> = Vec::new();
+        for &gpu in gpus {
+            let mut c = config.clone();
+            c.gpu = Some(gpu);
+            engines.push(Arc::new(LlamaEngine::load(c)?));
+        }
+        if engines.is_empty() {
+            return Err(LoadError::Model("no GPU to load replicas on".into()));
+        }
+        Ok(Replicas::new(engines))
+    }
+
+    /// The GPUs llama.cpp sees, in its order (what [`LlamaConfig::gpu`] indexes).
+    pub fn gpus() -> Vec<String> {
+        ffi::gpu_devices()
     }
 
     /// The worker's sequences once the work in hand is done (waits up to `timeout`).

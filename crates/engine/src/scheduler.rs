@@ -820,4 +820,90 @@ mod tests {
         let third = tokio::time::timeout(LIMIT, third).await.unwrap();
         assert!(third.is_ok());
     }
+
+    /// Records what reaches the engine's per-stream methods, and answers like `quick()`.
+    struct Recording {
+        inner: FakeEngine,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Engine for Recording {
+        fn submit(&self, request: Request) -> Result<Generation, EngineError> {
+            self.calls.lock().unwrap().push("submit".into());
+            self.inner.submit(request)
+        }
+        fn submit_for(
+            &self,
+            stream: &StreamKey,
+            priority: Priority,
+            request: Request,
+        ) -> Result<Generation, EngineError> {
+            let call = format!("submit_for {} {priority:?}", stream.name());
+            self.calls.lock().unwrap().push(call);
+            self.inner.submit(request)
+        }
+        fn push_frame(&self, stream: &StreamKey, frame: Frame) {
+            let call = format!("push_frame {} {:?}", stream.name(), frame.pts);
+            self.calls.lock().unwrap().push(call);
+        }
+        fn close_stream(&self, stream: &StreamKey) {
+            let call = format!("close_stream {}", stream.name());
+            self.calls.lock().unwrap().push(call);
+        }
+        fn info(&self) -> crate::EngineInfo {
+            self.inner.info()
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn health(&self) -> futures::future::BoxFuture<'_, bool> {
+            self.inner.health()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_names_its_stream_to_the_engine_and_closes_it_once() {
+        let engine = Arc::new(Recording {
+            inner: quick(),
+            calls: Mutex::new(Vec::new()),
+        });
+        let s = Scheduler::new(engine.clone(), 2);
+        let cam = s.open_session("cam");
+        let other = s.open_session("cam");
+        assert_ne!(cam.key(), other.key(), "two sessions, two sequences");
+        let frame = Frame {
+            image: crate::Image::Rgb(kibitz_frames::Rgb {
+                width: 1,
+                height: 1,
+                data: vec![0, 0, 0].into(),
+            }),
+            pts: ms(500),
+        };
+        cam.push_frame(frame.clone());
+        let turn = tokio::time::timeout(LIMIT, cam.turn(Priority::Question, None))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = turn.submit(request()).unwrap();
+        tokio::time::timeout(LIMIT, answer.collect())
+            .await
+            .unwrap()
+            .unwrap();
+        cam.try_turn().unwrap().submit(request()).unwrap();
+        let clone = cam.clone();
+        cam.close();
+        clone.close();
+        drop(clone);
+        cam.push_frame(frame); // after close: not forwarded
+        let calls = engine.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            [
+                "push_frame cam 500ms",
+                "submit_for cam Question",
+                "submit_for cam Commentary",
+                "close_stream cam",
+            ]
+        );
+    }
 }

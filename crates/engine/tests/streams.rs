@@ -466,3 +466,39 @@ async fn a_stream_added_and_removed_a_hundred_times_leaks_no_sequence() {
     let st = state(&engine).await;
     assert_eq!(st.sequences.len() + st.free, 4, "{st:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_put_each_stream_on_the_least_loaded_engine_and_keep_it_there() {
+    use kibitz_engine::llama::Replicas;
+    let engines: Vec<Arc<dyn Engine>> = vec![engine(2), engine(2)];
+    let replicas = Arc::new(Replicas::new(engines));
+    let dyn_engine: Arc<dyn Engine> = replicas.clone();
+    assert_eq!(dyn_engine.parallelism(), 4);
+    let s = Scheduler::new(dyn_engine, 4);
+    let sessions: Vec<Session> = (0..3).map(|i| s.open_session(&format!("s{i}"))).collect();
+    for (i, session) in sessions.iter().enumerate() {
+        session.push_frame(stream_frame(i as u32, 0));
+    }
+    assert_eq!(replicas.streams(), [2, 1]);
+    let placed: Vec<usize> = sessions
+        .iter()
+        .map(|s| replicas.replica_of(s.key()))
+        .collect();
+    assert_eq!(placed, [0, 1, 0]);
+    for (i, session) in sessions.iter().enumerate() {
+        let r = request(vec![stream_frame(i as u32, 0)], "Hi?", 3);
+        let g = session.try_turn().unwrap().submit(r).unwrap();
+        answer(g).await.unwrap();
+        assert_eq!(
+            replicas.replica_of(session.key()),
+            placed[i],
+            "streams stay put"
+        );
+    }
+    sessions[0].close();
+    assert_eq!(replicas.streams(), [1, 1]);
+    let late = s.open_session("late");
+    late.push_frame(stream_frame(9, 0));
+    assert_eq!(replicas.streams().iter().sum::<usize>(), 3);
+    assert_eq!(replicas.in_flight(), 0);
+}

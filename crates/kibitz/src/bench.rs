@@ -490,6 +490,23 @@ async fn streams_engine(args: &BenchArgs, most: usize) -> anyhow::Result<Arc<dyn
             FlashAttn::On => FlashAttention::On,
             FlashAttn::Off => FlashAttention::Off,
         };
+        if let Some(gpus) = &args.gpus {
+            let gpus: Vec<u32> = if gpus == "all" {
+                (0..LlamaEngine::gpus().len() as u32).collect()
+            } else {
+                gpus.split(',')
+                    .map(|g| g.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .context("--gpus takes `all` or GPU indexes like 0,1")?
+            };
+            anyhow::ensure!(!gpus.is_empty(), "--gpus: llama.cpp sees no GPU");
+            config.max_streams = most.div_ceil(gpus.len()) as u32;
+            let replicas =
+                tokio::task::spawn_blocking(move || LlamaEngine::load_replicas(&config, &gpus))
+                    .await
+                    .context("the model loader stopped")??;
+            return Ok(Arc::new(replicas));
+        }
         let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(config))
             .await
             .context("the model loader stopped")??;

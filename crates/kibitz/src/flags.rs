@@ -390,6 +390,10 @@ pub struct BenchArgs {
     /// With --streams: one KV buffer per stream instead of one shared (llama engine).
     #[arg(long)]
     pub kv_split: bool,
+    /// With --streams: one llama engine replica per GPU (`all`, or indexes `0,1`), each
+    /// stream on the replica with the fewest streams.
+    #[arg(long, value_name = "all|0,1,...")]
+    pub gpus: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

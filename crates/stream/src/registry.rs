@@ -175,7 +175,7 @@ impl Streams {
         if self.get(spec.id.as_str()).is_some() {
             return Err(StreamError::Taken(spec.id));
         }
-        self.check_voice(&settings_voice(&settings))?;
+        self.check_voice(&settings.voice)?;
         if self.len() >= self.inner.max_streams {
             return Err(StreamError::Full(self.inner.max_streams));
         }
@@ -386,10 +386,6 @@ impl Streams {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-fn settings_voice(settings: &StreamSettings) -> Option<String> {
-    settings.voice.clone()
 }
 
 fn problem(field: &'static str, message: String) -> Problems {

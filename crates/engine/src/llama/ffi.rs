@@ -45,29 +45,41 @@ pub fn route_logs() {
     }
 }
 
-/// The accelerator llama.cpp will offload to, if its build has one (`CUDA0`, …).
-pub fn gpu_device() -> Option<String> {
+/// The accelerators llama.cpp can offload to, in its order (`CUDA0 (NVIDIA H200)`, …).
+pub fn gpu_devices() -> Vec<String> {
+    gpu_handles()
+        .into_iter()
+        .map(|dev| unsafe {
+            let name = CStr::from_ptr(sys::ggml_backend_dev_name(dev)).to_string_lossy();
+            let desc = CStr::from_ptr(sys::ggml_backend_dev_description(dev)).to_string_lossy();
+            format!("{name} ({desc})")
+        })
+        .collect()
+}
+
+fn gpu_handles() -> Vec<sys::ggml_backend_dev_t> {
     unsafe {
         sys::llama_backend_init();
-        for i in 0..sys::ggml_backend_dev_count() {
-            let dev = sys::ggml_backend_dev_get(i);
-            if sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_GPU {
-                let name = CStr::from_ptr(sys::ggml_backend_dev_name(dev)).to_string_lossy();
-                let desc = CStr::from_ptr(sys::ggml_backend_dev_description(dev)).to_string_lossy();
-                return Some(format!("{name} ({desc})"));
-            }
-        }
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| sys::ggml_backend_dev_get(i))
+            .filter(|&dev| sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_GPU)
+            .collect()
     }
-    None
 }
 
 pub struct Model(NonNull<sys::llama_model>);
 
 impl Model {
-    pub fn load(path: &Path, gpu_layers: i32) -> Result<Model, String> {
+    /// `gpu`: put the whole model on that GPU (an index into [`gpu_devices`]) instead of
+    /// letting llama.cpp spread it over all of them.
+    pub fn load(path: &Path, gpu_layers: i32, gpu: Option<usize>) -> Result<Model, String> {
         let c = c_path(path)?;
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = gpu_layers;
+        if let Some(gpu) = gpu {
+            params.split_mode = sys::LLAMA_SPLIT_MODE_NONE;
+            params.main_gpu = gpu as i32;
+        }
         let ptr = unsafe { sys::llama_model_load_from_file(c.as_ptr(), params) };
         NonNull::new(ptr).map(Model).ok_or_else(|| {
             format!(
@@ -373,10 +385,14 @@ impl Mtmd {
         use_gpu: bool,
         threads: i32,
         flash_attn: sys::llama_flash_attn_type,
+        gpu: Option<usize>,
     ) -> Result<Mtmd, String> {
         let c = c_path(path)?;
         let mut params = unsafe { sys::mtmd_context_params_default() };
         params.use_gpu = use_gpu;
+        if let Some(dev) = gpu.and_then(|i| gpu_handles().get(i).copied()) {
+            params.device = dev;
+        }
         params.n_threads = threads;
         params.print_timings = false;
         params.flash_attn_type = flash_attn;

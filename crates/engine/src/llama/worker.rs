@@ -189,7 +189,19 @@ impl Worker {
         profile: Arc<std::sync::Mutex<StepProfile>>,
     ) -> Result<Worker, String> {
         ffi::route_logs();
-        let gpu = ffi::gpu_device();
+        let gpus = ffi::gpu_devices();
+        if let Some(i) = config.gpu {
+            if i as usize >= gpus.len() {
+                return Err(format!(
+                    "GPU {i} asked for, but llama.cpp sees {} GPU(s)",
+                    gpus.len()
+                ));
+            }
+        }
+        let gpu = match config.gpu {
+            Some(i) => gpus.get(i as usize).cloned(),
+            None => gpus.first().cloned(),
+        };
         let gpu_layers = match (config.gpu_layers, &gpu) {
             (Some(n), _) => n as i32,
             (None, Some(_)) => -1, // all
@@ -205,7 +217,8 @@ impl Worker {
             FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
         };
-        let model = ffi::Model::load(&config.llm, gpu_layers)?;
+        let pin = config.gpu.map(|i| i as usize);
+        let model = ffi::Model::load(&config.llm, gpu_layers, pin)?;
         let n_seq = config.max_streams.max(1) + 1;
         let ctx = ffi::Context::new(
             &model,
@@ -219,7 +232,7 @@ impl Worker {
             },
         )?;
         let use_gpu = gpu.is_some() && gpu_layers != 0;
-        let mut mtmd = ffi::Mtmd::load(&config.mmproj, &model, use_gpu, threads, flash_attn)?;
+        let mut mtmd = ffi::Mtmd::load(&config.mmproj, &model, use_gpu, threads, flash_attn, pin)?;
         let marker = ffi::Mtmd::marker();
         check_plain_embeddings(&mut mtmd, &marker)?;
         let backend = match (&gpu, use_gpu) {
