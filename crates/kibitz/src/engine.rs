@@ -117,13 +117,20 @@ fn openai_config(args: &EngineArgs) -> anyhow::Result<OpenAiConfig> {
     Ok(config)
 }
 
+/// The engine for one stream at a time (`describe`, `annotate`, `bench`).
 pub async fn build(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
+    build_for(args, 1).await
+}
+
+/// The engine for up to `streams` streams at once: the llama engine keeps a sequence (and
+/// its KV room) for each.
+pub async fn build_for(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<dyn Engine>> {
     let problems = problems(args);
     if !problems.is_empty() {
         bail!("{}", problems.join("\nkibitz: "));
     }
     match args.engine {
-        EngineKind::Llama => build_llama(args).await,
+        EngineKind::Llama => build_llama(args, streams).await,
         EngineKind::Openai => {
             // Its `parallelism()` is upstreams × --engine-max-inflight: size the scheduler
             // with it.
@@ -134,7 +141,7 @@ pub async fn build(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
 }
 
 #[cfg(feature = "llama")]
-async fn build_llama(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
+async fn build_llama(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<dyn Engine>> {
     use crate::flags::FlashAttn;
     use anyhow::Context;
     use kibitz_engine::llama::{FlashAttention, LlamaConfig, LlamaEngine};
@@ -152,6 +159,7 @@ async fn build_llama(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
     let mut config = LlamaConfig::new(files.llm, files.mmproj);
     config.gpu_layers = args.gpu_layers;
     config.context_size = args.context_size;
+    config.max_streams = streams.max(1) as u32;
     config.threads = args.threads;
     config.max_slices = args.max_slice_nums;
     config.flash_attention = match args.flash_attn {
@@ -166,7 +174,7 @@ async fn build_llama(args: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
 }
 
 #[cfg(not(feature = "llama"))]
-async fn build_llama(_: &EngineArgs) -> anyhow::Result<Arc<dyn Engine>> {
+async fn build_llama(_: &EngineArgs, _: usize) -> anyhow::Result<Arc<dyn Engine>> {
     bail!("this kibitz was built without the llama engine; rebuild with --features llama, or use --engine openai")
 }
 

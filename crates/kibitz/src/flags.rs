@@ -89,7 +89,9 @@ pub struct EngineArgs {
     /// Layers to offload to the GPU [default: all when llama.cpp has a GPU backend].
     #[arg(long, env = "GPU_LAYERS")]
     pub gpu_layers: Option<u32>,
-    #[arg(long, env = "CONTEXT_SIZE", default_value_t = 4096)]
+    /// KV positions per stream (system prompt, the window's frames, the question and the
+    /// answer); the llama context holds this many for each stream it serves.
+    #[arg(long, env = "CONTEXT_SIZE", default_value_t = 2048)]
     pub context_size: u32,
     /// CPU threads for llama.cpp [default: all cores].
     #[arg(long, env = "THREADS")]

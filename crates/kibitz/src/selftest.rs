@@ -92,6 +92,46 @@ pub async fn run(args: SelftestArgs) -> anyhow::Result<ExitCode> {
         ),
     );
 
+    // Two streams at once through the scheduler, frames pushed ahead: both answer, and
+    // each finds its pushed frames already in its sequence.
+    let scheduler = kibitz_engine::Scheduler::new(engine.clone(), engine.parallelism());
+    let runs: Vec<_> = (0..2u32)
+        .map(|s| {
+            let session = scheduler.open_session(&format!("selftest{s}"));
+            tokio::spawn(async move {
+                let frames: Vec<Frame> = (0..4)
+                    .map(|i| Frame {
+                        image: Image::Rgb(test_frame(448, 252, 10 * s + i)),
+                        pts: Duration::from_millis(500 * u64::from(i)),
+                    })
+                    .collect();
+                for f in &frames {
+                    session.push_frame(f.clone());
+                }
+                let mut request =
+                    Request::new(frames, "You are a live commentator.", "What is new?");
+                request.max_tokens = 8;
+                let turn = session
+                    .turn(kibitz_engine::Priority::Commentary, None)
+                    .await?;
+                let answer = turn.submit(request)?.collect().await;
+                session.close();
+                anyhow::Ok(answer?.1)
+            })
+        })
+        .collect();
+    for (s, run) in runs.into_iter().enumerate() {
+        let stats = tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .context("two streams at once took over 2 minutes")???;
+        println!("[stream {s} of 2] {stats}");
+        check(
+            &mut failures,
+            stats.generated_tokens > 0,
+            format!("stream {s} of 2 answered"),
+        );
+    }
+
     if let Some(dir) = &args.keep {
         println!(
             "kept the tiny model in {} (use it with --model {})",

@@ -27,7 +27,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
 
-    let engine = crate::engine::build(&settings.engine).await?;
+    let engine = crate::engine::build_for(&settings.engine, settings.max_streams).await?;
     let info = engine.info();
     tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
     // How many requests the engine takes at once: its batch for llama, upstreams × their
