@@ -15,9 +15,10 @@
 # (s1, from --source, is testsrc2). After each: BENCH_SETTLE s to settle, then a
 # BENCH_WINDOW s window: the process's CPU (utime + stime of /proc/PID/stat; the
 # `kibitz-decode` threads apart), VmRSS at the window's end, every stream's frames over the
-# window and its `source.fps` (the server's own 2 s measure). It stops BENCH_PAST steps
-# after the first step where a stream falls below BENCH_MIN_FPS or the process reaches
-# BENCH_MAX_CORES, or at BENCH_MAX streams. Then it deletes all streams but s1 and samples
+# window and its `source.fps` (the server's own 2 s measure). A step is behind when a
+# stream falls below BENCH_MIN_FPS or the process reaches BENCH_MAX_CORES; it stops after
+# BENCH_BEHIND behind steps in a row (a single one between full-rate steps is other load
+# on the box, and is logged as such), or at BENCH_MAX streams. Then it deletes all streams but s1 and samples
 # memory BENCH_AFTER seconds later; with BENCH_TRIM=1 and gdb present it then calls
 # malloc_trim(0) in the server to tell memory malloc keeps from memory still in use. With
 # BENCH_ROUNDS > 1 it adds the same streams again and deletes them again, once a round:
@@ -34,7 +35,8 @@ settle="${BENCH_SETTLE:-10}"
 window="${BENCH_WINDOW:-10}"
 min_fps="${BENCH_MIN_FPS:-24}"
 max_cores="${BENCH_MAX_CORES:-1.9}"
-past="${BENCH_PAST:-1}"            # steps measured after the first that falls behind
+behind_needed="${BENCH_BEHIND:-2}" # stop after this many steps in a row fall behind
+from="${BENCH_FROM:-1}"            # add s2..sFROM at once (1 s apart), measure from there
 after="${BENCH_AFTER:-5 15 30}"    # seconds after the DELETEs to sample memory
 quiet_load="${BENCH_QUIET_LOAD:-0.7}"
 quiet_wait="${BENCH_QUIET_WAIT:-300}"
@@ -96,6 +98,7 @@ trap 'exit 130' INT TERM
 # gives its autogroup the same, so builds beside it get what it leaves: on a shared box this
 # stands in for a quiet one. Other processes' CPU is still logged for every window.
 launch=()
+: >"$out/server.out"
 if [[ -n "$nice" ]]; then launch=(setsid nice -n "$nice"); fi
 "${launch[@]}" "$bin" serve --bind 127.0.0.1:0 --engine openai --engine-url http://127.0.0.1:9 \
     --media-dir "$root/fixtures" --state-dir "$out/state" --max-streams "$max" \
@@ -136,8 +139,16 @@ ticks() {
         else r += t
     } END { print total, d + 0, f + 0, r + 0, nd + 0, n + 0 }'
 }
-# busy ticks of the whole machine (all processes), from /proc/stat.
+# busy ticks of the whole machine (all processes, steal included), from /proc/stat.
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+# resident kiB by kind of mapping: [heap] (main malloc arena), other anonymous (thread
+# arenas, large malloc blocks, stacks), file-backed; then the anonymous mappings holding any.
+smaps() {
+    awk '/^[0-9a-f]+-[0-9a-f]+ / { path = $6; next }
+         /^Rss:/ { if (path == "[heap]") h += $2; else if (path ~ /^\//) f += $2;
+                   else { a += $2; if ($2 > 0) na++ } }
+         END { print h + 0, a + 0, f + 0, na + 0 }' "/proc/$pid/smaps" 2>/dev/null || echo "0 0 0 0"
+}
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
 # Every stream's status into DIR/ID.json, with the time it was taken in DIR/ID.t.
 statuses() {
@@ -185,9 +196,12 @@ add() {
     ids+=("$id")
 }
 ids=(s1)
-printf 'streams\tcores\tdecode_thread_cores\tffmpeg_thread_cores\truntime_cores\tother_procs_cores\tmin_rate\tmin_source_fps\tdropped\tdisplay_bytes\tstates\trss_kib\tdecode_threads\tthreads\tload1\tper_stream(id:rate/fps/display/dropped)\n' >"$out/steps.tsv"
-behind_at=0
+printf 'streams\tcores\tdecode_thread_cores\tffmpeg_thread_cores\truntime_cores\trest_of_box_cores\tmin_rate\tmin_source_fps\tdropped\tdisplay_bytes\tstates\trss_kib\tdecode_threads\tthreads\tload1\theap_kib\tother_anon_kib\tper_stream(id:rate/fps/display/dropped)\n' >"$out/steps.tsv"
+streak=0; last_ok=0; transient=""
 n=1
+while ((n < from)); do
+    n=$((n + 1)); add "s$n" || { n=$((n - 1)); break; }; sleep 1
+done
 while :; do
     sleep "$settle"
     statuses "$out/t0.$n"
@@ -195,30 +209,32 @@ while :; do
     sleep "$window"
     k1="$(ticks)"; b1="$(busy)"; w1="$EPOCHREALTIME"
     read -r _ _ _ _ nd nt <<<"$k1"
-    rss="$(rss_kib)"
+    rss="$(rss_kib)"; read -r heap anon _ _ <<<"$(smaps)"
     statuses "$out/t1.$n"
     wall="$(python3 -c "print($w1 - $w0)")"
     IFS=$'\t' read -r cores dec ff rt others rate fps dropped disp states per <<<"$(
         python3 "$out/step.py" "$out/t0.$n" "$out/t1.$n" "$hz" "$k0" "$k1" "$b0" "$b1" "$wall" "${ids[@]}")"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$cores" "$dec" "$ff" "$rt" "$others" \
-        "$rate" "$fps" "$dropped" "$disp" "$states" "$rss" "$nd" "$nt" "$(load1)" "$per" >>"$out/steps.tsv"
-    log "$(printf '%2d streams: %s cores (kibitz-decode %s, FFmpeg %s, runtime %s; other processes %s) RSS %s MiB, display %s MB, slowest %s fps (source.fps %s), dropped %s, %s, load %s' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$cores" "$dec" "$ff" "$rt" "$others" \
+        "$rate" "$fps" "$dropped" "$disp" "$states" "$rss" "$nd" "$nt" "$(load1)" "$heap" "$anon" "$per" >>"$out/steps.tsv"
+    log "$(printf '%2d streams: %s cores (kibitz-decode %s, FFmpeg %s, runtime %s; rest of the box %s) RSS %s MiB, display %s MB, slowest %s fps (source.fps %s), dropped %s, %s, load %s' \
         "$n" "$cores" "$dec" "$ff" "$rt" "$others" "$((rss / 1024))" "$((disp / 1000000))" "$rate" "$fps" "$dropped" "$states" "$(load1)")"
-    if ((behind_at == 0)) && { gt "$min_fps" "$rate" || gt "$min_fps" "$fps" || ! gt "$max_cores" "$cores"; }; then
-        behind_at=$n
+    if gt "$min_fps" "$rate" || gt "$min_fps" "$fps" || ! gt "$max_cores" "$cores"; then
+        streak=$((streak + 1))
         log "   -> behind at $n streams"
+    else
+        ((streak > 0)) && transient+="$((n - streak))..$((n - 1)) "
+        streak=0; last_ok=$n
     fi
-    if ((behind_at > 0 && n >= behind_at + past)) || ((n >= max)); then break; fi
+    if ((streak >= behind_needed)) || ((n >= max)); then break; fi
     n=$((n + 1))
     add "s$n" || { n=$((n - 1)); break; }
 done
-if ((behind_at > 1)); then
-    log "full rate: $((behind_at - 1)) streams (behind at $behind_at)"
-elif ((behind_at == 1)); then
-    log "full rate: not even 1 stream"
+if ((streak >= behind_needed)); then
+    log "full rate: $last_ok streams (behind from $((n - streak + 1)) on)"
 else
-    log "full rate: all $n streams (BENCH_MAX reached)"
+    log "full rate: $last_ok streams; BENCH_MAX ($max) reached$( ((streak == 0)) || echo ", the last step behind")"
 fi
+[[ -z "$transient" ]] || log "behind for one step only, between full-rate steps (other load): ${transient}"
 
 # --- DELETE all but s1 -------------------------------------------------------------------
 snapshot() { # label
@@ -230,9 +246,11 @@ print(sum(json.load(open(f"{sys.argv[1]}/{i}.json")).get("buffers", {}).get("dis
 ' "$dir" "${ids[@]}")"
     read -r _ _ _ _ nd nt <<<"$(ticks)"
     rss="$(rss_kib)"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${#ids[@]}" "$rss" "$disp" "$nd" "$nt" >>"$out/delete.tsv"
-    log "$(printf '%-18s %2d streams: RSS %4d MiB (%s kiB), display buffers %9d bytes, decode threads %2d, threads %2d' \
-        "$1" "${#ids[@]}" "$((rss / 1024))" "$rss" "$disp" "$nd" "$nt")"
+    read -r heap anon file nanon <<<"$(smaps)"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${#ids[@]}" "$rss" "$disp" "$nd" "$nt" \
+        "$heap" "$anon" "$file" "$nanon" >>"$out/delete.tsv"
+    log "$(printf '%-18s %2d streams: RSS %4d MiB (heap %d, other anon %d in %d maps, files %d MiB), display buffers %9d bytes, decode threads %2d, threads %2d' \
+        "$1" "${#ids[@]}" "$((rss / 1024))" "$((heap / 1024))" "$((anon / 1024))" "$nanon" "$((file / 1024))" "$disp" "$nd" "$nt")"
 }
 # Deletes every stream but s1; logs the answers and the slowest.
 delete_all() {
@@ -254,7 +272,7 @@ trim_now() { # label
     sleep 1
     snapshot "$1"
 }
-printf 'when\tstreams\trss_kib\tdisplay_bytes\tdecode_threads\tthreads\n' >"$out/delete.tsv"
+printf 'when\tstreams\trss_kib\tdisplay_bytes\tdecode_threads\tthreads\theap_kib\tother_anon_kib\tfile_kib\tanon_maps\n' >"$out/delete.tsv"
 snapshot before
 log "commentary (dead upstream): $(python3 -c '
 import json, sys

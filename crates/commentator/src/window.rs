@@ -9,9 +9,11 @@ pub trait FrameWindow: Send + Sync {
     fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)>;
 }
 
+/// The live window samples on a fixed phase (every stride-th capture), so the frames of one
+/// cycle are the next cycle's too and each enters the engine once, as it arrives.
 impl FrameWindow for InferenceWindow {
     fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)> {
-        InferenceWindow::sample(self, n, stride)
+        InferenceWindow::sample_phased(self, n, stride)
     }
 }
 

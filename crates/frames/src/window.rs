@@ -67,6 +67,42 @@ impl InferenceWindow {
         out
     }
 
+    /// Like [`InferenceWindow::sample`], but on a fixed phase: the newest frame whose `seq`
+    /// is a multiple of `stride`, and every `stride`-th before it. Consecutive samples then
+    /// share their frames exactly (each frame of the set is new once), which is what lets an
+    /// engine prepare every sampled frame once, as it arrives.
+    pub fn sample_phased(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)> {
+        let stride = stride.max(1) as u64;
+        let inner = self.read();
+        let Some(newest) = inner
+            .frames
+            .iter()
+            .rposition(|(seq, _, _)| seq % stride == 0)
+        else {
+            return Vec::new();
+        };
+        let stride = stride as usize;
+        let mut out: Vec<_> = (0..n)
+            .map_while(|k| newest.checked_sub(k * stride))
+            .map(|i| {
+                let (_, stamp, rgb) = &inner.frames[i];
+                (*stamp, rgb.clone())
+            })
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// The frames newer than `seq` (all for `None`), oldest first, with their `seq`.
+    pub fn since(&self, seq: Option<u64>) -> Vec<(u64, Stamp, Rgb)> {
+        self.read()
+            .frames
+            .iter()
+            .filter(|(s, _, _)| seq.is_none_or(|seq| *s > seq))
+            .cloned()
+            .collect()
+    }
+
     /// The frame captured closest to `t` (either side).
     pub fn nearest(&self, t: Instant) -> Option<(Stamp, Rgb)> {
         let inner = self.read();
@@ -155,6 +191,21 @@ mod tests {
         assert_eq!(w.seq(), Some(39));
         assert_eq!(ids(&w.sample(32, 1)), (8..40).collect::<Vec<u8>>());
         assert_eq!(w.latest().unwrap().1.data[0], 39);
+    }
+
+    #[test]
+    fn phased_samples_keep_to_every_stride_th_capture() {
+        let t0 = Instant::now();
+        // 20 frames (seq 0..=19): the newest even one is 18.
+        let w = filled(t0, 20, 32);
+        assert_eq!(ids(&w.sample_phased(4, 2)), vec![12, 14, 16, 18]);
+        // One more capture (odd) changes nothing; the next even one moves the set by one.
+        let (s, rgb) = frame(t0, 20);
+        w.push(s, rgb);
+        assert_eq!(ids(&w.sample_phased(4, 2)), vec![14, 16, 18, 20]);
+        assert!(InferenceWindow::new(4).sample_phased(4, 2).is_empty());
+        let since: Vec<u64> = w.since(Some(17)).iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(since, vec![18, 19, 20]);
     }
 
     #[test]

@@ -188,6 +188,7 @@ impl Stream {
                 cooldown: None,
             })?;
         }
+        let pusher = tokio::spawn(push_frames(handle.clone()));
         let watcher = tokio::spawn(crate::alerts::watch(
             handle.clone(),
             cx.alerts.clone(),
@@ -195,7 +196,7 @@ impl Stream {
         ));
         Ok(Stream {
             handle,
-            tasks: vec![commentary, forward, speaker, encoder, watcher],
+            tasks: vec![commentary, forward, speaker, encoder, watcher, pusher],
         })
     }
 
@@ -509,6 +510,34 @@ async fn build_voice(
         Ok(Some(voice)) => (Some(voice), name),
         Ok(None) => (None, "off".into()),
         Err(e) => (None, format!("off ({name}: {e})")),
+    }
+}
+
+/// How often the window is checked for a new capture to hand to the engine.
+const PUSH_POLL: Duration = Duration::from_millis(20);
+
+/// Hands every frame of the sampled set (every stride-th capture, the phase the commentary
+/// samples on) to the engine session as soon as it is captured, so the engine can prepare it
+/// before the cycle that uses it (the llama engine encodes it into the stream's sequence;
+/// other engines ignore it). Runs until the stream stops.
+async fn push_frames(handle: StreamHandle) {
+    let stopped = handle.stopped();
+    let mut last: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tokio::time::sleep(PUSH_POLL) => {}
+        }
+        let stride = handle.spec().frame_stride.max(1) as u64;
+        for (seq, stamp, rgb) in handle.shared.window.since(last) {
+            last = Some(seq);
+            if seq % stride == 0 {
+                handle.shared.session.push_frame(kibitz_engine::Frame {
+                    image: kibitz_engine::Image::Rgb(rgb),
+                    pts: stamp.pts,
+                });
+            }
+        }
     }
 }
 
