@@ -68,6 +68,9 @@ pub enum Event {
         clip: String,
         play_at: f64,
         duration: f64,
+        /// Seconds after its picture the clip starts: 0 when on time, more when the voice
+        /// was still speaking or synthesis took longer than the delay allowed.
+        late: f64,
     },
 }
 

@@ -228,6 +228,7 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
             clip: format!("/api/streams/{}/speech/clips/{n}", handle.id()),
             play_at: unix_ms(start),
             duration: duration.as_secs_f64(),
+            late: late.as_secs_f64(),
         });
     }
 }
