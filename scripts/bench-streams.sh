@@ -143,11 +143,14 @@ ticks() {
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 # resident kiB by kind of mapping: [heap] (main malloc arena), other anonymous (thread
 # arenas, large malloc blocks, stacks), file-backed; then the anonymous mappings holding any.
+# A mapping that changes while smaps is read (brk) can be listed twice: each start address
+# counts once, with its last value.
 smaps() {
-    awk '/^[0-9a-f]+-[0-9a-f]+ / { path = $6; next }
-         /^Rss:/ { if (path == "[heap]") h += $2; else if (path ~ /^\//) f += $2;
-                   else { a += $2; if ($2 > 0) na++ } }
-         END { print h + 0, a + 0, f + 0, na + 0 }' "/proc/$pid/smaps" 2>/dev/null || echo "0 0 0 0"
+    awk '/^[0-9a-f]+-[0-9a-f]+ / { split($1, r, "-"); start = r[1]
+                                   kind[start] = $6 == "[heap]" ? "h" : $6 ~ /^\// ? "f" : "a"; next }
+         /^Rss:/ { rss[start] = $2 }
+         END { for (k in rss) { t[kind[k]] += rss[k]; if (kind[k] == "a" && rss[k] > 0) na++ }
+               print t["h"] + 0, t["a"] + 0, t["f"] + 0, na + 0 }' "/proc/$pid/smaps" 2>/dev/null || echo "0 0 0 0"
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
 # Every stream's status into DIR/ID.json, with the time it was taken in DIR/ID.t.

@@ -178,7 +178,11 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
         let first_audio = ready.saturating_duration_since(answered);
         let play_at = match latency {
             Some(latency) => {
-                let _ = handle.control(Control::AddSpeechLatency(first_audio.as_secs_f64()));
+                // The delay covers the time to first audio and a page's fetch of the clip,
+                // so in steady state speech starts with its picture, not after it.
+                let _ = handle.control(Control::AddSpeechLatency(
+                    (first_audio + DELIVERY).as_secs_f64(),
+                ));
                 let captured = answered
                     .checked_sub(Duration::from_secs_f64(latency.max(0.0)))
                     .unwrap_or(answered);
