@@ -301,8 +301,13 @@ fn load_session(model: &Path) -> Result<Session, String> {
         ort::init_from(dylib.display().to_string())
             .commit()
             .map_err(|e| e.to_string())?;
+        // No spinning: ONNX Runtime's workers otherwise busy-wait between runs, burning
+        // the cores the decoders, the model and other voices share, and on a busy box a
+        // spinning pool starves itself.
         Session::builder()
             .and_then(|b| b.with_intra_threads(threads))
+            .and_then(|b| b.with_intra_op_spinning(false))
+            .and_then(|b| b.with_inter_op_spinning(false))
             .and_then(|b| b.commit_from_file(model))
             .map_err(|e| e.to_string())
     };

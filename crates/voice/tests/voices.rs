@@ -34,7 +34,7 @@ fn rms(samples: &[i16]) -> f64 {
 }
 
 fn espeak() -> Arc<dyn Voice> {
-    within(20, || {
+    within(60, || {
         build(&VoiceSpec::Espeak, &VoiceOptions::default())
             .expect("espeak-ng runs (scripts/setup.sh installs it)")
             .unwrap()
@@ -46,7 +46,7 @@ fn espeak_speaks_a_sentence() {
     let voice = espeak();
     let info = voice.info();
     assert_eq!((info.engine, info.sample_rate), ("espeak", 22050));
-    let pcm = within(20, move || {
+    let pcm = within(60, move || {
         voice.synthesize("The rabbit wakes up under the tree.")
     })
     .unwrap();
@@ -62,7 +62,7 @@ fn a_missing_espeak_is_a_clear_error() {
         espeak_program: "/nonexistent/espeak-ng".into(),
         ..VoiceOptions::default()
     };
-    let e = within(10, move || build(&VoiceSpec::Espeak, &options))
+    let e = within(60, move || build(&VoiceSpec::Espeak, &options))
         .err()
         .expect("an error");
     assert!(matches!(e, VoiceError::ProgramMissing { .. }), "{e:?}");
@@ -79,7 +79,7 @@ fn an_unknown_espeak_voice_is_a_clear_error() {
         language: "xx-nope".into(),
         ..VoiceOptions::default()
     };
-    let e = within(10, move || build(&VoiceSpec::Espeak, &options))
+    let e = within(60, move || build(&VoiceSpec::Espeak, &options))
         .err()
         .expect("an error");
     assert!(matches!(e, VoiceError::Espeak(_)), "{e:?}");
@@ -153,7 +153,7 @@ fn phonemes_match_piper_phonemize() {
     if !live {
         println!("piper-phonemize is not installed (pip install piper-phonemize==1.1.0): comparing with its recorded answers only");
     }
-    within(60, move || {
+    within(300, move || {
         for (text, expected) in PIPER_PHONEMES {
             let ours = phonemize(Path::new("espeak-ng"), "en-us", text).unwrap();
             assert_eq!(&ours, expected, "{text}");
@@ -183,7 +183,7 @@ fn joe() -> Option<PathBuf> {
 #[test]
 fn piper_speaks_with_the_joe_voice() {
     let Some(model) = joe() else { return };
-    let (pcm, info, took) = within(120, move || {
+    let (pcm, info, took) = within(300, move || {
         let piper = Piper::open(&model, &VoiceOptions::default()).unwrap();
         let started = Instant::now();
         let pcm = piper
@@ -204,7 +204,7 @@ fn piper_speaks_with_the_joe_voice() {
 #[test]
 fn piper_ids_interleave_pad_as_piper_does() {
     let Some(model) = joe() else { return };
-    let ids = within(120, move || {
+    let ids = within(300, move || {
         Piper::open(&model, &VoiceOptions::default())
             .unwrap()
             .phoneme_ids("hə!")
@@ -250,7 +250,7 @@ fn a_missing_or_broken_piper_voice_is_a_clear_error() {
         dir.path().join("libonnxruntime.so.1.22.1"),
     )
     .unwrap();
-    let e = within(60, move || Piper::open(&broken, &VoiceOptions::default()))
+    let e = within(300, move || Piper::open(&broken, &VoiceOptions::default()))
         .err()
         .unwrap();
     assert!(matches!(e, VoiceError::PiperLoad { .. }), "{e:?}");
@@ -401,7 +401,7 @@ fn ffmpeg_decode(ogg: &[u8]) -> Vec<i16> {
     let path = dir.path().join("x.ogg");
     std::fs::write(&path, ogg).unwrap();
     let path2 = path.clone();
-    let out = within(30, move || {
+    let out = within(120, move || {
         Command::new("ffmpeg")
             .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-i"])
             .arg(&path2)
@@ -441,7 +441,7 @@ fn windows(pcm: &[i16], from: f64, to: f64) -> Vec<f64> {
 #[test]
 fn the_ogg_stream_decodes_to_speech_and_silence() {
     let voice = espeak();
-    let (one, two) = within(20, move || {
+    let (one, two) = within(60, move || {
         (
             voice.synthesize("The rabbit wakes up.").unwrap(),
             voice.synthesize("A bird flies over the meadow.").unwrap(),
@@ -493,7 +493,7 @@ fn the_ogg_stream_decodes_to_speech_and_silence() {
 #[test]
 fn a_listener_joining_late_gets_a_valid_stream() {
     let voice = espeak();
-    let speech = within(20, move || {
+    let speech = within(60, move || {
         voice.synthesize("The rabbit wakes up.").unwrap()
     });
     let mut encoder = OpusEncoder::new().unwrap();
