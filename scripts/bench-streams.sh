@@ -121,26 +121,30 @@ if [[ -n "$nice" ]]; then
 fi
 
 # --- measuring -------------------------------------------------------------------------
-# ticks: process total, then by thread group: kibitz-decode (the Rust loop: pacing, range
-# stretch, display JPEG, capture), FFmpeg (every `tokio-rt-worker` past the runtime's
+# One reading, taken by one `cat` so that its clock and counters agree even when this
+# script waits for a core: uptime (s), the machine's busy ticks (all processes, steal
+# included, /proc/stat), the process's ticks (utime + stime of /proc/PID/stat, ended threads
+# included), then the live threads' ticks by group: kibitz-decode (the Rust loop: pacing,
+# range stretch, display JPEG, capture), FFmpeg (every `tokio-rt-worker` past the runtime's
 # first `nproc`: FFmpeg's frame threads take the name of the thread that opened the file,
 # one of tokio's blocking pool), runtime (main + tokio's `nproc` workers: HTTP, commentary
-# loops, playout); then the count of kibitz-decode threads and of all threads. Threads that
-# ended are only in the total.
+# loops, playout); then the count of kibitz-decode threads and of all threads.
 workers="$(nproc)"
 ticks() {
-    local total
-    total="$(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')"
-    for f in /proc/"$pid"/task/*/stat; do cat "$f" 2>/dev/null || true; done | sort -n | awk -v total="$total" -v workers="$workers" '{
-        o = index($0, "("); c = index($0, ") "); comm = substr($0, o + 1, c - o - 1)
-        split(substr($0, c + 2), a, " "); t = a[12] + a[13]; n++
-        if (comm ~ /^kibitz-decode/) { d += t; nd++ }
-        else if (comm ~ /^tokio/ && ++nw > workers) f += t
-        else r += t
-    } END { print total, d + 0, f + 0, r + 0, nd + 0, n + 0 }'
+    { cat /proc/uptime /proc/stat "/proc/$pid/stat"; echo "--"
+      cat /proc/"$pid"/task/*/stat 2>/dev/null | sort -n; } | awk -v workers="$workers" '
+        function t(line,   c, a) { c = index(line, ") "); split(substr(line, c + 2), a, " "); return a[12] + a[13] }
+        function comm(line) { return substr(line, index(line, "(") + 1, index(line, ") ") - index(line, "(") - 1) }
+        NR == 1 { up = $1; next }
+        /^--$/ { tasks = 1; next }
+        !tasks && /^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; next }
+        !tasks && /\(/ { total = t($0); next }
+        tasks { n++; k = t($0); c = comm($0)
+                if (c ~ /^kibitz-decode/) { d += k; nd++ }
+                else if (c ~ /^tokio/ && ++nw > workers) f += k
+                else r += k }
+        END { print up, busy, total, d + 0, f + 0, r + 0, nd + 0, n + 0 }'
 }
-# busy ticks of the whole machine (all processes, steal included), from /proc/stat.
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 # resident kiB by kind of mapping: [heap] (main malloc arena), other anonymous (thread
 # arenas, large malloc blocks, stacks), file-backed; then the anonymous mappings holding any.
 # A mapping that changes while smaps is read (brk) can be listed twice: each start address
@@ -153,25 +157,27 @@ smaps() {
                print t["h"] + 0, t["a"] + 0, t["f"] + 0, na + 0 }' "/proc/$pid/smaps" 2>/dev/null || echo "0 0 0 0"
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
-# Every stream's status into DIR/ID.json, with the time it was taken in DIR/ID.t.
+# Every stream's status into DIR/ID.json, with the time it was taken (the middle of the
+# request) in DIR/ID.t.
 statuses() {
-    local dir="$1" id; mkdir -p "$dir"
+    local dir="$1" id t; mkdir -p "$dir"
     for id in "${ids[@]}"; do
-        echo "$EPOCHREALTIME" >"$dir/$id.t"
+        t="$EPOCHREALTIME"
         curl -s -m 5 -o "$dir/$id.json" "$api/streams/$id/status" || echo '{}' >"$dir/$id.json"
+        echo "$t $EPOCHREALTIME" >"$dir/$id.t"
     done
 }
 
 cat >"$out/step.py" <<'PY'
 import json, sys
-# argv: t0dir t1dir hz "ticks at t0" "ticks at t1" busy0 busy1 wall ids...
+# argv: t0dir t1dir hz "ticks at t0" "ticks at t1" ids...  (ticks: see ticks() in the script)
 t0, t1, hz = sys.argv[1], sys.argv[2], float(sys.argv[3])
 k0, k1 = [list(map(float, a.split())) for a in sys.argv[4:6]]
-busy0, busy1, wall = map(float, sys.argv[6:9])
-ids = sys.argv[9:]
+ids = sys.argv[6:]
+wall = k1[0] - k0[0]
 def load(d, i):
     try:
-        return json.load(open(f"{d}/{i}.json")), float(open(f"{d}/{i}.t").read())
+        return json.load(open(f"{d}/{i}.json")), sum(map(float, open(f"{d}/{i}.t").read().split())) / 2
     except Exception:
         return {}, 0.0
 rates, fps, dropped, disp, states, per = [], [], 0, 0, set(), []
@@ -184,8 +190,7 @@ for i in ids:
     db = b.get("buffers", {}).get("display_bytes", 0); disp += db
     states.add(sb.get("state", "?"))
     per.append(f"{i}:{r:.2f}/{(sb.get('fps') or 0):.2f}/{db/1e6:.1f}MB/{sb.get('frames_dropped', 0)}")
-cores, dec, ff, rt = [(b - a) / hz / wall for a, b in zip(k0[:4], k1[:4])]
-box = (busy1 - busy0) / hz / wall
+box, cores, dec, ff, rt = [(b - a) / hz / wall for a, b in zip(k0[1:6], k1[1:6])]
 print(f"{cores:.3f}\t{dec:.3f}\t{ff:.3f}\t{rt:.3f}\t{box - cores:.3f}\t{min(rates):.2f}\t{min(fps):.2f}"
       f"\t{dropped}\t{disp}\t{','.join(sorted(states))}\t{' '.join(per)}")
 PY
@@ -208,15 +213,14 @@ done
 while :; do
     sleep "$settle"
     statuses "$out/t0.$n"
-    k0="$(ticks)"; b0="$(busy)"; w0="$EPOCHREALTIME"
+    k0="$(ticks)"
     sleep "$window"
-    k1="$(ticks)"; b1="$(busy)"; w1="$EPOCHREALTIME"
-    read -r _ _ _ _ nd nt <<<"$k1"
+    k1="$(ticks)"
+    read -r _ _ _ _ _ _ nd nt <<<"$k1"
     rss="$(rss_kib)"; read -r heap anon _ _ <<<"$(smaps)"
     statuses "$out/t1.$n"
-    wall="$(python3 -c "print($w1 - $w0)")"
     IFS=$'\t' read -r cores dec ff rt others rate fps dropped disp states per <<<"$(
-        python3 "$out/step.py" "$out/t0.$n" "$out/t1.$n" "$hz" "$k0" "$k1" "$b0" "$b1" "$wall" "${ids[@]}")"
+        python3 "$out/step.py" "$out/t0.$n" "$out/t1.$n" "$hz" "$k0" "$k1" "${ids[@]}")"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$cores" "$dec" "$ff" "$rt" "$others" \
         "$rate" "$fps" "$dropped" "$disp" "$states" "$rss" "$nd" "$nt" "$(load1)" "$heap" "$anon" "$per" >>"$out/steps.tsv"
     log "$(printf '%2d streams: %s cores (kibitz-decode %s, FFmpeg %s, runtime %s; rest of the box %s) RSS %s MiB, display %s MB, slowest %s fps (source.fps %s), dropped %s, %s, load %s' \
@@ -247,7 +251,7 @@ snapshot() { # label
 import json, sys
 print(sum(json.load(open(f"{sys.argv[1]}/{i}.json")).get("buffers", {}).get("display_bytes", 0) for i in sys.argv[2:]))
 ' "$dir" "${ids[@]}")"
-    read -r _ _ _ _ nd nt <<<"$(ticks)"
+    read -r _ _ _ _ _ _ nd nt <<<"$(ticks)"
     rss="$(rss_kib)"
     read -r heap anon file nanon <<<"$(smaps)"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${#ids[@]}" "$rss" "$disp" "$nd" "$nt" \
@@ -270,10 +274,15 @@ delete_all() {
 }
 trim_now() { # label
     [[ "$trim" == 1 ]] && command -v gdb >/dev/null || return 0
-    timeout 60 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' >"$out/gdb.log" 2>&1 ||
-        { log "gdb malloc_trim failed (see $out/gdb.log)"; return 0; }
+    # malloc_stats() writes to the server's stderr; its last "in use bytes" is every live
+    # malloc allocation (Rust, FFmpeg and libjpeg-turbo all use it), freed memory excluded.
+    timeout 60 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' -ex 'call (void) malloc_stats()' \
+        >"$out/gdb.log" 2>&1 || { log "gdb malloc_trim failed (see $out/gdb.log)"; return 0; }
     sleep 1
     snapshot "$1"
+    log "$(printf '%-18s malloc in use %s MiB (of %s MiB the allocator holds)' "" \
+        "$(grep -A2 '^Total (incl. mmap)' "$out/server.log" | awk '/in use bytes/ {v = $NF} END {print int(v / 1048576)}')" \
+        "$(grep -A2 '^Total (incl. mmap)' "$out/server.log" | awk '/system bytes/ {v = $NF} END {print int(v / 1048576)}')")"
 }
 printf 'when\tstreams\trss_kib\tdisplay_bytes\tdecode_threads\tthreads\theap_kib\tother_anon_kib\tfile_kib\tanon_maps\n' >"$out/delete.tsv"
 snapshot before
