@@ -215,3 +215,30 @@ impl Harness {
         self.streams.get(id).expect("the stream runs")
     }
 }
+
+/// A voice that says a 440 Hz tone, half a second per sentence, at 16 kHz, under the name
+/// `espeak` (tests of speech timing need a voice, not words).
+pub struct Tone;
+
+impl kibitz_voice::Voice for Tone {
+    fn info(&self) -> kibitz_voice::VoiceInfo {
+        kibitz_voice::VoiceInfo {
+            engine: "espeak",
+            name: "tone".into(),
+            language: "en".into(),
+            sample_rate: 16_000,
+        }
+    }
+
+    fn synthesize(&self, _sentence: &str) -> Result<kibitz_voice::Pcm, kibitz_voice::VoiceError> {
+        let samples = (0..8_000)
+            .map(|i| {
+                ((i as f64 * 440.0 * std::f64::consts::TAU / 16_000.0).sin() * 12_000.0) as i16
+            })
+            .collect();
+        Ok(kibitz_voice::Pcm {
+            samples,
+            sample_rate: 16_000,
+        })
+    }
+}

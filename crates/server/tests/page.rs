@@ -783,32 +783,6 @@ async fn when_watching_needs_the_token_the_page_asks_first() {
     site.stop().await;
 }
 
-/// A voice that says a half-second tone for any sentence: no espeak needed, and instant.
-struct Tone;
-
-impl kibitz_voice::Voice for Tone {
-    fn info(&self) -> kibitz_voice::VoiceInfo {
-        kibitz_voice::VoiceInfo {
-            engine: "espeak",
-            name: "tone".into(),
-            language: "en".into(),
-            sample_rate: 16_000,
-        }
-    }
-
-    fn synthesize(&self, _sentence: &str) -> Result<kibitz_voice::Pcm, kibitz_voice::VoiceError> {
-        let samples = (0..8_000)
-            .map(|i| {
-                ((i as f64 * 440.0 * std::f64::consts::TAU / 16_000.0).sin() * 12_000.0) as i16
-            })
-            .collect();
-        Ok(kibitz_voice::Pcm {
-            samples,
-            sample_rate: 16_000,
-        })
-    }
-}
-
 /// How far (ms) a clip may start from the moment its picture shows.
 const IN_STEP_MS: f64 = 150.0;
 
@@ -817,7 +791,10 @@ async fn with_sound_on_the_stream_view_schedules_each_clip_at_its_picture() {
     let _one = ONE_AT_A_TIME.lock().await;
     let defaults = Options::default().defaults;
     let site = Site::start(Options {
-        voices: kibitz_stream::Voices::preset("espeak", std::sync::Arc::new(Tone)),
+        voices: kibitz_stream::Voices::preset(
+            "espeak",
+            std::sync::Arc::new(kibitz_server::fake::Tone),
+        ),
         defaults: kibitz_stream::StreamDefaults {
             voice: "espeak".into(),
             inference_interval: 1.0,

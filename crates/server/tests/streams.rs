@@ -754,35 +754,12 @@ async fn mjpeg_plays_each_frame_once_at_the_source_rate_and_sse_carries_the_stre
     .await;
 }
 
-/// A voice that says a 440 Hz tone, half a second per sentence, at 16 kHz.
-struct Tone;
-
-impl kibitz_voice::Voice for Tone {
-    fn info(&self) -> kibitz_voice::VoiceInfo {
-        kibitz_voice::VoiceInfo {
-            engine: "espeak",
-            name: "tone".into(),
-            language: "en".into(),
-            sample_rate: 16_000,
-        }
-    }
-
-    fn synthesize(&self, _sentence: &str) -> Result<kibitz_voice::Pcm, kibitz_voice::VoiceError> {
-        let samples = (0..8_000)
-            .map(|i| {
-                ((i as f64 * 440.0 * std::f64::consts::TAU / 16_000.0).sin() * 12_000.0) as i16
-            })
-            .collect();
-        Ok(kibitz_voice::Pcm {
-            samples,
-            sample_rate: 16_000,
-        })
-    }
-}
-
 fn speaking() -> Options {
     Options {
-        voices: kibitz_stream::Voices::preset("espeak", std::sync::Arc::new(Tone)),
+        voices: kibitz_stream::Voices::preset(
+            "espeak",
+            std::sync::Arc::new(kibitz_server::fake::Tone),
+        ),
         defaults: kibitz_stream::StreamDefaults {
             voice: "espeak".into(),
             inference_interval: 1.0,
