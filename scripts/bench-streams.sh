@@ -19,10 +19,14 @@
 # stream falls below BENCH_MIN_FPS or the process reaches BENCH_MAX_CORES; it stops after
 # BENCH_BEHIND behind steps in a row (a single one between full-rate steps is other load
 # on the box, and is logged as such), or at BENCH_MAX streams. Then it deletes all streams but s1 and samples
-# memory BENCH_AFTER seconds later; with BENCH_TRIM=1 and gdb present it then calls
-# malloc_trim(0) in the server to tell memory malloc keeps from memory still in use. With
+# memory BENCH_AFTER seconds later; with BENCH_TRIM=1 and gdb present it reads malloc's
+# own count of live allocations (malloc_stats) before the DELETEs, then calls malloc_trim(0)
+# and reads it again, to tell memory malloc keeps from memory still in use. With
 # BENCH_ROUNDS > 1 it adds the same streams again and deletes them again, once a round:
-# RSS that returns to the first round's level is memory reused, not leaked.
+# live memory that returns to the first round's level was reused, not leaked. Run rounds
+# below the full-rate count (past it memory grows fast, see the docs):
+#   BENCH_FROM=8 BENCH_MAX=8 BENCH_ROUNDS=4 BENCH_AFTER="5 15" scripts/bench-streams.sh
+# It also stops adding when RSS passes BENCH_MAX_RSS_MIB (default: half of MemAvailable).
 #
 # Loopback only. Every wait is bounded; the server is stopped on exit. Needs curl, python3.
 # Logs, per-step TSV and the server's stderr go to BENCH_OUT (default: a new temp folder).
@@ -42,7 +46,8 @@ quiet_load="${BENCH_QUIET_LOAD:-0.7}"
 quiet_wait="${BENCH_QUIET_WAIT:-300}"
 trim="${BENCH_TRIM:-1}"            # malloc_trim(0) through gdb after the DELETEs
 nice="${BENCH_NICE:-}"              # e.g. -10: see where the server starts
-rounds="${BENCH_ROUNDS:-2}"        # add-all/delete-all rounds (the first is the measured one)
+rounds="${BENCH_ROUNDS:-1}"        # add-all/delete-all rounds (the first is the measured one)
+max_rss_mib="${BENCH_MAX_RSS_MIB:-$(awk '/^MemAvailable:/ {print int($2 / 2048)}' /proc/meminfo)}"
 out="${BENCH_OUT:-$(mktemp -d /tmp/bench-streams.XXXXXX)}"
 files=("$root/fixtures/bigbuckbunny.mp4" "$root/fixtures/testsrc2-720p25.mp4")
 first="$root/fixtures/testsrc2-720p25.mp4"
@@ -233,6 +238,7 @@ while :; do
         streak=0; last_ok=$n
     fi
     if ((streak >= behind_needed)) || ((n >= max)); then break; fi
+    if ((rss / 1024 > max_rss_mib)); then log "RSS past BENCH_MAX_RSS_MIB ($max_rss_mib): no more streams"; break; fi
     n=$((n + 1))
     add "s$n" || { n=$((n - 1)); break; }
 done
@@ -272,20 +278,44 @@ delete_all() {
     log "DELETE of $((${#ids[@]} - 1)) streams: $(tr ' ' '\n' <<<"$codes" | sed '/^$/d' | sort | uniq -c | xargs) (HTTP), slowest ${slowest} ms"
     ids=(s1)
 }
-trim_now() { # label
+# malloc_stats() (glibc) prints to the server's stderr, per arena and in total, as 32-bit
+# numbers; the total is taken as the arenas' sum plus the mmapped rest modulo 4 GiB, which
+# is right while no arena and the mmapped part reach 4 GiB. "In use" is every live malloc
+# allocation (Rust, FFmpeg and libjpeg-turbo all allocate with malloc); what RSS has beyond
+# it is freed memory malloc keeps. With TRIM=1, malloc_trim(0) runs first (and a snapshot).
+malloc_report() { # label trim(0|1)
     [[ "$trim" == 1 ]] && command -v gdb >/dev/null || return 0
-    # malloc_stats() writes to the server's stderr; its last "in use bytes" is every live
-    # malloc allocation (Rust, FFmpeg and libjpeg-turbo all use it), freed memory excluded.
-    timeout 60 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' -ex 'call (void) malloc_stats()' \
-        >"$out/gdb.log" 2>&1 || { log "gdb malloc_trim failed (see $out/gdb.log)"; return 0; }
+    local mark cmds=(-ex 'call (void) malloc_stats()')
+    [[ "$2" == 1 ]] && cmds=(-ex 'call (int) malloc_trim(0)' "${cmds[@]}")
+    mark="$(wc -l <"$out/server.log")"
+    timeout 60 gdb -p "$pid" -batch "${cmds[@]}" >>"$out/gdb.log" 2>&1 ||
+        { log "gdb failed (see $out/gdb.log)"; return 0; }
     sleep 1
-    snapshot "$1"
-    log "$(printf '%-18s malloc in use %s MiB (of %s MiB the allocator holds)' "" \
-        "$(grep -A2 '^Total (incl. mmap)' "$out/server.log" | awk '/in use bytes/ {v = $NF} END {print int(v / 1048576)}')" \
-        "$(grep -A2 '^Total (incl. mmap)' "$out/server.log" | awk '/system bytes/ {v = $NF} END {print int(v / 1048576)}')")"
+    [[ "$2" == 1 ]] && snapshot "$1"
+    log "$(printf '%-18s ' "$1")$(tail -n +"$((mark + 1))" "$out/server.log" | python3 -c '
+import re, sys
+arena_sys = arena_use = total_sys = total_use = 0
+in_total = False
+for line in sys.stdin:
+    if line.startswith("Total"):
+        in_total = True
+    m = re.match(r"(system|in use) bytes\s*=\s*(\d+)", line)
+    if not m:
+        continue
+    v = int(m.group(2))
+    if in_total:
+        if m.group(1) == "system": total_sys = v
+        else: total_use = v
+    elif m.group(1) == "system": arena_sys += v
+    else: arena_use += v
+mmapped = (total_use - arena_use) % 2**32
+use, held = arena_use + mmapped, arena_sys + mmapped
+print(f"malloc: in use {use / 2**20:.0f} MiB (mmapped {mmapped / 2**20:.0f}), held {held / 2**20:.0f} MiB")
+')"
 }
 printf 'when\tstreams\trss_kib\tdisplay_bytes\tdecode_threads\tthreads\theap_kib\tother_anon_kib\tfile_kib\tanon_maps\n' >"$out/delete.tsv"
 snapshot before
+malloc_report before 0
 log "commentary (dead upstream): $(python3 -c '
 import json, sys
 c = [json.load(open(f"{sys.argv[1]}/{i}.json")).get("commentary", {}) for i in sys.argv[2:]]
@@ -301,20 +331,22 @@ for s in $after; do
     sleep "$(python3 -c "print(max(0.0, $t_del + $s - $EPOCHREALTIME))")"
     snapshot "after ${s}s"
 done
-trim_now "malloc_trim"
+malloc_report "malloc_trim" 1
 last="${after##* }"
 # Later rounds: add the same streams again, let their buffers fill, delete them again. RSS
 # that comes back to the first round's level means the memory was reused, not leaked.
 for round in $(seq 2 "$rounds"); do
+    if (($(rss_kib) / 1024 > max_rss_mib / 2)); then log "RSS past half of BENCH_MAX_RSS_MIB: no more rounds"; break; fi
     for k in $(seq 2 "$added"); do
         add "s$k" || break
     done
     sleep $((settle + window))
     snapshot "round $round added"
+    malloc_report "round $round added" 0
     delete_all
     sleep "$last"
     snapshot "round $round after ${last}s"
-    trim_now "round $round trim"
+    malloc_report "round $round trim" 1
 done
 log "server stderr: $(wc -l <"$out/server.log") lines, $(grep -c ERROR "$out/server.log" || true) ERROR, $(grep -c WARN "$out/server.log" || true) WARN"
 log "steps: $out/steps.tsv; delete: $out/delete.tsv"
