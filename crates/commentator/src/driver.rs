@@ -205,7 +205,7 @@ mod tests {
 
     /// One loop alone on `engine`.
     fn start(engine: &FakeEngine, config: CommentatorConfig) -> Running {
-        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        let scheduler = Scheduler::new(Arc::new(engine.clone()));
         start_on(scheduler.open_session("only"), Duration::ZERO, config)
     }
 
@@ -413,7 +413,7 @@ mod tests {
     async fn waits_for_its_turn_then_asks_with_the_newest_frames() {
         // Every answer takes 5 s; another stream's request occupies the engine first.
         let engine = FakeEngine::saying("Busy.", Duration::from_secs(5), Duration::from_millis(10));
-        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        let scheduler = Scheduler::new(Arc::new(engine.clone()));
         let other = scheduler.open_session("other");
         let answer = other
             .try_turn()
@@ -477,7 +477,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn removing_a_stream_mid_cycle_frees_the_engine_for_the_others() {
         let engine = FakeEngine::saying("Slow.", Duration::from_secs(5), Duration::from_millis(10));
-        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        let scheduler = Scheduler::new(Arc::new(engine.clone()));
         let a = start_on(
             scheduler.open_session("a"),
             Duration::ZERO,
@@ -529,7 +529,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closing_the_session_elsewhere_ends_the_loop() {
         let engine = FakeEngine::saying("Slow.", Duration::from_secs(5), Duration::from_millis(10));
-        let scheduler = Scheduler::new(Arc::new(engine), 1);
+        let scheduler = Scheduler::new(Arc::new(engine));
         let session = scheduler.open_session("cam");
         let mut running = start_on(
             session.clone(),
@@ -590,7 +590,7 @@ mod tests {
         const ANSWER: Duration = Duration::from_millis(700);
         const FRAME: Duration = Duration::from_millis(500);
         let engine = FakeEngine::saying("Moving.", ANSWER, Duration::ZERO);
-        let scheduler = Scheduler::new(Arc::new(engine.clone()), 1);
+        let scheduler = Scheduler::new(Arc::new(engine.clone()));
         // Back to back: each stream alone would ask about once a second, three ask for
         // about twice what the engine can answer.
         let config = CommentatorConfig {

@@ -33,6 +33,9 @@ struct Inner {
     first_token: Duration,
     per_token: Duration,
     in_flight: AtomicUsize,
+    /// What it answers to `parallelism()`; tests change it to play an engine whose capacity
+    /// moves (an upstream resting, a replica down).
+    parallelism: AtomicUsize,
     /// Every request seen, for assertions.
     seen: Mutex<Vec<Request>>,
 }
@@ -45,6 +48,7 @@ impl FakeEngine {
                 first_token,
                 per_token,
                 in_flight: AtomicUsize::new(0),
+                parallelism: AtomicUsize::new(1),
                 seen: Mutex::new(Vec::new()),
             }),
         }
@@ -57,6 +61,11 @@ impl FakeEngine {
             first_token,
             per_token,
         )
+    }
+
+    /// How many requests it says it serves at once (1 to start with).
+    pub fn set_parallelism(&self, n: usize) {
+        self.inner.parallelism.store(n, Ordering::SeqCst);
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -150,6 +159,10 @@ impl Engine for FakeEngine {
 
     fn health(&self) -> BoxFuture<'_, bool> {
         Box::pin(async { true })
+    }
+
+    fn parallelism(&self) -> usize {
+        self.inner.parallelism.load(Ordering::SeqCst)
     }
 }
 

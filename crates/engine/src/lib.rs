@@ -7,8 +7,10 @@
 //!
 //! Streams share an engine through the [`Scheduler`] instead: one [`Session`] per stream,
 //! which waits for a [`Turn`] and only then builds its request from its newest frames. The
-//! scheduler owns the queue, the priorities and fairness between streams (see
-//! [`scheduler`]).
+//! scheduler is the engine's one queue: it owns the waiting, the priorities and fairness
+//! between streams, sizes itself from [`Engine::parallelism`], and refuses a caller at the
+//! door with [`EngineError::Busy`] rather than let the queue grow (see [`scheduler`]).
+//! Engines themselves never hold a request back waiting for room.
 //!
 //! - `llama` (feature `llama`): MiniCPM-o 4.5 in process through llama.cpp, on its own
 //!   thread: one KV-cache sequence per stream, fed with frames as they arrive
@@ -309,8 +311,10 @@ pub trait Engine: Send + Sync + 'static {
         let _ = stream;
     }
 
-    /// How many requests the engine serves well at once (the scheduler's `concurrency` for
-    /// it): 1 for an engine that runs one request at a time.
+    /// How many requests the engine serves well at once *now*: 1 for an engine that runs one
+    /// request at a time. The [`Scheduler`] reads it whenever it grants turns, so an engine
+    /// whose capacity moves (upstreams resting, a replica down) says so here and the queue
+    /// follows.
     fn parallelism(&self) -> usize {
         1
     }

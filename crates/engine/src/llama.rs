@@ -209,7 +209,7 @@ impl LlamaEngine {
 
     /// One engine per GPU of `gpus` (indexes into [`LlamaEngine::gpus`]), each with the whole
     /// model and `config.max_streams` streams, behind one [`Replicas`]. Loaded one after
-    /// another.
+    /// another; the first that fails to load is the error.
     pub fn load_replicas(config: &LlamaConfig, gpus: &[u32]) -> Result<Replicas, LoadError> {
         let mut engines: Vec<Arc<dyn Engine>> = Vec::new();
         for &gpu in gpus {
@@ -228,7 +228,9 @@ impl LlamaEngine {
         ffi::gpu_devices()
     }
 
-    /// The worker's sequences once the work in hand is done (waits up to `timeout`).
+    /// The worker's sequences once the work in hand is done (waits up to `timeout`). For
+    /// tests (feature `fake`): status shows what a running server needs.
+    #[cfg(any(test, feature = "fake"))]
     pub fn state(&self, timeout: Duration) -> Option<EngineState> {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Inspect(tx)).ok()?;
@@ -237,7 +239,9 @@ impl LlamaEngine {
 
     /// Builds `request`'s prompt in `stream`'s sequence (or the shared one of requests
     /// without a stream) exactly as for an answer, and returns the logits of its last token
-    /// instead of answering: how drift and batching differences are measured.
+    /// instead of answering: how drift and batching differences are measured (tests and
+    /// measurements only: feature `fake`).
+    #[cfg(any(test, feature = "fake"))]
     pub fn probe(
         &self,
         stream: Option<&StreamKey>,
@@ -335,8 +339,14 @@ impl Engine for LlamaEngine {
         });
     }
 
+    /// Its streams while the worker thread runs; 0 once it has stopped (what tells
+    /// [`Replicas`] that this replica failed).
     fn parallelism(&self) -> usize {
-        self.max_streams
+        if self.alive.load(Ordering::SeqCst) {
+            self.max_streams
+        } else {
+            0
+        }
     }
 
     fn status(&self) -> serde_json::Value {

@@ -7,11 +7,13 @@
 //!
 //! Every stream uses the same engine and nothing is kept between requests (the servers do
 //! their own prefix caching). Each upstream takes at most [`OpenAiConfig::max_in_flight`]
-//! requests at once. The scheduler in front is sized to [`OpenAiEngine::capacity`] (its
-//! [`Engine::parallelism`]), so that cap is only reached when an upstream rests and the
-//! others take its share: then a request waits in the engine for a free slot (a parked
-//! task, never a blocked thread) for at most the first-token timeout, and ends with
-//! [`EngineError::Busy`] if none came free. The upstream is not blamed for that.
+//! requests at once. Nothing waits in here: the scheduler in front is the one queue, and
+//! [`Engine::parallelism`] tells it the room there is *now* (the caps of the upstreams that
+//! are not resting), so a resting upstream's share waits in the scheduler, in priority
+//! order, rather than piling onto the others. A request that still finds every candidate at
+//! its cap (the few that were granted just before an upstream went to rest, or requests
+//! submitted without the scheduler) is refused at once with [`EngineError::Busy`]; the
+//! upstream is not blamed for that.
 //!
 //! A request becomes `POST {base}/chat/completions` with `stream: true`: a system message
 //! and one user message whose content is the frames as base64 JPEG `image_url` parts, in
@@ -30,6 +32,7 @@
 //!   a status page, an error message or a `Debug` print.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,8 +72,7 @@ pub struct OpenAiConfig {
     pub api_key: Option<String>,
     /// To open a TCP (and TLS) connection.
     pub connect_timeout: Duration,
-    /// From sending a request to its first piece of text. Also the longest a request
-    /// waits for a free slot while every upstream is at its cap.
+    /// From sending a request to its first piece of text.
     pub first_token_timeout: Duration,
     /// From `submit` to the end of the answer.
     pub total_timeout: Duration,
@@ -334,8 +336,8 @@ impl OpenAiEngine {
         Ok(engine)
     }
 
-    /// Requests the engine runs at once without waiting: upstreams × `max_in_flight`
-    /// (resting upstreams included). Size the scheduler in front with it.
+    /// Requests the engine runs at once when every upstream is up: upstreams ×
+    /// `max_in_flight`. [`Engine::parallelism`] is the part of it usable now.
     pub fn capacity(&self) -> usize {
         self.inner.pool.capacity()
     }
@@ -486,9 +488,11 @@ impl Engine for OpenAiEngine {
         self.inner.in_flight.load(Ordering::SeqCst)
     }
 
-    /// [`capacity`](OpenAiEngine::capacity): upstreams × `max_in_flight`.
+    /// The room now: `max_in_flight` for every upstream that is not resting (one for one
+    /// being probed). At least 1, so that while every upstream rests a request still comes
+    /// through and is answered at once with why.
     fn parallelism(&self) -> usize {
-        self.capacity()
+        self.inner.pool.capacity_now(Instant::now()).max(1)
     }
 
     /// True when some upstream is not resting and answers `GET /models` with anything
@@ -519,7 +523,7 @@ impl Engine for OpenAiEngine {
             "policy": "least requests in flight, ties round-robin, at most max_in_flight each",
             "max_in_flight": inner.pool.max_in_flight(),
             "capacity": inner.pool.capacity(),
-            "waiting": inner.pool.waiting(),
+            "capacity_now": inner.pool.capacity_now(Instant::now()),
             "timeouts_ms": {
                 "connect": inner.config.connect_timeout.as_millis() as u64,
                 "first_token": inner.config.first_token_timeout.as_millis() as u64,
@@ -574,7 +578,6 @@ async fn answer(
     tx: &Sender,
     submitted: Instant,
 ) -> Result<Stats, Failure> {
-    let total_deadline = submitted + inner.config.total_timeout;
     let model = inner
         .model
         .get_or_try_init(|| inner.discover_model())
@@ -600,44 +603,14 @@ async fn answer(
             }
             None => Choice::Any { skip: &tried },
         };
-        let lease = match take_slot(inner, choice, total_deadline).await {
+        let lease = match inner.pool.lease(choice, Instant::now()) {
             Ok(lease) => lease,
-            Err(NoSlot::Resting) => {
-                let why = inner.pool.why_none(Instant::now());
-                let message = match previous {
-                    Some(first) if inner.pool.upstreams().len() == 1 => first,
-                    Some(first) => format!("{first}; no other upstream could take it: {why}"),
-                    None => why,
-                };
-                return Err(EngineError::Unavailable(inner.redact(message)).into());
-            }
-            Err(NoSlot::Full { waited }) => {
-                let why = format!(
-                    "every upstream that could take it has {} requests in flight, its cap \
-                     (--engine-max-inflight), and none came free within {:.1} s",
-                    inner.pool.max_in_flight(),
-                    waited.as_secs_f64()
-                );
-                let message = match previous {
-                    Some(first) => format!("{first}; then {why}"),
-                    None => why,
-                };
-                return Err(EngineError::Busy(inner.redact(message)).into());
-            }
+            Err(none) => return Err(refusal(inner, none, previous).into()),
         };
         let index = lease.index;
         let first_try = tried.is_empty();
         tried.push(index);
-        let result = attempt(
-            inner,
-            &lease,
-            body.clone(),
-            images,
-            tx,
-            submitted,
-            total_deadline,
-        )
-        .await;
+        let result = attempt(inner, &lease, body.clone(), images, tx, submitted).await;
         let (outcome, error, retry) = match result {
             Ok(stats) => {
                 lease.finish(Outcome::Ok, None, Instant::now());
@@ -683,48 +656,38 @@ async fn answer(
     }
 }
 
-/// Why [`take_slot`] gave no lease.
-enum NoSlot {
-    /// Every candidate rests or is being probed.
-    Resting,
-    /// Candidates stayed at their cap for this long.
-    Full { waited: Duration },
-}
-
-/// A slot on an upstream that `choice` allows. While every candidate is at its cap, waits
-/// (parked on the pool's `freed`, or until a resting candidate's rest ends) for at most the
-/// first-token timeout: a request that cannot even start by then is stale, and no
-/// upstream is to blame.
-async fn take_slot(
-    inner: &Inner,
-    choice: Choice<'_>,
-    total_deadline: Instant,
-) -> Result<Lease, NoSlot> {
-    let start = Instant::now();
-    let deadline = (start + inner.config.first_token_timeout).min(total_deadline);
-    // Counts this request in the status's `waiting` from its first wait to its end here.
-    let mut waiting = None;
-    loop {
-        // Registered before asking, so a slot freed in between still wakes this task.
-        let freed = inner.pool.freed();
-        tokio::pin!(freed);
-        freed.as_mut().enable();
-        let now = Instant::now();
-        let rest_ends = match inner.pool.lease(choice, now) {
-            Ok(lease) => return Ok(lease),
-            Err(NoLease::Resting) => return Err(NoSlot::Resting),
-            Err(NoLease::Full { rest_ends }) => rest_ends,
-        };
-        if now >= deadline {
-            return Err(NoSlot::Full {
-                waited: now - start,
-            });
+/// Why no upstream took the request, after `previous` went wrong on a first try (if one
+/// did): every candidate resting is `Unavailable`, every candidate at its cap is `Busy`.
+fn refusal(inner: &Inner, none: NoLease, previous: Option<String>) -> EngineError {
+    match none {
+        NoLease::Resting => {
+            let why = inner.pool.why_none(Instant::now());
+            let message = match previous {
+                Some(first) if inner.pool.upstreams().len() == 1 => first,
+                Some(first) => format!("{first}; no other upstream could take it: {why}"),
+                None => why,
+            };
+            EngineError::Unavailable(inner.redact(message))
         }
-        waiting.get_or_insert_with(|| inner.pool.wait_guard());
-        let wake = rest_ends.map_or(deadline, |ends| ends.min(deadline));
-        tokio::select! {
-            () = &mut freed => {}
-            () = tokio::time::sleep_until(wake) => {}
+        NoLease::Full { rest_ends } => {
+            let mut why = format!(
+                "every upstream that could take it has {} requests in flight, its cap \
+                 (--engine-max-inflight)",
+                inner.pool.max_in_flight(),
+            );
+            if let Some(ends) = rest_ends {
+                let back = ends.saturating_duration_since(Instant::now());
+                let _ = write!(
+                    why,
+                    "; a resting one is back in {:.1} s",
+                    back.as_secs_f64()
+                );
+            }
+            let message = match previous {
+                Some(first) => format!("{first}; then {why}"),
+                None => why,
+            };
+            EngineError::Busy(inner.redact(message))
         }
     }
 }
@@ -769,6 +732,7 @@ struct Progress {
     finished: bool,
 }
 
+/// One try on one upstream: send, then read the answer's stream to its end.
 async fn attempt(
     inner: &Inner,
     lease: &Lease,
@@ -776,46 +740,93 @@ async fn attempt(
     images: u32,
     tx: &Sender,
     submitted: Instant,
-    total_deadline: Instant,
 ) -> Result<Stats, AttemptError> {
     let upstream = lease.upstream();
+    let deadlines = Deadlines::new(inner, submitted, &upstream.shown);
     let url = format!("{}/chat/completions", upstream.base);
-    let shown = format!("{}/chat/completions", upstream.shown);
-    let started = Instant::now();
-    let first_deadline = (started + inner.config.first_token_timeout).min(total_deadline);
-    let timeout = |deadline: Instant, pieces: u32| {
-        let message = if deadline < total_deadline {
+    let response = send(inner, &url, body, &deadlines).await?;
+    let progress = read_answer(response, tx, &deadlines).await?;
+    Ok(stats(&progress, submitted, images))
+}
+
+/// The two deadlines of one try, and the error each one gives.
+struct Deadlines<'a> {
+    /// For the first piece of text: the first-token timeout from this try's start (never
+    /// past `total`).
+    first: Instant,
+    /// For the whole answer, from `submit`.
+    total: Instant,
+    config: &'a OpenAiConfig,
+    /// `…/chat/completions` as people may see it.
+    shown: String,
+}
+
+impl<'a> Deadlines<'a> {
+    fn new(inner: &'a Inner, submitted: Instant, upstream: &str) -> Self {
+        let config = &inner.config;
+        let total = submitted + config.total_timeout;
+        Deadlines {
+            first: (Instant::now() + config.first_token_timeout).min(total),
+            total,
+            config,
+            shown: format!("{upstream}/chat/completions"),
+        }
+    }
+
+    /// The deadline that applies once `pieces` pieces have come.
+    fn next(&self, pieces: u32) -> Instant {
+        if pieces == 0 {
+            self.first
+        } else {
+            self.total
+        }
+    }
+
+    /// The error for `deadline` passing after `pieces` pieces. Either way the upstream
+    /// rests: it was too slow.
+    fn expired(&self, deadline: Instant, pieces: u32) -> AttemptError {
+        let shown = &self.shown;
+        let message = if deadline < self.total {
             format!(
                 "first-token timeout: {shown} sent no text within {:?}",
-                inner.config.first_token_timeout
+                self.config.first_token_timeout
             )
         } else {
             format!(
                 "total timeout: the answer from {shown} took longer than {:?} (after {pieces} tokens)",
-                inner.config.total_timeout
+                self.config.total_timeout
             )
         };
         AttemptError::Final {
             error: EngineError::Timeout(message),
             rest: true,
         }
-    };
+    }
+}
 
+/// Posts the request and checks the answer's HTTP status; the response it returns is the
+/// start of a good event stream.
+async fn send(
+    inner: &Inner,
+    url: &str,
+    body: Bytes,
+    deadlines: &Deadlines<'_>,
+) -> Result<reqwest::Response, AttemptError> {
+    let shown = &deadlines.shown;
     let mut builder = inner
         .client
-        .post(&url)
+        .post(url)
         .header(CONTENT_TYPE, "application/json")
         .header(ACCEPT, "text/event-stream")
         .body(body);
     if let Some(auth) = &inner.auth {
         builder = builder.header(AUTHORIZATION, auth.clone());
     }
-    let response = match timeout_at(first_deadline, builder.send()).await {
-        Err(_) => return Err(timeout(first_deadline, 0)),
+    let response = match timeout_at(deadlines.first, builder.send()).await {
+        Err(_) => return Err(deadlines.expired(deadlines.first, 0)),
         Ok(Err(e)) => {
             // Connect errors, and connections closed before any answer: the request
             // produced nothing, so even the same upstream may be asked again.
-            let connection = true;
             let what = if e.is_connect() && e.is_timeout() {
                 format!(
                     "connect timeout: {shown} did not accept a connection within {:?}",
@@ -826,73 +837,78 @@ async fn attempt(
             };
             return Err(AttemptError::Retryable {
                 error: EngineError::Unavailable(what),
-                connection,
+                connection: true,
             });
         }
         Ok(Ok(response)) => response,
     };
     let status = response.status();
-    if !status.is_success() {
-        let body = timeout_at(first_deadline, response.text())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let message = format!(
-            "{shown} answered HTTP {status}: {}{}",
-            excerpt(body.trim(), ERROR_BODY_CHARS),
-            status_hint(status)
-        );
-        return Err(
-            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                AttemptError::Retryable {
-                    error: EngineError::Unavailable(message),
-                    connection: false,
-                }
-            } else {
-                // The upstream is up; the request (or the key, or the model name) is wrong.
-                AttemptError::Final {
-                    error: EngineError::Failed(message),
-                    rest: false,
-                }
-            },
-        );
+    if status.is_success() {
+        return Ok(response);
     }
+    let body = timeout_at(deadlines.first, response.text())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let message = format!(
+        "{shown} answered HTTP {status}: {}{}",
+        excerpt(body.trim(), ERROR_BODY_CHARS),
+        status_hint(status)
+    );
+    Err(
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            AttemptError::Retryable {
+                error: EngineError::Unavailable(message),
+                connection: false,
+            }
+        } else {
+            // The upstream is up; the request (or the key, or the model name) is wrong.
+            AttemptError::Final {
+                error: EngineError::Failed(message),
+                rest: false,
+            }
+        },
+    )
+}
 
+/// Reads the event stream to `[DONE]` (or a finished stream's end), passing text on as it
+/// comes; a stream cut before it finished is an error.
+async fn read_answer(
+    response: reqwest::Response,
+    tx: &Sender,
+    deadlines: &Deadlines<'_>,
+) -> Result<Progress, AttemptError> {
+    let shown = deadlines.shown.as_str();
     let mut stream = response.bytes_stream();
     let mut parser = SseParser::default();
     let mut filter = ThinkFilter::default();
     let mut progress = Progress::default();
     let mut done = false;
     while !done {
-        let deadline = if progress.pieces == 0 {
-            first_deadline
-        } else {
-            total_deadline
-        };
+        let deadline = deadlines.next(progress.pieces);
         let next = timeout_at(deadline, stream.next())
             .await
-            .map_err(|_| timeout(deadline, progress.pieces))?;
+            .map_err(|_| deadlines.expired(deadline, progress.pieces))?;
         let events = match next {
             Some(Ok(bytes)) => parser.push(&bytes),
             Some(Err(e)) => {
                 if let Some(last) = parser.finish() {
-                    handle(&last, &mut progress, &mut filter, tx, &shown).await?;
+                    handle(&last, &mut progress, &mut filter, tx, shown).await?;
                 }
                 if progress.finished {
                     break;
                 }
-                return Err(cut(&shown, progress.pieces, &describe_reqwest(&e)));
+                return Err(cut(shown, progress.pieces, &describe_reqwest(&e)));
             }
             None => {
-                let last = parser.finish();
-                if let Some(last) = last {
-                    done = handle(&last, &mut progress, &mut filter, tx, &shown).await?;
+                if let Some(last) = parser.finish() {
+                    done = handle(&last, &mut progress, &mut filter, tx, shown).await?;
                 }
                 if done || progress.finished {
                     break;
                 }
-                return Err(cut(&shown, progress.pieces, "the connection closed"));
+                return Err(cut(shown, progress.pieces, "the connection closed"));
             }
         }
         .map_err(|e| AttemptError::Final {
@@ -900,12 +916,13 @@ async fn attempt(
             rest: true,
         })?;
         for data in events {
-            if handle(&data, &mut progress, &mut filter, tx, &shown).await? {
+            if handle(&data, &mut progress, &mut filter, tx, shown).await? {
                 done = true;
                 break;
             }
         }
     }
+    // What the think filter held back at the end (text that only looked like a tag).
     let rest = filter.finish();
     if !rest.is_empty() {
         progress.first_text.get_or_insert_with(Instant::now);
@@ -913,7 +930,7 @@ async fn attempt(
             .await
             .map_err(|_| AttemptError::Cancelled)?;
     }
-    Ok(stats(&progress, submitted, images))
+    Ok(progress)
 }
 
 /// A stream that ended before it was finished.

@@ -17,9 +17,19 @@
 //!   others: every stream gets its turn and none starves;
 //! - then arrival order.
 //!
-//! `concurrency` requests run at once: the engine's `parallelism()` (the stream limit for
-//! the in-process llama engine, which advances every running request by one token in one
-//! batched step; the upstreams' caps for OpenAI-compatible servers). A turn's request goes
+//! This is the engine's one queue: nothing waits inside an engine. The scheduler sizes
+//! itself from the engine: as many requests run at once as [`Engine::parallelism`] says
+//! *now* (the stream limit for the in-process llama engine, which advances every running
+//! request by one token in one batched step; the caps of the upstreams that are not resting
+//! for OpenAI-compatible servers; the healthy replicas' sum for `llama::Replicas`), read again
+//! whenever a slot frees or a caller arrives, so callers never choose it.
+//!
+//! The queue is bounded at the door: a session has at most one caller waiting per
+//! priority (its commentary loop, its alert checks, one question), so it never holds more
+//! than three callers a stream. A second caller of the same stream and priority is refused
+//! at once with [`EngineError::Busy`] instead of queueing behind the first, which would be
+//! answered from the same newest frames anyway (TEI's `try_acquire` shape; the server
+//! turns it into a 429). A turn's request goes
 //! to the engine with the session's [`StreamKey`] and priority, and
 //! [`Session::push_frame`] hands the engine each sampled frame as it arrives, so an engine
 //! with per-stream state (the llama engine's KV-cache sequence per stream) prepares it
@@ -83,7 +93,7 @@ pub struct Turn {
 /// The queue as `/api/status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SchedulerStatus {
-    /// Requests that may run at once.
+    /// Requests that may run at once now (the engine's `parallelism()`).
     pub concurrency: usize,
     /// Slots in use: turns granted and not yet given back.
     pub running: usize,
@@ -113,7 +123,6 @@ pub struct SessionStatus {
 
 struct Shared {
     engine: Arc<dyn Engine>,
-    concurrency: usize,
     state: Mutex<State>,
 }
 
@@ -166,12 +175,12 @@ struct Slot {
 }
 
 impl Scheduler {
-    /// A scheduler letting `concurrency` requests (at least 1) run on `engine` at once.
-    pub fn new(engine: Arc<dyn Engine>, concurrency: usize) -> Scheduler {
+    /// The queue in front of `engine`, letting as many requests run at once as the engine's
+    /// [`Engine::parallelism`] says (at least 1).
+    pub fn new(engine: Arc<dyn Engine>) -> Scheduler {
         Scheduler {
             shared: Arc::new(Shared {
                 engine,
-                concurrency: concurrency.max(1),
                 state: Mutex::new(State::default()),
             }),
         }
@@ -230,7 +239,7 @@ impl Scheduler {
             })
             .collect();
         SchedulerStatus {
-            concurrency: self.shared.concurrency,
+            concurrency: self.shared.concurrency(),
             running: state.running,
             waiting,
             sessions,
@@ -254,7 +263,9 @@ impl Session {
     /// once the turn is here, from the newest frames.
     ///
     /// Dropping the future withdraws the caller from the queue. Fails with
-    /// [`EngineError::Stopped`] when the session is or gets closed.
+    /// [`EngineError::Stopped`] when the session is or gets closed, and at once with
+    /// [`EngineError::Busy`] when another caller of this session already waits at
+    /// `priority`.
     pub fn turn(
         &self,
         priority: Priority,
@@ -286,10 +297,13 @@ impl Session {
         if self.inner.closed.is_cancelled() {
             return Err(self.inner.closed_error());
         }
-        if state.running >= shared.concurrency {
+        // The engine's room may have grown since the last grant: waiting callers get it
+        // first, so a caller that does not wait never passes one that does.
+        shared.dispatch(&mut state);
+        let concurrency = shared.concurrency();
+        if state.running >= concurrency {
             return Err(EngineError::Busy(format!(
-                "all {} engine slots are in use",
-                shared.concurrency
+                "all {concurrency} engine slots are in use"
             )));
         }
         let slot = shared.take_slot(&mut state, self.inner.id);
@@ -323,6 +337,19 @@ impl Session {
         let mut state = shared.lock();
         if self.inner.closed.is_cancelled() {
             return Err(self.inner.closed_error());
+        }
+        let id = self.inner.id;
+        if state
+            .waiting
+            .iter()
+            .any(|w| w.session == id && w.priority == priority)
+        {
+            // The door: the one already waiting will be answered from the newest frames.
+            return Err(EngineError::Busy(format!(
+                "stream '{}' already waits for the engine at {} priority",
+                self.inner.stream,
+                priority.name()
+            )));
         }
         let (grant, granted) = oneshot::channel();
         let ticket = state.next_ticket;
@@ -449,7 +476,24 @@ fn closed_error(stream: &str) -> EngineError {
     EngineError::Stopped(format!("stream '{stream}' was closed"))
 }
 
+impl Priority {
+    /// As status and messages spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Question => "question",
+            Priority::Alert => "alert",
+            Priority::Commentary => "commentary",
+        }
+    }
+}
+
 impl Shared {
+    /// What may run at once now: the engine says (it changes while an upstream rests or a
+    /// replica is down).
+    fn concurrency(&self) -> usize {
+        self.engine.parallelism().max(1)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic elsewhere (each change is a few plain
         // assignments), so a poisoned lock is still usable.
@@ -478,7 +522,8 @@ impl Shared {
 
     /// Grants free slots to the best waiting callers.
     fn dispatch(self: &Arc<Self>, state: &mut State) {
-        while state.running < self.concurrency {
+        let concurrency = self.concurrency();
+        while state.running < concurrency {
             let Some(best) = (0..state.waiting.len()).min_by_key(|&i| state.waiting[i].key())
             else {
                 return;
@@ -534,8 +579,10 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(60);
 
-    fn scheduler(engine: FakeEngine, concurrency: usize) -> Scheduler {
-        Scheduler::new(Arc::new(engine), concurrency)
+    /// A scheduler in front of `engine`, which says it serves `parallelism` at once.
+    fn scheduler(engine: FakeEngine, parallelism: usize) -> Scheduler {
+        engine.set_parallelism(parallelism);
+        Scheduler::new(Arc::new(engine))
     }
 
     fn quick() -> FakeEngine {
@@ -821,6 +868,80 @@ mod tests {
         assert!(third.is_ok());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_second_wait_of_one_stream_at_one_priority_is_busy_at_the_door() {
+        let s = scheduler(quick(), 1);
+        let busy = s.open_session("holder").try_turn().unwrap();
+        let cam = s.open_session("cam");
+        let commentary = cam.turn(Priority::Commentary, None);
+        let again = tokio::time::timeout(LIMIT, cam.turn(Priority::Commentary, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            again.map(|_| ()),
+            Err(EngineError::Busy(
+                "stream 'cam' already waits for the engine at commentary priority".into()
+            ))
+        );
+        // Other priorities of the same stream, and other streams, still queue.
+        let question = cam.turn(Priority::Question, None);
+        let other = s.open_session("other");
+        let other_commentary = other.turn(Priority::Commentary, None);
+        let w = s.status().waiting;
+        assert_eq!((w.question, w.alert, w.commentary), (1, 0, 2));
+        drop(busy);
+        let turn = tokio::time::timeout(LIMIT, question)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(turn);
+        let turn = tokio::time::timeout(LIMIT, commentary)
+            .await
+            .unwrap()
+            .unwrap();
+        // Granted, so no longer waiting: the stream may queue its next one.
+        let next = cam.turn(Priority::Commentary, None);
+        assert_eq!(s.status().waiting.commentary, 2);
+        drop(turn);
+        let turn = tokio::time::timeout(LIMIT, other_commentary)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(turn);
+        assert!(tokio::time::timeout(LIMIT, next).await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_engine_sets_the_concurrency_and_may_change_it() {
+        let engine = FakeEngine::saying("done", Duration::from_secs(1), ms(10));
+        let s = scheduler(engine.clone(), 2);
+        let sessions: Vec<Session> = ["a", "b", "c"].iter().map(|n| s.open_session(n)).collect();
+        let a = sessions[0].try_turn().unwrap();
+        let b = sessions[1].try_turn().unwrap();
+        assert!(matches!(sessions[2].try_turn(), Err(EngineError::Busy(_))));
+        // Its capacity shrinks (an upstream rests): running turns stay, nobody new starts.
+        engine.set_parallelism(1);
+        let c = sessions[2].turn(Priority::Commentary, None);
+        drop(a);
+        let status = s.status();
+        assert_eq!(
+            (
+                status.concurrency,
+                status.running,
+                status.waiting.commentary
+            ),
+            (1, 1, 1)
+        );
+        // It grows again: the next caller (or freed slot) lets the waiting one in first.
+        engine.set_parallelism(3);
+        let a = sessions[0].try_turn().unwrap();
+        let c = tokio::time::timeout(LIMIT, c).await.unwrap().unwrap();
+        assert_eq!(s.status().running, 3);
+        assert!(matches!(sessions[0].try_turn(), Err(EngineError::Busy(_))));
+        drop((a, b, c));
+        assert_eq!(s.status().running, 0);
+    }
+
     /// Records what reaches the engine's per-stream methods, and answers like `quick()`.
     struct Recording {
         inner: FakeEngine,
@@ -867,7 +988,7 @@ mod tests {
             inner: quick(),
             calls: Mutex::new(Vec::new()),
         });
-        let s = Scheduler::new(engine.clone(), 2);
+        let s = Scheduler::new(engine.clone());
         let cam = s.open_session("cam");
         let other = s.open_session("cam");
         assert_ne!(cam.key(), other.key(), "two sessions, two sequences");

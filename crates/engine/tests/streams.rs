@@ -77,7 +77,7 @@ fn engine_with(files: &ModelFiles, max_streams: u32, kv_unified: bool) -> Arc<Ll
 
 fn scheduler(engine: &Arc<LlamaEngine>) -> Scheduler {
     let dyn_engine: Arc<dyn Engine> = engine.clone();
-    Scheduler::new(dyn_engine, engine.parallelism())
+    Scheduler::new(dyn_engine)
 }
 
 /// A small frame; `look` picks the picture (pictures are encoded once and cached by
@@ -473,18 +473,18 @@ async fn replicas_put_each_stream_on_the_least_loaded_engine_and_keep_it_there()
     let engines: Vec<Arc<dyn Engine>> = vec![engine(2), engine(2)];
     let replicas = Arc::new(Replicas::new(engines));
     let dyn_engine: Arc<dyn Engine> = replicas.clone();
-    assert_eq!(dyn_engine.parallelism(), 4);
-    let s = Scheduler::new(dyn_engine, 4);
+    let s = Scheduler::new(dyn_engine);
+    assert_eq!(s.status().concurrency, 4, "two replicas of two streams");
     let sessions: Vec<Session> = (0..3).map(|i| s.open_session(&format!("s{i}"))).collect();
     for (i, session) in sessions.iter().enumerate() {
         session.push_frame(stream_frame(i as u32, 0));
     }
     assert_eq!(replicas.streams(), [2, 1]);
-    let placed: Vec<usize> = sessions
+    let placed: Vec<Option<usize>> = sessions
         .iter()
         .map(|s| replicas.replica_of(s.key()))
         .collect();
-    assert_eq!(placed, [0, 1, 0]);
+    assert_eq!(placed, [Some(0), Some(1), Some(0)]);
     for (i, session) in sessions.iter().enumerate() {
         let r = request(vec![stream_frame(i as u32, 0)], "Hi?", 3);
         let g = session.try_turn().unwrap().submit(r).unwrap();
@@ -501,4 +501,135 @@ async fn replicas_put_each_stream_on_the_least_loaded_engine_and_keep_it_there()
     late.push_frame(stream_frame(9, 0));
     assert_eq!(replicas.streams().iter().sum::<usize>(), 3);
     assert_eq!(replicas.in_flight(), 0);
+}
+
+/// A llama engine replica that can be made to fail as one whose worker thread stopped
+/// does: every request is refused as unavailable, with the engine's own words, and it says
+/// it can take nothing.
+struct Stoppable {
+    engine: Arc<LlamaEngine>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Stoppable {
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn refused() -> EngineError {
+        EngineError::Unavailable("the llama engine thread has stopped".into())
+    }
+}
+
+impl Engine for Stoppable {
+    fn submit(&self, request: Request) -> Result<Generation, EngineError> {
+        if self.is_stopped() {
+            return Err(Self::refused());
+        }
+        self.engine.submit(request)
+    }
+    fn submit_for(
+        &self,
+        stream: &kibitz_engine::StreamKey,
+        priority: Priority,
+        request: Request,
+    ) -> Result<Generation, EngineError> {
+        if self.is_stopped() {
+            return Err(Self::refused());
+        }
+        self.engine.submit_for(stream, priority, request)
+    }
+    fn push_frame(&self, stream: &kibitz_engine::StreamKey, frame: Frame) {
+        if !self.is_stopped() {
+            self.engine.push_frame(stream, frame);
+        }
+    }
+    fn close_stream(&self, stream: &kibitz_engine::StreamKey) {
+        self.engine.close_stream(stream);
+    }
+    fn info(&self) -> kibitz_engine::EngineInfo {
+        self.engine.info()
+    }
+    fn in_flight(&self) -> usize {
+        self.engine.in_flight()
+    }
+    fn health(&self) -> futures::future::BoxFuture<'_, bool> {
+        let up = !self.is_stopped();
+        Box::pin(async move { up })
+    }
+    fn parallelism(&self) -> usize {
+        if self.is_stopped() {
+            0
+        } else {
+            self.engine.parallelism()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replica_hands_its_streams_to_the_other_which_prefills_them_anew() {
+    use kibitz_engine::llama::Replicas;
+    // Room for all three streams on each, as `serve --gpus` sizes them.
+    let failing = Arc::new(Stoppable {
+        engine: engine(3),
+        stopped: false.into(),
+    });
+    let engines: Vec<Arc<dyn Engine>> = vec![failing.clone(), engine(3)];
+    let replicas = Arc::new(Replicas::new(engines));
+    let dyn_engine: Arc<dyn Engine> = replicas.clone();
+    let s = Scheduler::new(dyn_engine);
+    let sessions: Vec<Session> = (0..3).map(|i| s.open_session(&format!("s{i}"))).collect();
+    let frames = |i: usize| -> Vec<Frame> { (0..4).map(|k| stream_frame(i as u32, k)).collect() };
+    let cycle = |i: usize| {
+        let session = sessions[i].clone();
+        let r = request(frames(i), "What is new?", 3);
+        async move {
+            let turn = tokio::time::timeout(LIMIT, session.turn(Priority::Commentary, None))
+                .await
+                .unwrap()
+                .unwrap();
+            answer(turn.submit(r).unwrap()).await.unwrap().1
+        }
+    };
+    for (i, session) in sessions.iter().enumerate() {
+        for f in frames(i) {
+            session.push_frame(f);
+        }
+    }
+    assert_eq!(replicas.streams(), [2, 1]);
+    for i in 0..3 {
+        cycle(i).await;
+    }
+
+    failing
+        .stopped
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Every stream's next cycle is answered; the two of the failed replica moved to the
+    // other one, which had none of their frames and so encodes and evaluates them anew.
+    for i in [0, 2, 1] {
+        let stats = cycle(i).await;
+        let moved = i != 1;
+        if moved {
+            assert_eq!(stats.reused_images, 0, "s{i} re-prefilled: {stats:?}");
+            assert!(stats.vision_ms > 0.0, "s{i} re-encoded: {stats:?}");
+        } else {
+            assert_eq!(stats.reused_images, 4, "s1 kept its sequence: {stats:?}");
+        }
+    }
+    assert_eq!(replicas.streams(), [0, 3]);
+    assert_eq!(
+        s.status().concurrency,
+        3,
+        "the scheduler follows the survivor"
+    );
+    let status = replicas.status();
+    assert_eq!(status["replicas"][0]["up"], false, "{status}");
+    assert_eq!(
+        status["replicas"][1]["streams"],
+        serde_json::json!(["s0", "s1", "s2"]),
+        "{status}"
+    );
+    assert!(replicas
+        .metrics()
+        .contains("kibitz_replica_streams{replica=\"1\"} 3\n"));
+    assert!(replicas.health().await);
 }

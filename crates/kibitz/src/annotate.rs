@@ -403,7 +403,7 @@ async fn annotate(
     let mut now = base;
     let cycle_timeout = config.cycle_timeout;
     let mut machine = Commentator::new(config, base)?;
-    let scheduler = Scheduler::new(engine, 1);
+    let scheduler = Scheduler::new(engine);
     let session = scheduler.open_session("annotate");
     let bar = progress_bar(&info);
 

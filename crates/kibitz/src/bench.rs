@@ -198,7 +198,7 @@ async fn live(
     let run = tokio::spawn(kibitz_commentator::run(
         commentator,
         window,
-        kibitz_engine::Scheduler::new(engine.clone(), 1).open_session("bench"),
+        kibitz_engine::Scheduler::new(engine.clone()).open_session("bench"),
         events,
         controls_rx,
         snapshot,
@@ -355,8 +355,12 @@ async fn run_streams(
     use kibitz_commentator::{Commentator, CommentatorConfig, Event};
     use kibitz_frames::{InferenceWindow, Stamp};
 
-    let concurrency = if args.serial { 1 } else { engine.parallelism() };
-    let scheduler = kibitz_engine::Scheduler::new(engine, concurrency);
+    let engine: Arc<dyn Engine> = if args.serial {
+        Arc::new(Serial(engine))
+    } else {
+        engine
+    };
+    let scheduler = kibitz_engine::Scheduler::new(engine);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();
     let measure_from = started + Duration::from_secs(args.warmup as u64);
@@ -461,6 +465,45 @@ async fn run_streams(
     Ok(out)
 }
 
+/// `--serial`: the same engine saying it takes one request at a time, so the scheduler in
+/// front runs them one after another (the engine before batching).
+struct Serial(Arc<dyn Engine>);
+
+impl Engine for Serial {
+    fn submit(
+        &self,
+        request: Request,
+    ) -> Result<kibitz_engine::Generation, kibitz_engine::EngineError> {
+        self.0.submit(request)
+    }
+    fn submit_for(
+        &self,
+        stream: &kibitz_engine::StreamKey,
+        priority: kibitz_engine::Priority,
+        request: Request,
+    ) -> Result<kibitz_engine::Generation, kibitz_engine::EngineError> {
+        self.0.submit_for(stream, priority, request)
+    }
+    fn close_stream(&self, stream: &kibitz_engine::StreamKey) {
+        self.0.close_stream(stream)
+    }
+    fn info(&self) -> kibitz_engine::EngineInfo {
+        self.0.info()
+    }
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
+    }
+    fn health(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        self.0.health()
+    }
+    fn status(&self) -> serde_json::Value {
+        self.0.status()
+    }
+    fn parallelism(&self) -> usize {
+        1
+    }
+}
+
 /// The engine for `--streams`: the llama engine sized for the largest N (one KV sequence a
 /// stream), or whatever `--engine` builds.
 async fn streams_engine(args: &BenchArgs, most: usize) -> anyhow::Result<Arc<dyn Engine>> {
@@ -490,16 +533,10 @@ async fn streams_engine(args: &BenchArgs, most: usize) -> anyhow::Result<Arc<dyn
             FlashAttn::On => FlashAttention::On,
             FlashAttn::Off => FlashAttention::Off,
         };
-        if let Some(gpus) = &args.gpus {
-            let gpus: Vec<u32> = if gpus == "all" {
-                (0..LlamaEngine::gpus().len() as u32).collect()
-            } else {
-                gpus.split(',')
-                    .map(|g| g.trim().parse::<u32>())
-                    .collect::<Result<_, _>>()
-                    .context("--gpus takes `all` or GPU indexes like 0,1")?
-            };
-            anyhow::ensure!(!gpus.is_empty(), "--gpus: llama.cpp sees no GPU");
+        if let Some(spec) = &e.gpus {
+            let choice = crate::engine::parse_gpus(spec).map_err(anyhow::Error::msg)?;
+            let gpus = crate::engine::resolve_gpus(&choice, &LlamaEngine::gpus())
+                .map_err(anyhow::Error::msg)?;
             config.max_streams = most.div_ceil(gpus.len()) as u32;
             let replicas =
                 tokio::task::spawn_blocking(move || LlamaEngine::load_replicas(&config, &gpus))

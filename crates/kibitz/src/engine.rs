@@ -49,6 +49,13 @@ pub fn problems(args: &EngineArgs) -> Vec<String> {
     if args.engine == EngineKind::Openai && args.engine_url.is_empty() {
         p.push("--engine openai needs --engine-url URL (env ENGINE_URL)".into());
     }
+    if let Some(spec) = &args.gpus {
+        if let Err(e) = parse_gpus(spec) {
+            p.push(e);
+        } else if args.engine == EngineKind::Openai {
+            p.push("--gpus places llama engine replicas; the openai engine's upstreams are --engine-url".into());
+        }
+    }
     if args.engine_max_inflight == 0 {
         p.push("--engine-max-inflight must be at least 1".into());
     }
@@ -64,6 +71,60 @@ pub fn problems(args: &EngineArgs) -> Vec<String> {
         }
     }
     p
+}
+
+/// What `--gpus` asks for, before it is known which GPUs there are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuChoice {
+    All,
+    These(Vec<u32>),
+}
+
+/// Reads `--gpus`: `all`, or distinct GPU indexes separated by commas.
+pub fn parse_gpus(spec: &str) -> Result<GpuChoice, String> {
+    let spec = spec.trim();
+    if spec.eq_ignore_ascii_case("all") {
+        return Ok(GpuChoice::All);
+    }
+    let mut gpus: Vec<u32> = Vec::new();
+    for part in spec.split(',') {
+        let gpu = part.trim().parse::<u32>().map_err(|_| {
+            format!(
+                "--gpus '{spec}': takes `all` or GPU indexes like 0,1 ('{}' is not one)",
+                part.trim()
+            )
+        })?;
+        if gpus.contains(&gpu) {
+            return Err(format!("--gpus '{spec}': GPU {gpu} is named twice"));
+        }
+        gpus.push(gpu);
+    }
+    Ok(GpuChoice::These(gpus))
+}
+
+/// The GPU indexes `choice` names among the `visible` ones llama.cpp sees.
+#[cfg_attr(not(feature = "llama"), allow(dead_code))]
+pub fn resolve_gpus(choice: &GpuChoice, visible: &[String]) -> Result<Vec<u32>, String> {
+    let seen = || {
+        if visible.is_empty() {
+            "llama.cpp sees no GPU (a build without --features cuda, or no driver)".to_string()
+        } else {
+            let list: Vec<String> = visible
+                .iter()
+                .enumerate()
+                .map(|(i, name)| format!("{i}: {name}"))
+                .collect();
+            format!("llama.cpp sees {}", list.join(", "))
+        }
+    };
+    match choice {
+        GpuChoice::All if visible.is_empty() => Err(format!("--gpus all: {}", seen())),
+        GpuChoice::All => Ok((0..visible.len() as u32).collect()),
+        GpuChoice::These(gpus) => match gpus.iter().find(|&&g| g as usize >= visible.len()) {
+            Some(missing) => Err(format!("--gpus: there is no GPU {missing}; {}", seen())),
+            None => Ok(gpus.clone()),
+        },
+    }
 }
 
 /// The openai engine's timeouts and cooldowns from their flags, in `OpenAiConfig` order:
@@ -132,8 +193,6 @@ pub async fn build_for(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<
     match args.engine {
         EngineKind::Llama => build_llama(args, streams).await,
         EngineKind::Openai => {
-            // Its `parallelism()` is upstreams × --engine-max-inflight: size the scheduler
-            // with it.
             let engine = OpenAiEngine::new(openai_config(args)?)?;
             Ok(Arc::new(engine))
         }
@@ -167,6 +226,18 @@ async fn build_llama(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<dy
         FlashAttn::On => FlashAttention::On,
         FlashAttn::Off => FlashAttention::Off,
     };
+    if let Some(spec) = &args.gpus {
+        let choice = parse_gpus(spec).map_err(anyhow::Error::msg)?;
+        let gpus = resolve_gpus(&choice, &LlamaEngine::gpus()).map_err(anyhow::Error::msg)?;
+        // Each replica keeps room for every stream, so that when one fails the others take
+        // its streams without pushing out theirs (KV memory is per GPU: see docs/design.md).
+        tracing::info!(?gpus, "loading one engine replica per GPU");
+        let replicas =
+            tokio::task::spawn_blocking(move || LlamaEngine::load_replicas(&config, &gpus))
+                .await
+                .context("the model loader stopped")??;
+        return Ok(Arc::new(replicas));
+    }
     let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(config))
         .await
         .context("the model loader stopped")??;
@@ -244,6 +315,36 @@ mod tests {
                  raise --engine-max-cooldown too"
             ]
         );
+    }
+
+    #[test]
+    fn gpus_take_all_or_distinct_indexes_that_exist() {
+        assert_eq!(parse_gpus("all"), Ok(GpuChoice::All));
+        assert_eq!(parse_gpus(" 1, 0 "), Ok(GpuChoice::These(vec![1, 0])));
+        for bad in ["", "0,,1", "one", "-1", "0,0"] {
+            let args = parse(&[&format!("--gpus={bad}")]);
+            let p = problems(&args);
+            assert!(p.len() == 1 && p[0].starts_with("--gpus '"), "{bad}: {p:?}");
+        }
+        let args = parse(&[
+            "--engine",
+            "openai",
+            "--engine-url",
+            "http://h:1",
+            "--gpus",
+            "0",
+        ]);
+        assert!(problems(&args)[0].starts_with("--gpus places llama"));
+        let two = ["H200".to_string(), "H200".to_string()];
+        assert_eq!(resolve_gpus(&GpuChoice::All, &two), Ok(vec![0, 1]));
+        assert_eq!(resolve_gpus(&GpuChoice::These(vec![1]), &two), Ok(vec![1]));
+        let missing = resolve_gpus(&GpuChoice::These(vec![0, 2]), &two).unwrap_err();
+        assert!(
+            missing.contains("no GPU 2") && missing.contains("1: H200"),
+            "{missing}"
+        );
+        let none = resolve_gpus(&GpuChoice::All, &[]).unwrap_err();
+        assert!(none.contains("sees no GPU"), "{none}");
     }
 
     /// The first-token timeout given as a flag is the one that fires, against a loopback

@@ -101,6 +101,12 @@ pub struct EngineArgs {
     /// Most 448x448 slices per frame; 1 = each frame is one 64-token image.
     #[arg(long, env = "MAX_SLICE_NUMS", default_value_t = 1)]
     pub max_slice_nums: u32,
+    /// One llama engine replica per GPU: `all`, or llama.cpp's GPU indexes like `0,1`.
+    /// Each stream runs on the replica with the fewest streams and stays there; a replica
+    /// that fails hands its streams to the others [default: one engine, llama.cpp's
+    /// placement].
+    #[arg(long, env = "GPUS", value_name = "all|0,1,...")]
+    pub gpus: Option<String>,
     /// OpenAI-compatible server base URL; repeat (or comma-separate) for several upstreams.
     #[arg(long, env = "ENGINE_URL", value_delimiter = ',')]
     pub engine_url: Vec<String>,
@@ -109,8 +115,8 @@ pub struct EngineArgs {
     pub engine_model: Option<String>,
     #[arg(long, env = "ENGINE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Most requests open on one OpenAI-compatible upstream at once; more wait for a slot.
-    /// vLLM and SGLang batch many; for llama-server, its `--parallel`.
+    /// Most requests open on one OpenAI-compatible upstream at once; more wait in kibitz's
+    /// queue. vLLM and SGLang batch many; for llama-server, its `--parallel`.
     #[arg(long, env = "ENGINE_MAX_INFLIGHT", default_value_t = 4)]
     pub engine_max_inflight: usize,
     /// Seconds to open a connection to an upstream.
@@ -121,8 +127,7 @@ pub struct EngineArgs {
         allow_negative_numbers = true
     )]
     pub engine_connect_timeout: f64,
-    /// Seconds from sending a request to its first text; also the longest a request waits
-    /// for a free slot when every upstream is at its cap.
+    /// Seconds from sending a request to its first text.
     #[arg(
         long,
         env = "ENGINE_FIRST_TOKEN_TIMEOUT",
@@ -392,10 +397,6 @@ pub struct BenchArgs {
     /// With --streams: one KV buffer per stream instead of one shared (llama engine).
     #[arg(long)]
     pub kv_split: bool,
-    /// With --streams: one llama engine replica per GPU (`all`, or indexes `0,1`), each
-    /// stream on the replica with the fewest streams.
-    #[arg(long, value_name = "all|0,1,...")]
-    pub gpus: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

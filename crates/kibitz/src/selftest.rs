@@ -94,7 +94,7 @@ pub async fn run(args: SelftestArgs) -> anyhow::Result<ExitCode> {
 
     // Two streams at once through the scheduler, frames pushed ahead: both answer, and
     // each finds its pushed frames already in its sequence.
-    let scheduler = kibitz_engine::Scheduler::new(engine.clone(), engine.parallelism());
+    let scheduler = kibitz_engine::Scheduler::new(engine.clone());
     let runs: Vec<_> = (0..2u32)
         .map(|s| {
             let session = scheduler.open_session(&format!("selftest{s}"));

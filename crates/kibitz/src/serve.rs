@@ -30,10 +30,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let engine = crate::engine::build_for(&settings.engine, settings.max_streams).await?;
     let info = engine.info();
     tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
-    // How many requests the engine takes at once: its batch for llama, upstreams × their
-    // cap for OpenAI-compatible servers.
-    let concurrency = engine.parallelism();
-    let scheduler = Scheduler::new(engine, concurrency);
+    // The engine's one queue, sized by the engine itself.
+    let scheduler = Scheduler::new(engine);
 
     // The address actually bound (`--bind 127.0.0.1:0` picks a free port).
     let addr = listener.local_addr()?;

@@ -154,7 +154,7 @@ impl Harness {
             Some(engine) => engine,
             None => Arc::new(options.engine.clone()),
         };
-        let scheduler = Scheduler::new(engine, 1);
+        let scheduler = Scheduler::new(engine);
         let streams = Streams::new(RegistryConfig {
             defaults: options.defaults.clone(),
             sources: Arc::new(match options.pictures.clone() {

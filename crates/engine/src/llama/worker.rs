@@ -44,6 +44,8 @@ pub(super) type Reply = Sender<Result<Output, EngineError>>;
 /// The stream id of requests that come without a stream.
 const ANONYMOUS: u64 = u64::MAX;
 
+// `Inspect` comes only from `LlamaEngine::state`, which is for tests (feature `fake`).
+#[cfg_attr(not(any(test, feature = "fake")), allow(dead_code))]
 pub(super) enum Command {
     Submit(Job),
     Frame { stream: u64, frame: Frame },

@@ -8,8 +8,8 @@
 //!   so an idle cluster still spreads its load.
 //! - No upstream takes more than `max_in_flight` requests at once (vLLM and SGLang batch
 //!   well, llama-server has a fixed number of slots). When every candidate is at its cap,
-//!   [`Pool::lease`] says so ([`NoLease::Full`]) and the caller waits on [`Pool::freed`]:
-//!   the pool itself never blocks.
+//!   [`Pool::lease`] says so ([`NoLease::Full`]) and the request is refused: the waiting
+//!   happens in the scheduler in front, which [`Pool::capacity_now`] sizes.
 //! - An upstream that fails rests for a cooldown (doubling on each failure in a row, up to a
 //!   limit) and is left out meanwhile. When the rest is over, one request probes it
 //!   (half-open); while that probe runs the others keep going elsewhere. A success clears
@@ -21,8 +21,6 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde_json::json;
-use tokio::sync::futures::Notified;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How a request on one upstream ended, for its counters.
@@ -80,8 +78,8 @@ pub(crate) enum Choice<'a> {
 /// Why [`Pool::lease`] gave nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NoLease {
-    /// A candidate could take the request but is at its cap: wait until a request ends
-    /// ([`Pool::freed`]) or, when set, until a candidate's rest is over, then ask again.
+    /// A candidate could take the request but is at its cap; when set, a resting candidate
+    /// is back at this time.
     Full { rest_ends: Option<Instant> },
     /// Every candidate rests or is being probed: [`Pool::why_none`] says more.
     Resting,
@@ -96,10 +94,6 @@ pub(crate) struct Pool {
     max_cooldown: Duration,
     /// Most requests open on one upstream at once.
     max_in_flight: usize,
-    /// Requests waiting for a free slot because every candidate is at its cap.
-    waiting: Mutex<usize>,
-    /// Woken whenever a request ends somewhere, which may free a slot.
-    freed: Notify,
 }
 
 /// A request's hold on one upstream: counts it in flight until it is finished or dropped
@@ -146,8 +140,6 @@ impl Pool {
             cooldown,
             max_cooldown: max_cooldown.max(cooldown),
             max_in_flight: max_in_flight.max(1),
-            waiting: Mutex::new(0),
-            freed: Notify::new(),
         }
     }
 
@@ -164,16 +156,19 @@ impl Pool {
         self.upstreams.len().saturating_mul(self.max_in_flight)
     }
 
-    /// Completes when some request ends after this call. Enable it (or poll it once)
-    /// *before* [`lease`](Self::lease) says [`NoLease::Full`], so no ending is missed.
-    pub fn freed(&self) -> Notified<'_> {
-        self.freed.notified()
-    }
-
-    /// Counts a caller as waiting for a slot while the guard lives.
-    pub fn wait_guard(self: &Arc<Self>) -> Waiting {
-        *self.waiting.lock().unwrap() += 1;
-        Waiting(self.clone())
+    /// Requests that may be open at once now: `max_in_flight` on each upstream that is
+    /// not resting, and on one being probed only the probe. What the scheduler in front
+    /// lets through.
+    pub fn capacity_now(&self, now: Instant) -> usize {
+        let states = self.states.lock().unwrap();
+        states
+            .iter()
+            .map(|s| match () {
+                () if s.resting(now) => 0,
+                () if s.probing => s.in_flight,
+                () => self.max_in_flight,
+            })
+            .sum()
     }
 
     /// Picks the least-loaded upstream that `choice` allows and that has a free slot, and
@@ -237,12 +232,6 @@ impl Pool {
     }
 
     fn record(&self, i: usize, outcome: Outcome, error: Option<String>, now: Instant) {
-        self.count_end(i, outcome, error, now);
-        // After the lock is let go: whoever wakes finds the slot free.
-        self.freed.notify_waiters();
-    }
-
-    fn count_end(&self, i: usize, outcome: Outcome, error: Option<String>, now: Instant) {
         let mut states = self.states.lock().unwrap();
         let s = &mut states[i];
         s.in_flight -= 1;
@@ -319,11 +308,6 @@ impl Pool {
         message
     }
 
-    /// Requests waiting for a free slot now.
-    pub fn waiting(&self) -> usize {
-        *self.waiting.lock().unwrap()
-    }
-
     pub fn status(&self, now: Instant) -> serde_json::Value {
         let states = self.states.lock().unwrap();
         let list: Vec<_> = self
@@ -385,11 +369,6 @@ impl Pool {
                 self.max_in_flight
             );
         }
-        out.push_str(
-            "# HELP kibitz_upstream_waiting Requests waiting for a free slot, every upstream being at its cap.\n",
-        );
-        out.push_str("# TYPE kibitz_upstream_waiting gauge\n");
-        let _ = writeln!(out, "kibitz_upstream_waiting {}", self.waiting());
         out.push_str("# HELP kibitz_upstream_requests_total Requests finished on each upstream, by result.\n");
         out.push_str("# TYPE kibitz_upstream_requests_total counter\n");
         for (url, s) in &rows {
@@ -412,15 +391,6 @@ impl Pool {
             let _ = writeln!(out, "kibitz_upstream_up{{url=\"{url}\"}} {}", u8::from(up));
         }
         out
-    }
-}
-
-/// A caller waiting for a slot, counted in [`Pool::waiting`] while this lives.
-pub(crate) struct Waiting(Arc<Pool>);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        *self.0.waiting.lock().unwrap() -= 1;
     }
 }
 
@@ -512,11 +482,9 @@ mod tests {
             (Some(2), Some(2))
         );
 
-        // A request that ends frees its slot, and says so to whoever waits.
-        let freed = pool.freed();
+        // A request that ends frees its slot.
         let mut leases = leases.into_iter();
         leases.next().unwrap().finish(Outcome::Ok, None, now);
-        assert!(futures::FutureExt::now_or_never(freed).is_some());
         assert_eq!(pool.lease(ANY, now).unwrap().index, 0);
     }
 
@@ -540,10 +508,9 @@ mod tests {
             pool.lease(Choice::Any { skip: &[1] }, now).err(),
             Some(NoLease::Resting)
         );
-        let waiting = pool.wait_guard();
-        assert!(pool.metrics(now).contains("kibitz_upstream_waiting 1\n"));
-        drop(waiting);
-        assert_eq!(pool.waiting(), 0);
+        // The room the scheduler is told: the resting one's share is gone.
+        assert_eq!(pool.capacity_now(now), 1);
+        assert_eq!(pool.capacity_now(now + Duration::from_secs(10)), 2);
         drop(busy);
     }
 
@@ -575,6 +542,7 @@ mod tests {
             pool.lease(NOT_1, t1).is_err(),
             "a second request must not join the probe"
         );
+        assert_eq!(pool.capacity_now(t1), 3 + 1, "u1's cap and the probe");
         probe.finish(Outcome::Timeout, Some("first-token timeout".into()), t1);
         // Failed again: twice the rest.
         assert!(pool.lease(NOT_1, t1 + Duration::from_secs(19)).is_err());
@@ -667,7 +635,6 @@ mod tests {
             m.contains("kibitz_upstream_max_in_flight{url=\"http://u1:8000/v1\"} 3"),
             "{m}"
         );
-        assert!(m.contains("kibitz_upstream_waiting 0\n"), "{m}");
         assert!(
             m.contains("kibitz_upstream_up{url=\"http://u1:8000/v1\"} 0"),
             "{m}"
