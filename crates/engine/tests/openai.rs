@@ -929,11 +929,11 @@ async fn when_both_upstreams_fail_the_error_tells_both_stories() {
     assert_eq!(requests, 2);
 }
 
+/// What `run` gathers: the pieces, then how the answer ended.
+type Answered = (Vec<String>, Result<Stats, EngineError>);
+
 /// `n` streams, each asking once through `scheduler` at commentary priority, in tasks.
-fn ask_through(
-    scheduler: &Scheduler,
-    n: usize,
-) -> Vec<tokio::task::JoinHandle<(Vec<String>, Result<Stats, EngineError>)>> {
+fn ask_through(scheduler: &Scheduler, n: usize) -> Vec<tokio::task::JoinHandle<Answered>> {
     (0..n)
         .map(|i| {
             let session = scheduler.open_session(&format!("s{i}"));
