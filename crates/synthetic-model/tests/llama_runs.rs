@@ -110,6 +110,9 @@ fn tokenizer_finds_specials_and_merges() {
     let dir = tempfile::tempdir().unwrap();
     let pair = write_pair(dir.path(), &Spec::tiny()).unwrap();
     init_backend();
+    // SAFETY: the backend is initialised; the model pointer is checked non-null by
+    // `load_model`, the vocab it owns lives until `llama_model_free` at the end, and every
+    // buffer handed to llama.cpp is sized by the length passed with it.
     unsafe {
         let model = load_model(&pair.llm);
         let vocab = sys::llama_model_get_vocab(model);
@@ -152,6 +155,9 @@ struct Run {
 /// logit is finite.
 fn run_pair(spec: &Spec, pair: &Pair, frames: &[(u32, u32)], n_generate: usize) -> Run {
     init_backend();
+    // SAFETY: one thread owns the model, context and mtmd handles created here, each checked
+    // non-null before use and freed once at the end; batches and token buffers outlive the
+    // calls that read them.
     unsafe {
         let start = Instant::now();
         let model = load_model(&pair.llm);
@@ -278,6 +284,8 @@ fn gradient(w: u32, h: u32) -> (u32, u32, Vec<u8>) {
 
 fn init_backend() {
     static INIT: Once = Once::new();
+    // SAFETY: `quiet` is a plain function that ignores its arguments, valid for the whole
+    // process; `llama_backend_init` runs once, before any model is loaded.
     INIT.call_once(|| unsafe {
         if std::env::var_os("KIBITZ_LLAMA_LOG").is_none() {
             sys::llama_log_set(Some(quiet), ptr::null_mut());
@@ -294,6 +302,8 @@ fn c_path(path: &Path) -> CString {
     CString::new(path.to_str().expect("temp paths are UTF-8")).unwrap()
 }
 
+/// # Safety
+/// The backend must be initialised ([`init_backend`]); the caller frees the model.
 unsafe fn load_model(path: &Path) -> *mut sys::llama_model {
     let mut params = sys::llama_model_default_params();
     params.n_gpu_layers = 0;
@@ -302,6 +312,8 @@ unsafe fn load_model(path: &Path) -> *mut sys::llama_model {
     model
 }
 
+/// # Safety
+/// `vocab` must belong to a model that is still loaded.
 unsafe fn tokenize(vocab: *const sys::llama_vocab, text: &str) -> Vec<sys::llama_token> {
     let mut out = vec![0; text.len() + 8];
     let n = sys::llama_tokenize(
@@ -319,6 +331,9 @@ unsafe fn tokenize(vocab: *const sys::llama_vocab, text: &str) -> Vec<sys::llama
 }
 
 /// A token's bytes (a multi-byte character may span several tokens).
+///
+/// # Safety
+/// `vocab` must belong to a model that is still loaded.
 unsafe fn piece(vocab: *const sys::llama_vocab, token: sys::llama_token) -> Vec<u8> {
     let mut buf = [0u8; 256];
     let n = sys::llama_token_to_piece(
