@@ -200,7 +200,18 @@ pub struct ContextParams {
     pub flash_attn: sys::llama_flash_attn_type,
 }
 
-pub struct Context(NonNull<sys::llama_context>);
+/// KV-cache edits made since they were last taken (for the step profile).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvEdits {
+    pub shifts: u32,
+    pub removes: u32,
+    pub copies: u32,
+}
+
+pub struct Context {
+    ptr: NonNull<sys::llama_context>,
+    edits: KvEdits,
+}
 
 impl Context {
     pub fn new(model: &Model, p: &ContextParams) -> Result<Context, String> {
@@ -216,31 +227,46 @@ impl Context {
         params.no_perf = true;
         let ptr = unsafe { sys::llama_init_from_model(model.0.as_ptr(), params) };
         NonNull::new(ptr)
-            .map(Context)
+            .map(|ptr| Context {
+                ptr,
+                edits: KvEdits::default(),
+            })
             .ok_or_else(|| format!("llama.cpp could not create a context of {} tokens", p.n_ctx))
     }
 
     pub fn n_ctx(&self) -> u32 {
-        unsafe { sys::llama_n_ctx(self.0.as_ptr()) }
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
     }
 
     pub fn n_batch(&self) -> u32 {
-        unsafe { sys::llama_n_batch(self.0.as_ptr()) }
+        unsafe { sys::llama_n_batch(self.ptr.as_ptr()) }
     }
 
     fn memory(&self) -> sys::llama_memory_t {
-        unsafe { sys::llama_get_memory(self.0.as_ptr()) }
+        unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
     }
 
     /// Forgets positions `p0..p1` of sequence `seq` (`p1 < 0`: to the end; `p0 < 0`: from
     /// the start). Removing a whole sequence never fails.
     pub fn seq_rm(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        self.edits.removes += 1;
         unsafe { sys::llama_memory_seq_rm(self.memory(), seq, p0, p1) }
     }
 
     /// Moves positions `p0..` of `seq` by `delta` (the keys are re-rotated, RoPE shift).
     pub fn seq_shift(&mut self, seq: i32, p0: i32, delta: i32) {
+        self.edits.shifts += 1;
         unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, -1, delta) }
+    }
+
+    /// The KV edits since the last call.
+    pub fn take_edits(&mut self) -> KvEdits {
+        std::mem::take(&mut self.edits)
+    }
+
+    /// Waits until the queued GPU work is done (the step profile's split of host and GPU).
+    pub fn synchronize(&mut self) {
+        unsafe { sys::llama_synchronize(self.ptr.as_ptr()) }
     }
 
     /// Largest position `seq` holds, -1 when empty.
@@ -264,7 +290,7 @@ impl Context {
             return Ok(());
         }
         // SAFETY: the batch's arrays hold `n_tokens` filled entries (see `Batch::push*`).
-        match unsafe { sys::llama_decode(self.0.as_ptr(), batch.raw) } {
+        match unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) } {
             0 => Ok(()),
             1 => Err("the KV cache is full (raise --context-size or lower --max-streams)".into()),
             rc => Err(format!("llama_decode failed ({rc})")),
@@ -276,7 +302,7 @@ impl Context {
         // SAFETY: llama.cpp keeps the logits of every entry flagged for them until the next
         // decode; `i` is such an entry (the caller's bookkeeping), else it returns null.
         unsafe {
-            let ptr = sys::llama_get_logits_ith(self.0.as_ptr(), i);
+            let ptr = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
             assert!(!ptr.is_null(), "no logits for batch entry {i}");
             std::slice::from_raw_parts(ptr, n_vocab)
         }
@@ -285,7 +311,7 @@ impl Context {
 
 impl Drop for Context {
     fn drop(&mut self) {
-        unsafe { sys::llama_free(self.0.as_ptr()) }
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
     }
 }
 

@@ -31,10 +31,11 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use super::ffi::{self, ChunkKind, Token};
+use super::profile::{StepSample, Steps};
 use super::sampling::Sampler;
 use super::{
     content_key, fit_to_slices, frame_key, frame_piece, ms, question_piece, system_piece,
-    take_utf8, to_rgb, EngineState, FlashAttention, LlamaConfig, SequenceState, StepProfile,
+    take_utf8, to_rgb, EngineState, FlashAttention, LlamaConfig, SequenceState,
 };
 use crate::{EngineError, EngineInfo, Frame, Output, Priority, Request, Stats};
 
@@ -84,8 +85,11 @@ pub(super) struct Worker {
     next_serial: u64,
     /// `Inspect` callers, answered when the work in hand is done.
     inspect: Vec<mpsc::Sender<EngineState>>,
-    profile: Arc<std::sync::Mutex<StepProfile>>,
-    sampling_ms: f64,
+    profile: Arc<std::sync::Mutex<Steps>>,
+    /// What the current step has cost so far.
+    sample: StepSample,
+    /// `llama_synchronize` after each decode, so the profile tells GPU from host time.
+    profile_sync: bool,
     /// Since when ready image rows have been left for a later step.
     rows_since: Option<Instant>,
     in_flight: Arc<AtomicUsize>,
@@ -178,6 +182,12 @@ struct Gen {
     probe: Option<mpsc::Sender<Vec<f32>>>,
 }
 
+#[derive(Clone, Copy)]
+enum BatchKind {
+    Rows,
+    Tokens,
+}
+
 enum End {
     Done,
     Cancelled,
@@ -188,7 +198,7 @@ impl Worker {
     pub fn load(
         config: &LlamaConfig,
         in_flight: Arc<AtomicUsize>,
-        profile: Arc<std::sync::Mutex<StepProfile>>,
+        profile: Arc<std::sync::Mutex<Steps>>,
     ) -> Result<Worker, String> {
         ffi::route_logs();
         let gpus = ffi::gpu_devices();
@@ -282,7 +292,8 @@ impl Worker {
             next_serial: 0,
             inspect: Vec::new(),
             profile,
-            sampling_ms: 0.0,
+            sample: StepSample::default(),
+            profile_sync: config.profile_sync,
             rows_since: None,
             in_flight,
             info,
@@ -686,28 +697,52 @@ impl Worker {
     fn step(&mut self) {
         let order = self.order();
         let t = Instant::now();
+        self.sample = StepSample::default();
         self.encode(&order);
         let vision = t.elapsed();
+        self.sample.vision_ms = ms(vision);
         self.decode_images(&order);
         let images = t.elapsed() - vision;
-        let rows = self.rows.len();
-        let answering = self
+        self.sample.rows = self.rows.len() as u32;
+        self.sample.answers = self
             .seqs
             .values()
             .filter(|s| s.generation.as_ref().is_some_and(|g| g.next.is_some()))
-            .count();
+            .count() as u32;
         self.decode_tokens(&order);
-        let total = t.elapsed();
-        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
-        p.steps += 1;
-        p.vision_ms += ms(vision);
-        p.image_rows += rows as u64;
-        p.image_decode_ms += ms(images);
-        p.tokens += self.tokens.len() as u64;
-        p.answer_tokens += answering as u64;
-        p.token_decode_ms += ms(total - vision - images) - self.sampling_ms;
-        p.sampling_ms += self.sampling_ms;
-        self.sampling_ms = 0.0;
+        self.sample.tokens = self.tokens.len() as u32;
+        self.sample.cells = self.seqs.values().map(|s| s.next_pos.max(0) as u32).sum();
+        let edits = self.ctx.take_edits();
+        self.sample.shifts = edits.shifts;
+        self.sample.removes = edits.removes;
+        self.sample.copies = edits.copies;
+        let now = Instant::now();
+        let total = ms(now - t);
+        self.profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(now, total, self.sample, ms(images));
+    }
+
+    /// One `llama_decode` of `batch`, timed into the step's sample; with `profile_sync`, the
+    /// wait for the GPU to finish it is timed apart.
+    fn decode(&mut self, which: BatchKind) -> Result<(), String> {
+        let batch = match which {
+            BatchKind::Rows => &self.rows,
+            BatchKind::Tokens => &self.tokens,
+        };
+        if batch.len() == 0 {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let result = self.ctx.decode(batch);
+        self.sample.decode_ms += ms(t.elapsed());
+        if self.profile_sync {
+            let t = Instant::now();
+            self.ctx.synchronize();
+            self.sample.sync_ms += ms(t.elapsed());
+        }
+        result
     }
 
     /// Vision: images sequences wait for, then pushed frames waiting to go in.
@@ -741,6 +776,7 @@ impl Worker {
                 }
                 budget -= 1;
                 let t = Instant::now();
+                self.sample.images += 1;
                 match self.mtmd.encode_chunk(chunks, *index, self.width) {
                     Ok(floats) => {
                         let floats = Arc::new(floats);
@@ -765,6 +801,7 @@ impl Worker {
 
     /// Every sequence's leading encoded images, in one embeddings batch.
     fn decode_images(&mut self, order: &[u64]) {
+        let built = Instant::now();
         self.rows.clear();
         if self.defer_images() {
             return;
@@ -798,7 +835,8 @@ impl Worker {
                 used.push(stream);
             }
         }
-        if let Err(e) = self.ctx.decode(&self.rows) {
+        self.sample.build_ms += ms(built.elapsed());
+        if let Err(e) = self.decode(BatchKind::Rows) {
             for stream in used {
                 self.fail_seq(stream, e.clone());
             }
@@ -849,6 +887,7 @@ impl Worker {
 
     /// Running answers' next tokens and prompt text, in one token batch; then sampling.
     fn decode_tokens(&mut self, order: &[u64]) {
+        let built = Instant::now();
         self.tokens.clear();
         // (stream, batch index) of each entry whose logits are sampled.
         let mut sampled: Vec<(u64, i32)> = Vec::new();
@@ -902,7 +941,8 @@ impl Worker {
                 used.push(stream);
             }
         }
-        if let Err(e) = self.ctx.decode(&self.tokens) {
+        self.sample.build_ms += ms(built.elapsed());
+        if let Err(e) = self.decode(BatchKind::Tokens) {
             for stream in used {
                 self.fail_seq(stream, e.clone());
             }
@@ -912,7 +952,7 @@ impl Worker {
         for (stream, index) in sampled {
             self.sample(stream, index);
         }
-        self.sampling_ms = ms(t.elapsed());
+        self.sample.sampling_ms = ms(t.elapsed());
     }
 
     fn sample(&mut self, stream: u64, index: i32) {
