@@ -19,10 +19,12 @@
 //! for the layout and its measured drift.
 
 mod ffi;
+mod profile;
 mod replicas;
 mod sampling;
 mod worker;
 
+pub use profile::{Breakdown, Stat, StepProfile};
 pub use replicas::Replicas;
 
 use std::path::PathBuf;
@@ -80,6 +82,9 @@ pub struct LlamaConfig {
     /// Put the model and the projector on this GPU alone (an index into llama.cpp's GPUs),
     /// for one replica per GPU ([`Replicas`]); `None` = llama.cpp's default placement.
     pub gpu: Option<u32>,
+    /// Call `llama_synchronize` after each decode so the step profile separates the GPU's
+    /// time from the host's (see [`StepProfile`]); costs the overlap, so for benchmarks.
+    pub profile_sync: bool,
 }
 
 impl LlamaConfig {
@@ -98,6 +103,7 @@ impl LlamaConfig {
             window_frames: 4,
             rebuild_every: 0,
             gpu: None,
+            profile_sync: false,
         }
     }
 }
@@ -138,22 +144,6 @@ pub struct SequenceState {
     pub pending: usize,
 }
 
-/// Where the worker's time went since it started (`/api/status` shows it under the engine).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct StepProfile {
-    pub steps: u64,
-    pub vision_ms: f64,
-    /// Image-embedding rows evaluated, and the time of their batches.
-    pub image_rows: u64,
-    pub image_decode_ms: f64,
-    /// Tokens evaluated (answers' and prompt text), and the time of their batches.
-    pub tokens: u64,
-    /// Of `tokens`, the answers' own: one per running answer a step.
-    pub answer_tokens: u64,
-    pub token_decode_ms: f64,
-    pub sampling_ms: f64,
-}
-
 /// A loaded model pair with its worker thread. Cloning shares the same worker.
 #[derive(Clone)]
 pub struct LlamaEngine {
@@ -162,7 +152,7 @@ pub struct LlamaEngine {
     alive: Arc<AtomicBool>,
     info: EngineInfo,
     max_streams: usize,
-    profile: Arc<std::sync::Mutex<StepProfile>>,
+    profile: Arc<std::sync::Mutex<profile::Steps>>,
 }
 
 impl LlamaEngine {
@@ -175,7 +165,9 @@ impl LlamaEngine {
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
         let max_streams = config.max_streams.max(1) as usize;
-        let profile = Arc::new(std::sync::Mutex::new(StepProfile::default()));
+        let profile = Arc::new(std::sync::Mutex::new(profile::Steps::new(
+            config.profile_sync,
+        )));
         let steps = profile.clone();
         let thread = thread::Builder::new()
             .name("llama".into())
@@ -271,6 +263,23 @@ impl LlamaEngine {
         result.map_err(|_| EngineError::Timeout("no logits from the llama engine".into()))
     }
 
+    /// Where the worker's steps went: totals since the start (or the last reset) and the
+    /// p50/mean breakdown of the last 30 s (`/api/status` shows it under `steps`).
+    pub fn step_profile(&self) -> StepProfile {
+        self.profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .profile(Instant::now())
+    }
+
+    /// Forgets the steps so far, so a bench measures its run without its warm-up.
+    pub fn reset_step_profile(&self) {
+        self.profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reset();
+    }
+
     fn send(&self, command: Command) -> Result<(), EngineError> {
         let sent = self
             .worker
@@ -350,12 +359,7 @@ impl Engine for LlamaEngine {
     }
 
     fn status(&self) -> serde_json::Value {
-        let profile = self
-            .profile
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        serde_json::json!({ "max_streams": self.max_streams, "steps": profile })
+        serde_json::json!({ "max_streams": self.max_streams, "steps": self.step_profile() })
     }
 
     fn info(&self) -> EngineInfo {
