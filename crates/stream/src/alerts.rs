@@ -124,10 +124,42 @@ impl AlertLog {
     }
 }
 
+/// When a rule fires: on its answer's edge from no to yes, and not again until its cooldown
+/// has passed. Plain time arithmetic (`now` passed in, no clock), so it is tested over
+/// hours of fake time; the watching task only asks it.
+///
+/// An edge during the cooldown is not fired, and a yes that then holds does not fire when
+/// the cooldown ends: the rule waits for the next no → yes, so one long event is one alert.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trigger {
+    last: Option<bool>,
+    fired_at: Option<Instant>,
+}
+
+impl Trigger {
+    /// Takes the answer `yes` checked at `now`; true when the rule fires.
+    pub fn check(&mut self, now: Instant, yes: bool, cooldown: Duration) -> bool {
+        let was = self.last.replace(yes).unwrap_or(false);
+        let rested = self
+            .fired_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= cooldown);
+        let fire = yes && !was && rested;
+        if fire {
+            self.fired_at = Some(now);
+        }
+        fire
+    }
+
+    /// The last answer, `None` before the first.
+    pub fn last(&self) -> Option<bool> {
+        self.last
+    }
+}
+
 /// One stream's rules.
 #[derive(Default)]
 pub(crate) struct Rules {
-    rules: Mutex<Vec<(Rule, Option<Instant>)>>,
+    rules: Mutex<Vec<(Rule, Trigger)>>,
 }
 
 impl Rules {
@@ -189,7 +221,7 @@ impl StreamHandle {
                 },
             ])));
         }
-        rules.push((rule.clone(), None));
+        rules.push((rule.clone(), Trigger::default()));
         Ok(rule)
     }
 
@@ -235,23 +267,16 @@ pub(crate) async fn watch(
                     continue;
                 }
             };
-            let now = Instant::now();
+            let now = tokio::time::Instant::now().into_std();
             let fire = {
                 let mut rules = lock(&handle.rules().rules);
-                let Some((state, fired_at)) = rules.iter_mut().find(|(r, _)| r.id == rule.id)
-                else {
+                let Some((state, trigger)) = rules.iter_mut().find(|(r, _)| r.id == rule.id) else {
                     continue; // deleted meanwhile
                 };
-                let was = state.last.replace(yes).unwrap_or(false);
+                let fire = trigger.check(now, yes, Duration::from_secs_f64(state.cooldown));
+                state.last = trigger.last();
                 state.checks += 1;
-                let rested = fired_at.is_none_or(|t| {
-                    now.saturating_duration_since(t).as_secs_f64() >= state.cooldown
-                });
-                let fire = yes && !was && rested;
-                if fire {
-                    state.fired += 1;
-                    *fired_at = Some(now);
-                }
+                state.fired += u64::from(fire);
                 fire
             };
             if fire {
@@ -358,6 +383,85 @@ mod tests {
         }
         for no in ["no", "No.", "", "maybe yes", "yesterday"] {
             assert!(!is_yes(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn fires_on_the_edge_then_rests() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut trigger = Trigger::default();
+        let cooldown = s(60);
+        assert!(!trigger.check(t0, false, cooldown));
+        assert!(trigger.check(t0 + s(3), true, cooldown), "no → yes fires");
+        assert!(
+            !trigger.check(t0 + s(6), true, cooldown),
+            "yes → yes does not"
+        );
+        assert!(!trigger.check(t0 + s(9), false, cooldown));
+        assert!(
+            !trigger.check(t0 + s(12), true, cooldown),
+            "an edge in the cooldown"
+        );
+        assert!(
+            !trigger.check(t0 + s(70), true, cooldown),
+            "a yes held past it"
+        );
+        assert!(!trigger.check(t0 + s(73), false, cooldown));
+        assert!(
+            trigger.check(t0 + s(76), true, cooldown),
+            "the next edge after it"
+        );
+        let mut first = Trigger::default();
+        assert!(first.check(t0, true, cooldown), "a first yes is an edge");
+    }
+
+    /// Six hours of answers every 2–5 s that flip at random, for cooldowns from none to
+    /// ten minutes: every alert is a yes after a no (or the first answer), alerts are at
+    /// least a cooldown apart, and an edge is let pass only inside the cooldown.
+    #[test]
+    fn hours_of_answers_fire_only_on_rested_edges() {
+        let t0 = Instant::now();
+        let mut seed = 0x1234_5678_u32;
+        let mut random = |range: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed % range
+        };
+        for cooldown in [0, 5, 60, 600].map(Duration::from_secs) {
+            let mut trigger = Trigger::default();
+            let (mut now, mut last, mut fired_at) = (t0, None::<bool>, None::<Instant>);
+            let (mut fired, mut passed) = (0u32, 0u32);
+            while now < t0 + Duration::from_secs(6 * 3600) {
+                now += Duration::from_millis(2000 + u64::from(random(3000)));
+                // Long stretches of the same answer, as a scene holds.
+                let yes = match last {
+                    Some(was) if random(10) < 8 => was,
+                    _ => random(3) == 0,
+                };
+                let edge = yes && !last.unwrap_or(false);
+                if trigger.check(now, yes, cooldown) {
+                    assert!(edge, "fired without an edge");
+                    assert!(
+                        fired_at.is_none_or(|t| now - t >= cooldown),
+                        "fired resting"
+                    );
+                    fired_at = Some(now);
+                    fired += 1;
+                } else if edge {
+                    assert!(fired_at.is_some_and(|t| now - t < cooldown), "an edge lost");
+                    passed += 1;
+                }
+                assert_eq!(trigger.last(), Some(yes));
+                last = Some(yes);
+            }
+            assert!(fired > 10, "{fired} alerts with {cooldown:?}");
+            if cooldown.is_zero() {
+                assert_eq!(passed, 0, "with no cooldown every edge fires");
+            } else if cooldown >= Duration::from_secs(60) {
+                assert!(passed > 0, "some edges fall in the cooldown");
+            }
         }
     }
 

@@ -18,7 +18,7 @@ mod playout;
 mod registry;
 pub mod sources;
 mod spec;
-mod speech;
+pub mod speech;
 mod status;
 mod stream;
 pub mod topology;

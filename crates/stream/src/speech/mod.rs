@@ -31,17 +31,16 @@ use tokio::sync::broadcast;
 
 use crate::stream::{OutputKind, StreamHandle};
 
-/// A comment that could start this much after its picture is shown only, not spoken.
-pub const MAX_LATE: Duration = Duration::from_millis(1500);
-/// The soonest a clip may start after it is ready: time for a page to fetch and decode it.
-const DELIVERY: Duration = Duration::from_millis(150);
+mod pacer;
+mod timeline;
+
+pub use pacer::{FrameAudio, Pacer, Step, FRAME, FRAME_TIME};
+pub use timeline::{About, Clip, Placement, SpeechTimeline, DELIVERY, MAX_LATE};
+
 /// Clips kept for the page to fetch (`/api/streams/{id}/speech/clips/{n}`).
 const CLIPS_KEPT: usize = 16;
 /// Answers' clips are numbered from here, cycles' below.
 const ANSWER_CLIPS: u64 = 1 << 40;
-/// 20 ms at 48 kHz.
-const FRAME: usize = 960;
-const FRAME_TIME: Duration = Duration::from_millis(20);
 /// How often the speaker checks whether anyone listens.
 const LISTEN_CHECK: Duration = Duration::from_millis(250);
 
@@ -127,8 +126,7 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
     let stopped = handle.stopped();
     let mut check = tokio::time::interval(LISTEN_CHECK);
     let mut heard = false;
-    // Until when the voice is busy, in real time.
-    let mut busy_until: Option<Instant> = None;
+    let mut timeline = SpeechTimeline::default();
     loop {
         let event = tokio::select! {
             _ = stopped.cancelled() => return,
@@ -176,34 +174,30 @@ pub(crate) async fn speak_comments(handle: StreamHandle) {
         };
         let ready = now();
         let first_audio = ready.saturating_duration_since(answered);
-        let play_at = match latency {
-            Some(latency) => {
-                // The delay covers the time to first audio and a page's fetch of the clip,
-                // so in steady state speech starts with its picture, not after it.
-                let _ = handle.control(Control::AddSpeechLatency(
-                    (first_audio + DELIVERY).as_secs_f64(),
-                ));
-                let captured = answered
-                    .checked_sub(Duration::from_secs_f64(latency.max(0.0)))
-                    .unwrap_or(answered);
-                captured + handle.target_delay()
-            }
-            None => ready,
+        let clip = Clip {
+            answered,
+            ready,
+            duration: pcm.duration(),
+            about: match latency {
+                Some(latency) => About::Picture {
+                    latency: Duration::from_secs_f64(latency.max(0.0)),
+                },
+                None => About::Now,
+            },
         };
-        // A page needs a moment to fetch and decode a clip before it can play it on time.
-        let start = [play_at, ready + DELIVERY, busy_until.unwrap_or(play_at)]
-            .into_iter()
-            .max()
-            .expect("three times");
-        let late = start.saturating_duration_since(play_at);
-        if late > MAX_LATE {
-            lock(&speech.status).too_late += 1;
-            tracing::debug!(stream = %handle.id(), cycle, ?late, "comment too late to speak");
-            continue;
+        if let Some(needed) = clip.delay_needed() {
+            let _ = handle.control(Control::AddSpeechLatency(needed.as_secs_f64()));
         }
-        let duration = pcm.duration();
-        busy_until = Some(start + duration);
-        let _ = handle.control(Control::SpeakingUntil(start + duration));
+        let (start, until, late) = match timeline.place(&clip, handle.target_delay()) {
+            Placement::Play { start, until, late } => (start, until, late),
+            Placement::TooLate { late } => {
+                lock(&speech.status).too_late += 1;
+                tracing::debug!(stream = %handle.id(), cycle, ?late, "comment too late to speak");
+                continue;
+            }
+        };
+        let duration = clip.duration;
+        let _ = handle.control(Control::SpeakingUntil(until));
         // Answers and cycles count separately; clips are named apart.
         let n = if latency.is_some() {
             cycle
@@ -270,47 +264,27 @@ pub(crate) async fn encode_stream(handle: StreamHandle) {
             tracing::error!("cannot start the Opus encoder; the speech stream stays silent");
             return;
         };
-        let started = now();
-        let mut playing: Option<(Arc<Vec<i16>>, usize)> = None;
-        let mut k: u32 = 0;
+        let mut pacer = Pacer::new(now());
         while handle.speech_readers() > 0 {
-            let slot = started + FRAME_TIME * k;
-            tokio::select! {
-                _ = stopped.cancelled() => return,
-                _ = tokio::time::sleep_until(slot.into()) => {}
+            for (start, samples) in lock(&speech.schedule).drain(..) {
+                pacer.schedule(start, samples);
             }
-            k += 1;
-            if playing.is_none() {
-                let mut schedule = lock(&speech.schedule);
-                // A clip whose start has come (or passed within this frame) plays now;
-                // one that was missed entirely (no reader then) is dropped.
-                while let Some((start, samples)) = schedule.front().cloned() {
-                    if start > slot + FRAME_TIME {
-                        break;
+            let audio = match pacer.poll(now()) {
+                Step::Wait(until) => {
+                    tokio::select! {
+                        _ = stopped.cancelled() => return,
+                        _ = tokio::time::sleep_until(until.into()) => {}
                     }
-                    schedule.pop_front();
-                    let skip = (slot.saturating_duration_since(start).as_secs_f64()
-                        * OPUS_RATE as f64) as usize;
-                    if skip < samples.len() {
-                        playing = Some((samples, skip));
-                        break;
-                    }
+                    continue;
                 }
-            }
-            let frames = match playing.take() {
-                Some((samples, at)) => {
-                    let end = (at + FRAME).min(samples.len());
-                    let mut chunk = samples[at..end].to_vec();
-                    chunk.resize(FRAME, 0);
-                    if end < samples.len() {
-                        playing = Some((samples, end));
-                    }
-                    encoder.push(&Pcm {
-                        samples: chunk,
-                        sample_rate: OPUS_RATE,
-                    })
-                }
-                None => encoder.silence(FRAME_TIME),
+                Step::Frame(audio) => audio,
+            };
+            let frames = match audio {
+                FrameAudio::Samples(samples) => encoder.push(&Pcm {
+                    samples,
+                    sample_rate: OPUS_RATE,
+                }),
+                FrameAudio::Silence => encoder.silence(FRAME_TIME),
             };
             match frames {
                 Ok(frames) => {
