@@ -1,29 +1,21 @@
-//! Alerts: rules in plain words ("a person climbs the fence") checked on every answered
-//! cycle as a yes/no question about the stream's newest frames, on the stream's engine
-//! session at alert priority (after questions, before commentary).
+//! Alerts: rules in plain words ("a person climbs the fence"), what fired, and where it
+//! goes. The rules are checked by the alerts output (`crate::outputs::alerts`), which asks
+//! each rule's [`Trigger`] whether an answer fires it.
 //!
 //! A rule fires when its answer turns from no to yes, not on every yes, and then rests for
-//! its cooldown. Firing publishes an `alert` event, keeps the seconds of picture around it
-//! from the display buffer as a clip, and hands the alert to the [`AlertSink`] (the
-//! webhook), which must never block the loop.
+//! its cooldown ([`Trigger`], sans-IO). Firing keeps the seconds of picture around it as a
+//! clip and hands the alert to the [`AlertSink`] (the webhook), which must never block.
 //!
-//! The check is a short generation ("yes" or "no", greedy) on every engine: reading the
-//! first token's yes/no logits would be one step cheaper with llama.cpp, but needs an
-//! engine interface for logits that the OpenAI-compatible engine cannot offer.
+//! This module knows no stream: a rule is checked here ([`check_rule`]) for the streams
+//! file and the API alike, and the stream keeps its rules as an extension.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use kibitz_commentator::Event;
-use kibitz_engine::{Frame, Image, Output, Priority, Request, Sampling};
 use kibitz_frames::{DisplayFrame, Jpeg};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
-
-use crate::stream::StreamHandle;
-use crate::StreamError;
 
 /// Rules one stream may have.
 pub const MAX_RULES: usize = 8;
@@ -112,7 +104,8 @@ impl AlertLog {
         lock(&self.alerts).iter().cloned().collect()
     }
 
-    fn push(&self, mut alert: Alert) -> Alert {
+    /// Keeps `alert`, numbered; returns it with its id and clip address.
+    pub(crate) fn push(&self, mut alert: Alert) -> Alert {
         alert.id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         alert.clip = format!("/api/alerts/{}/clip", alert.id);
         let mut alerts = lock(&self.alerts);
@@ -166,31 +159,68 @@ impl Rules {
     pub(crate) fn list(&self) -> Vec<Rule> {
         lock(&self.rules).iter().map(|(r, _)| r.clone()).collect()
     }
+
+    /// Adds a checked rule, at most [`MAX_RULES`].
+    pub(crate) fn add(&self, settings: &RuleSettings) -> Result<Rule, RuleError> {
+        let rule = check_rule(settings)?;
+        let mut rules = lock(&self.rules);
+        if rules.len() >= MAX_RULES {
+            return Err(RuleError {
+                field: "rule",
+                message: format!(
+                    "this stream has {MAX_RULES} rules, the most it takes; delete one first"
+                ),
+            });
+        }
+        rules.push((rule.clone(), Trigger::default()));
+        Ok(rule)
+    }
+
+    /// Removes rule `id`; false when there is none.
+    pub(crate) fn remove(&self, id: u64) -> bool {
+        let mut rules = lock(&self.rules);
+        let before = rules.len();
+        rules.retain(|(r, _)| r.id != id);
+        rules.len() != before
+    }
+
+    /// Takes rule `id`'s answer `yes` at `now`: whether it fires. `None` when the rule was
+    /// deleted meanwhile.
+    pub(crate) fn answer(&self, id: u64, now: Instant, yes: bool) -> Option<bool> {
+        let mut rules = lock(&self.rules);
+        let (rule, trigger) = rules.iter_mut().find(|(r, _)| r.id == id)?;
+        let fire = trigger.check(now, yes, Duration::from_secs_f64(rule.cooldown));
+        rule.last = trigger.last();
+        rule.checks += 1;
+        rule.fired += u64::from(fire);
+        Some(fire)
+    }
+}
+
+/// A rule that cannot be taken, naming its field (`rule`, `cooldown`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RuleError {
+    pub field: &'static str,
+    pub message: String,
 }
 
 /// Checks `settings`: the one place a rule is validated.
-pub fn check_rule(settings: &RuleSettings) -> Result<Rule, StreamError> {
+pub fn check_rule(settings: &RuleSettings) -> Result<Rule, RuleError> {
     let text = settings.rule.trim();
     let chars = text.chars().count();
-    let bad = |message: String| {
-        StreamError::Invalid(crate::Problems(vec![crate::FieldError {
-            field: "rule",
-            message,
-        }]))
-    };
     if chars == 0 || chars > MAX_RULE_CHARS {
-        return Err(bad(format!(
-            "must be 1 to {MAX_RULE_CHARS} characters, got {chars}"
-        )));
+        return Err(RuleError {
+            field: "rule",
+            message: format!("must be 1 to {MAX_RULE_CHARS} characters, got {chars}"),
+        });
     }
     let cooldown = settings.cooldown.unwrap_or(DEFAULT_COOLDOWN.as_secs_f64());
     if !(cooldown.is_finite() && (0.0..=86_400.0).contains(&cooldown)) {
-        return Err(StreamError::Invalid(crate::Problems(vec![
-            crate::FieldError {
-                field: "cooldown",
-                message: format!("must be 0 to 86400 seconds, got {cooldown}"),
-            },
-        ])));
+        return Err(RuleError {
+            field: "cooldown",
+            message: format!("must be 0 to 86400 seconds, got {cooldown}"),
+        });
     }
     Ok(Rule {
         id: NEXT_RULE.fetch_add(1, Ordering::Relaxed),
@@ -200,162 +230,6 @@ pub fn check_rule(settings: &RuleSettings) -> Result<Rule, StreamError> {
         checks: 0,
         fired: 0,
     })
-}
-
-impl StreamHandle {
-    pub fn alert_rules(&self) -> Vec<Rule> {
-        self.rules().list()
-    }
-
-    /// Adds a rule (checked; at most [`MAX_RULES`]).
-    pub fn add_alert_rule(&self, settings: &RuleSettings) -> Result<Rule, StreamError> {
-        let rule = check_rule(settings)?;
-        let mut rules = lock(&self.rules().rules);
-        if rules.len() >= MAX_RULES {
-            return Err(StreamError::Invalid(crate::Problems(vec![
-                crate::FieldError {
-                    field: "rule",
-                    message: format!(
-                        "this stream has {MAX_RULES} rules, the most it takes; delete one first"
-                    ),
-                },
-            ])));
-        }
-        rules.push((rule.clone(), Trigger::default()));
-        Ok(rule)
-    }
-
-    pub fn remove_alert_rule(&self, id: u64) -> Result<(), StreamError> {
-        let mut rules = lock(&self.rules().rules);
-        let before = rules.len();
-        rules.retain(|(r, _)| r.id != id);
-        if rules.len() == before {
-            return Err(StreamError::NotFound(format!("rule {id}")));
-        }
-        Ok(())
-    }
-}
-
-/// Checks the stream's rules after every answered cycle. Runs until the stream stops.
-pub(crate) async fn watch(
-    handle: StreamHandle,
-    log: Arc<AlertLog>,
-    sink: Option<Arc<dyn AlertSink>>,
-) {
-    let mut events = handle.subscribe();
-    let stopped = handle.stopped();
-    loop {
-        let event = tokio::select! {
-            _ = stopped.cancelled() => return,
-            event = events.recv() => event,
-        };
-        let comment = match event {
-            Ok(Event::CycleEnd(end)) if end.reason.is_none() => (!end.skipped).then_some(end.text),
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let rules = handle.rules().list();
-        for rule in rules {
-            let answer = tokio::select! {
-                _ = stopped.cancelled() => return,
-                answer = check(&handle, &rule.rule) => answer,
-            };
-            let yes = match answer {
-                Ok(yes) => yes,
-                Err(e) => {
-                    tracing::warn!(stream = %handle.id(), rule = rule.id, "alert check failed: {e}");
-                    continue;
-                }
-            };
-            let now = tokio::time::Instant::now().into_std();
-            let fire = {
-                let mut rules = lock(&handle.rules().rules);
-                let Some((state, trigger)) = rules.iter_mut().find(|(r, _)| r.id == rule.id) else {
-                    continue; // deleted meanwhile
-                };
-                let fire = trigger.check(now, yes, Duration::from_secs_f64(state.cooldown));
-                state.last = trigger.last();
-                state.checks += 1;
-                state.fired += u64::from(fire);
-                fire
-            };
-            if fire {
-                let alert = log.push(Alert {
-                    id: 0,
-                    stream: handle.id().to_string(),
-                    rule_id: rule.id,
-                    rule: rule.rule.clone(),
-                    comment: comment.clone().or_else(|| handle.recent_comments(1).pop()),
-                    time: crate::unix_ms(now),
-                    clip: String::new(),
-                    frame: handle.latest_frame().map(|f| f.jpeg),
-                    frames: Arc::new(Mutex::new(handle.frames_since(now - CLIP_BEFORE))),
-                });
-                tracing::info!(stream = %handle.id(), rule = %rule.rule, alert = alert.id, "alert");
-                handle.emit(Event::Alert {
-                    alert: alert.id,
-                    rule: alert.rule.clone(),
-                    rule_id: rule.id,
-                    comment: alert.comment.clone(),
-                    time: alert.time,
-                    clip: alert.clip.clone(),
-                });
-                // The seconds after it join the clip once they have happened.
-                let (clip_handle, frames) = (handle.clone(), alert.frames.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(CLIP_AFTER).await;
-                    let mut frames = lock(&frames);
-                    let last = frames.last().map(|f| f.seq);
-                    frames.extend(clip_handle.frames_after(last));
-                });
-                if let Some(sink) = &sink {
-                    sink.deliver(&alert);
-                }
-            }
-        }
-    }
-}
-
-/// One yes/no question about the newest frames.
-async fn check(handle: &StreamHandle, rule: &str) -> Result<bool, String> {
-    let turn = handle
-        .session()
-        .turn(Priority::Alert, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let spec = handle.spec();
-    let frames: Vec<Frame> = handle
-        .sample_frames(spec.frames_per_inference, spec.frame_stride)
-        .into_iter()
-        .map(|(stamp, rgb)| Frame {
-            image: Image::Rgb(rgb),
-            pts: stamp.pts,
-        })
-        .collect();
-    if frames.is_empty() {
-        return Err("no picture yet".into());
-    }
-    let mut request = Request::new(
-        frames,
-        "You check a live video for one condition. Answer with one word: yes or no.",
-        format!(
-            "Here are the last frames, oldest first. Condition: {rule}\nIs it true in the newest frame? Answer yes or no."
-        ),
-    );
-    request.max_tokens = 3;
-    request.sampling = Sampling {
-        temperature: 0.0,
-        ..Sampling::default()
-    };
-    let mut generation = turn.submit(request).map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    while let Some(item) = generation.next().await {
-        match item.map_err(|e| e.to_string())? {
-            Output::Text(piece) => text.push_str(&piece),
-            Output::Done(_) => break,
-        }
-    }
-    Ok(is_yes(&text))
 }
 
 /// "Yes", "yes.", " YES!" and the like; anything else is no.
