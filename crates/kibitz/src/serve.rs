@@ -83,10 +83,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await?
             {
                 Ok(history) => {
-                    tokio::spawn(kibitz_stream::history::record(
-                        streams.clone(),
-                        history.clone(),
-                    ));
+                    streams.add_output(kibitz_stream::history::output(history.clone()));
                     Some(history)
                 }
                 Err(e) => {

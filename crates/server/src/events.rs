@@ -17,7 +17,7 @@ use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::Response;
 use futures::{stream, Stream};
 use kibitz_commentator::Event;
-use kibitz_stream::{Attachment, OutputKind, StreamEvent};
+use kibitz_stream::{Output, OutputContext, StreamEvent};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
@@ -36,10 +36,92 @@ pub(crate) struct Listen {
 }
 
 impl Listen {
-    fn attach(&self, handle: &kibitz_stream::StreamHandle) -> Option<Attachment> {
+    fn attach(&self, handle: &kibitz_stream::StreamHandle) -> Option<OutputContext> {
         matches!(self.sound.as_deref(), Some("on" | "1" | "true"))
-            .then(|| handle.attach(OutputKind::Listener, now()))
+            .then(|| handle.attach(Listener, now()))
     }
+}
+
+/// A page with its sound on: it plays the speech clips itself, so this output only counts
+/// it (as [`kibitz_stream::speech::LISTENER`]) for as long as its connection lasts, which
+/// keeps the stream's speaker running.
+struct Listener;
+
+impl Output for Listener {
+    type Running = OutputContext;
+
+    fn name(&self) -> &'static str {
+        kibitz_stream::speech::LISTENER
+    }
+
+    fn build(self, cx: OutputContext) -> OutputContext {
+        cx
+    }
+}
+
+/// Per-stream events as Server-Sent Events, one output per client.
+struct SseEvents {
+    state: AppState,
+    listening: Option<OutputContext>,
+}
+
+impl Output for SseEvents {
+    type Running = EventStream;
+
+    fn name(&self) -> &'static str {
+        "sse"
+    }
+
+    fn build(self, cx: OutputContext) -> EventStream {
+        let events = stream::unfold(
+            (cx, self.state, self.listening),
+            |(mut cx, state, listening)| async move {
+                let item = tokio::select! {
+                    _ = state.shutdown().cancelled() => return None,
+                    _ = cx.stopped.cancelled() => return None,
+                    item = cx.events.recv() => item,
+                };
+                let message = match item {
+                    Ok(event) => {
+                        let value = serde_json::to_value(&event).expect("events serialize");
+                        sse_message(&value)
+                    }
+                    Err(RecvError::Lagged(skipped)) => lagged(&state, skipped),
+                    Err(RecvError::Closed) => return None,
+                };
+                Some((Ok(message), (cx, state, listening)))
+            },
+        );
+        Box::pin(events)
+    }
+}
+
+/// Per-stream events over a WebSocket, one output per client; runs once upgraded.
+struct WsEvents {
+    state: AppState,
+    may_change: bool,
+}
+
+impl Output for WsEvents {
+    type Running = WsSession;
+
+    fn name(&self) -> &'static str {
+        "ws"
+    }
+
+    fn build(self, cx: OutputContext) -> WsSession {
+        WsSession {
+            cx,
+            state: self.state,
+            may_change: self.may_change,
+        }
+    }
+}
+
+struct WsSession {
+    cx: OutputContext,
+    state: AppState,
+    may_change: bool,
 }
 
 /// `GET /api/streams/{id}/stream[?sound=on]`.
@@ -48,28 +130,9 @@ pub(crate) async fn stream(
     Target(handle): Target,
     Query(listen): Query<Listen>,
 ) -> SseStream {
-    let attachment = handle.attach(OutputKind::Sse, now());
     let listening = listen.attach(&handle);
-    let events = stream::unfold(
-        (attachment, state, listening),
-        |(mut a, state, listening)| async move {
-            let item = tokio::select! {
-                _ = state.shutdown().cancelled() => return None,
-                _ = a.stopped.cancelled() => return None,
-                item = a.events.recv() => item,
-            };
-            let message = match item {
-                Ok(event) => {
-                    let value = serde_json::to_value(&event).expect("events serialize");
-                    sse_message(&value)
-                }
-                Err(RecvError::Lagged(skipped)) => lagged(&state, skipped),
-                Err(RecvError::Closed) => return None,
-            };
-            Some((Ok(message), (a, state, listening)))
-        },
-    );
-    Sse::new(Box::pin(events) as EventStream).keep_alive(KeepAlive::default())
+    let events = handle.attach(SseEvents { state, listening }, now());
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// `GET /api/events`: every stream's events, tagged, and streams coming and going.
@@ -105,10 +168,10 @@ pub(crate) async fn ws(
     // Decided at the upgrade: a browser's WebSocket carries the session cookie, not a
     // header the page could set later.
     let may_change = state.shared().access.is_authorized(&headers);
-    let attachment = handle.attach(OutputKind::Ws, now());
+    let session = handle.attach(WsEvents { state, may_change }, now());
     let listening = listen.attach(&handle);
     upgrade.on_upgrade(move |socket| async move {
-        session(socket, state, attachment, may_change).await;
+        session.run(socket).await;
         drop(listening);
     })
 }
@@ -116,7 +179,18 @@ pub(crate) async fn ws(
 /// Sends every event as a JSON text message; takes `{"profile"?, "instruction"?}`
 /// messages and answers each with `{"type":"selection",..}` or
 /// `{"type":"rejected","reason":..}`.
-async fn session(mut socket: WebSocket, state: AppState, mut a: Attachment, may_change: bool) {
+impl WsSession {
+    async fn run(self, socket: WebSocket) {
+        let WsSession {
+            cx,
+            state,
+            may_change,
+        } = self;
+        session(socket, state, cx, may_change).await;
+    }
+}
+
+async fn session(mut socket: WebSocket, state: AppState, mut a: OutputContext, may_change: bool) {
     loop {
         let outgoing = tokio::select! {
             _ = state.shutdown().cancelled() => break,
@@ -145,7 +219,7 @@ async fn session(mut socket: WebSocket, state: AppState, mut a: Attachment, may_
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn reply(state: &AppState, a: &Attachment, text: &str, may_change: bool) -> String {
+async fn reply(state: &AppState, a: &OutputContext, text: &str, may_change: bool) -> String {
     if !may_change {
         return json!({
             "type": "rejected",

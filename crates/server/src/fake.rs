@@ -187,10 +187,7 @@ impl Harness {
         }
         let history = options.history.then(|| {
             let history = kibitz_history::History::in_memory().expect("an in-memory history");
-            tokio::spawn(kibitz_stream::history::record(
-                streams.clone(),
-                history.clone(),
-            ));
+            streams.add_output(kibitz_stream::history::output(history.clone()));
             history
         });
         let state = AppState::new(Parts {

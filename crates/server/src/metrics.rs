@@ -62,19 +62,19 @@ const PER_STREAM: &[(&str, &str, &str, Read)] = &[
         "kibitz_mjpeg_viewers",
         "gauge",
         "Open MJPEG streams.",
-        |s| Some(s.viewers.mjpeg as f64),
+        |s| Some(s.running("mjpeg") as f64),
     ),
     (
         "kibitz_mjpeg_frames_sent_total",
         "counter",
         "Frames written to MJPEG viewers, all together.",
-        |s| Some(s.viewers.mjpeg_frames_sent as f64),
+        |s| Some(s.frames_sent("mjpeg") as f64),
     ),
     (
         "kibitz_event_clients",
         "gauge",
         "Open per-stream event streams (SSE and WebSocket).",
-        |s| Some((s.viewers.sse + s.viewers.ws) as f64),
+        |s| Some((s.running("sse") + s.running("ws")) as f64),
     ),
     (
         "kibitz_cycles_total",
@@ -117,6 +117,22 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             if let Some(value) = read(status) {
                 let _ = writeln!(out.0, "{name}{{stream=\"{}\"}} {value}", status.id);
             }
+        }
+    }
+
+    // Every output by the name it gives, so a new kind needs no line here.
+    out.header(
+        "kibitz_outputs",
+        "gauge",
+        "Outputs running, by name (label `output`).",
+    );
+    for status in &statuses {
+        for (output, count) in &status.outputs {
+            let _ = writeln!(
+                out.0,
+                "kibitz_outputs{{stream=\"{}\",output=\"{output}\"}} {}",
+                status.id, count.running
+            );
         }
     }
 

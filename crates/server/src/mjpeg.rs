@@ -1,8 +1,8 @@
 //! The picture: `/api/streams/{id}/mjpeg`, the delayed stream the page shows, and
 //! `/api/streams/{id}/frame`, the newest frame (the overview's thumbnails poll it).
 //!
-//! Every MJPEG viewer attaches to its stream and asks the stream's [`Playout`] which
-//! frame is on screen now; nothing is queued per viewer, so a viewer whose socket is full
+//! Every MJPEG viewer is an output of its stream ([`Mjpeg`], counted as `mjpeg`) and asks
+//! its context's [`Playout`] which frame is on screen now; nothing is queued per viewer, so a viewer whose socket is full
 //! simply is not polled; when it drains, it wakes late and sends the current frame,
 //! skipping the ones it missed. A slow viewer skips frames and never holds anyone else up.
 //!
@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{stream, Stream, StreamExt};
 use kibitz_frames::DisplayFrame;
-use kibitz_stream::{Attachment, OutputKind};
+use kibitz_stream::{Output, OutputContext};
 
 use crate::state::Target;
 use crate::{ApiError, AppState};
@@ -33,11 +33,7 @@ pub(crate) const BOUNDARY: &str = boundary!();
 const CLOSING: &str = concat!("\r\n--", boundary!(), "\r\n");
 
 pub(crate) async fn mjpeg(State(state): State<AppState>, Target(handle): Target) -> Response {
-    let viewer = Viewer {
-        attachment: handle.attach(OutputKind::Mjpeg, now()),
-        state,
-        first: true,
-    };
+    let viewer = handle.attach(Mjpeg { state }, now());
     (
         [
             (
@@ -72,9 +68,30 @@ pub(crate) async fn frame(Target(handle): Target) -> Result<Response, ApiError> 
         .into_response())
 }
 
-/// One viewer: its attachment to the stream and whether the opening boundary went out.
+/// The MJPEG output: one per viewer.
+struct Mjpeg {
+    state: AppState,
+}
+
+impl Output for Mjpeg {
+    type Running = Viewer;
+
+    fn name(&self) -> &'static str {
+        "mjpeg"
+    }
+
+    fn build(self, cx: OutputContext) -> Viewer {
+        Viewer {
+            cx,
+            state: self.state,
+            first: true,
+        }
+    }
+}
+
+/// One viewer: its output context and whether the opening boundary went out.
 struct Viewer {
-    attachment: Attachment,
+    cx: OutputContext,
     state: AppState,
     first: bool,
 }
@@ -93,14 +110,14 @@ impl Viewer {
     /// Sleeps until the playout says a frame may be due, and returns it when it is.
     async fn next_part(&mut self) -> Option<[Bytes; 3]> {
         loop {
-            let wake = self.attachment.playout.wake_at();
+            let wake = self.cx.playout.wake_at();
             tokio::select! {
                 biased;
                 _ = self.state.shutdown().cancelled() => return None,
-                _ = self.attachment.stopped.cancelled() => return None,
+                _ = self.cx.stopped.cancelled() => return None,
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
-            if let Some(frame) = self.attachment.show(now()) {
+            if let Some(frame) = self.cx.show(now()) {
                 let part = part(&frame, self.first);
                 self.first = false;
                 return Some(part);

@@ -11,7 +11,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream;
-use kibitz_stream::{Attachment, OutputKind};
+use kibitz_stream::{Output, OutputContext};
 use kibitz_voice::{OggMuxer, OpusFrame};
 use tokio::sync::broadcast::{self, error::RecvError};
 
@@ -24,19 +24,8 @@ const FRAMES_PER_PAGE: usize = 5;
 
 /// `GET /api/streams/{id}/speech`.
 pub(crate) async fn stream(State(state): State<AppState>, Target(handle): Target) -> Response {
-    let attachment = handle.attach(OutputKind::Speech, now());
-    let (frames, pre_skip) = handle.speech_frames();
-    // Any serial will do for a one-stream file; one per listener keeps players that
-    // reconnect from mixing two streams' pages.
-    let serial = (kibitz_stream::unix_ms(now()) as u64 & 0xFFFF_FFFF) as u32;
-    let mut muxer = OggMuxer::new(serial, pre_skip);
-    let headers = Bytes::from(muxer.headers());
-    let reader = Reader {
-        attachment,
-        frames,
-        muxer,
-        state,
-    };
+    let mut reader = handle.attach(OggSpeech { state }, now());
+    let headers = Bytes::from(reader.muxer.headers());
     let pages = stream::unfold(reader, |mut reader| async move {
         let page = reader.next_page().await?;
         Some((Ok::<_, Infallible>(page), reader))
@@ -52,8 +41,35 @@ pub(crate) async fn stream(State(state): State<AppState>, Target(handle): Target
         .into_response()
 }
 
+/// The continuous speech stream's output, one per reader; counted as
+/// [`kibitz_stream::speech::READER`], which is what keeps the stream's encoder running.
+struct OggSpeech {
+    state: AppState,
+}
+
+impl Output for OggSpeech {
+    type Running = Reader;
+
+    fn name(&self) -> &'static str {
+        kibitz_stream::speech::READER
+    }
+
+    fn build(self, cx: OutputContext) -> Reader {
+        let (frames, pre_skip) = cx.handle.speech_frames();
+        // Any serial will do for a one-stream file; one per listener keeps players that
+        // reconnect from mixing two streams' pages.
+        let serial = (kibitz_stream::unix_ms(now()) as u64 & 0xFFFF_FFFF) as u32;
+        Reader {
+            cx,
+            frames,
+            muxer: OggMuxer::new(serial, pre_skip),
+            state: self.state,
+        }
+    }
+}
+
 struct Reader {
-    attachment: Attachment,
+    cx: OutputContext,
     frames: broadcast::Receiver<OpusFrame>,
     muxer: OggMuxer,
     state: AppState,
@@ -66,7 +82,7 @@ impl Reader {
         while batch.len() < FRAMES_PER_PAGE {
             let frame = tokio::select! {
                 _ = self.state.shutdown().cancelled() => return None,
-                _ = self.attachment.stopped.cancelled() => return None,
+                _ = self.cx.stopped.cancelled() => return None,
                 frame = self.frames.recv() => frame,
             };
             match frame {

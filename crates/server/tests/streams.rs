@@ -746,8 +746,8 @@ async fn mjpeg_plays_each_frame_once_at_the_source_rate_and_sse_carries_the_stre
     assert!(events.contains("\"text\":\"a ball rolls\""), "{events}");
     // While attached, each output was counted in the stream's status; afterwards not.
     eventually("viewers leave", || async {
-        let v = harness.stream("b").status().viewers;
-        v.mjpeg == 0 && v.mjpeg_frames_sent >= 3
+        let s = harness.stream("b").status();
+        s.running("mjpeg") == 0 && s.frames_sent("mjpeg") >= 3
     })
     .await;
 }

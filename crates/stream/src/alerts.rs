@@ -1,29 +1,21 @@
-//! Alerts: rules in plain words ("a person climbs the fence") checked on every answered
-//! cycle as a yes/no question about the stream's newest frames, on the stream's engine
-//! session at alert priority (after questions, before commentary).
+//! Alerts: rules in plain words ("a person climbs the fence"), what fired, and where it
+//! goes. The rules are checked by the alerts output (`crate::outputs::alerts`), which asks
+//! each rule's [`Trigger`] whether an answer fires it.
 //!
 //! A rule fires when its answer turns from no to yes, not on every yes, and then rests for
-//! its cooldown. Firing publishes an `alert` event, keeps the seconds of picture around it
-//! from the display buffer as a clip, and hands the alert to the [`AlertSink`] (the
-//! webhook), which must never block the loop.
+//! its cooldown ([`Trigger`], sans-IO). Firing keeps the seconds of picture around it as a
+//! clip and hands the alert to the [`AlertSink`] (the webhook), which must never block.
 //!
-//! The check is a short generation ("yes" or "no", greedy) on every engine: reading the
-//! first token's yes/no logits would be one step cheaper with llama.cpp, but needs an
-//! engine interface for logits that the OpenAI-compatible engine cannot offer.
+//! This module knows no stream: a rule is checked here ([`check_rule`]) for the streams
+//! file and the API alike, and the stream keeps its rules as an extension.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use kibitz_commentator::Event;
-use kibitz_engine::{Frame, Image, Output, Priority, Request, Sampling};
 use kibitz_frames::{DisplayFrame, Jpeg};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
-
-use crate::stream::StreamHandle;
-use crate::StreamError;
 
 /// Rules one stream may have.
 pub const MAX_RULES: usize = 8;
@@ -112,7 +104,8 @@ impl AlertLog {
         lock(&self.alerts).iter().cloned().collect()
     }
 
-    fn push(&self, mut alert: Alert) -> Alert {
+    /// Keeps `alert`, numbered; returns it with its id and clip address.
+    pub(crate) fn push(&self, mut alert: Alert) -> Alert {
         alert.id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         alert.clip = format!("/api/alerts/{}/clip", alert.id);
         let mut alerts = lock(&self.alerts);
@@ -124,41 +117,110 @@ impl AlertLog {
     }
 }
 
+/// When a rule fires: on its answer's edge from no to yes, and not again until its cooldown
+/// has passed. Plain time arithmetic (`now` passed in, no clock), so it is tested over
+/// hours of fake time; the watching task only asks it.
+///
+/// An edge during the cooldown is not fired, and a yes that then holds does not fire when
+/// the cooldown ends: the rule waits for the next no → yes, so one long event is one alert.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trigger {
+    last: Option<bool>,
+    fired_at: Option<Instant>,
+}
+
+impl Trigger {
+    /// Takes the answer `yes` checked at `now`; true when the rule fires.
+    pub fn check(&mut self, now: Instant, yes: bool, cooldown: Duration) -> bool {
+        let was = self.last.replace(yes).unwrap_or(false);
+        let rested = self
+            .fired_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= cooldown);
+        let fire = yes && !was && rested;
+        if fire {
+            self.fired_at = Some(now);
+        }
+        fire
+    }
+
+    /// The last answer, `None` before the first.
+    pub fn last(&self) -> Option<bool> {
+        self.last
+    }
+}
+
 /// One stream's rules.
 #[derive(Default)]
 pub(crate) struct Rules {
-    rules: Mutex<Vec<(Rule, Option<Instant>)>>,
+    rules: Mutex<Vec<(Rule, Trigger)>>,
 }
 
 impl Rules {
     pub(crate) fn list(&self) -> Vec<Rule> {
         lock(&self.rules).iter().map(|(r, _)| r.clone()).collect()
     }
+
+    /// Adds a checked rule, at most [`MAX_RULES`].
+    pub(crate) fn add(&self, settings: &RuleSettings) -> Result<Rule, RuleError> {
+        let rule = check_rule(settings)?;
+        let mut rules = lock(&self.rules);
+        if rules.len() >= MAX_RULES {
+            return Err(RuleError {
+                field: "rule",
+                message: format!(
+                    "this stream has {MAX_RULES} rules, the most it takes; delete one first"
+                ),
+            });
+        }
+        rules.push((rule.clone(), Trigger::default()));
+        Ok(rule)
+    }
+
+    /// Removes rule `id`; false when there is none.
+    pub(crate) fn remove(&self, id: u64) -> bool {
+        let mut rules = lock(&self.rules);
+        let before = rules.len();
+        rules.retain(|(r, _)| r.id != id);
+        rules.len() != before
+    }
+
+    /// Takes rule `id`'s answer `yes` at `now`: whether it fires. `None` when the rule was
+    /// deleted meanwhile.
+    pub(crate) fn answer(&self, id: u64, now: Instant, yes: bool) -> Option<bool> {
+        let mut rules = lock(&self.rules);
+        let (rule, trigger) = rules.iter_mut().find(|(r, _)| r.id == id)?;
+        let fire = trigger.check(now, yes, Duration::from_secs_f64(rule.cooldown));
+        rule.last = trigger.last();
+        rule.checks += 1;
+        rule.fired += u64::from(fire);
+        Some(fire)
+    }
+}
+
+/// A rule that cannot be taken, naming its field (`rule`, `cooldown`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RuleError {
+    pub field: &'static str,
+    pub message: String,
 }
 
 /// Checks `settings`: the one place a rule is validated.
-pub fn check_rule(settings: &RuleSettings) -> Result<Rule, StreamError> {
+pub fn check_rule(settings: &RuleSettings) -> Result<Rule, RuleError> {
     let text = settings.rule.trim();
     let chars = text.chars().count();
-    let bad = |message: String| {
-        StreamError::Invalid(crate::Problems(vec![crate::FieldError {
-            field: "rule",
-            message,
-        }]))
-    };
     if chars == 0 || chars > MAX_RULE_CHARS {
-        return Err(bad(format!(
-            "must be 1 to {MAX_RULE_CHARS} characters, got {chars}"
-        )));
+        return Err(RuleError {
+            field: "rule",
+            message: format!("must be 1 to {MAX_RULE_CHARS} characters, got {chars}"),
+        });
     }
     let cooldown = settings.cooldown.unwrap_or(DEFAULT_COOLDOWN.as_secs_f64());
     if !(cooldown.is_finite() && (0.0..=86_400.0).contains(&cooldown)) {
-        return Err(StreamError::Invalid(crate::Problems(vec![
-            crate::FieldError {
-                field: "cooldown",
-                message: format!("must be 0 to 86400 seconds, got {cooldown}"),
-            },
-        ])));
+        return Err(RuleError {
+            field: "cooldown",
+            message: format!("must be 0 to 86400 seconds, got {cooldown}"),
+        });
     }
     Ok(Rule {
         id: NEXT_RULE.fetch_add(1, Ordering::Relaxed),
@@ -168,169 +230,6 @@ pub fn check_rule(settings: &RuleSettings) -> Result<Rule, StreamError> {
         checks: 0,
         fired: 0,
     })
-}
-
-impl StreamHandle {
-    pub fn alert_rules(&self) -> Vec<Rule> {
-        self.rules().list()
-    }
-
-    /// Adds a rule (checked; at most [`MAX_RULES`]).
-    pub fn add_alert_rule(&self, settings: &RuleSettings) -> Result<Rule, StreamError> {
-        let rule = check_rule(settings)?;
-        let mut rules = lock(&self.rules().rules);
-        if rules.len() >= MAX_RULES {
-            return Err(StreamError::Invalid(crate::Problems(vec![
-                crate::FieldError {
-                    field: "rule",
-                    message: format!(
-                        "this stream has {MAX_RULES} rules, the most it takes; delete one first"
-                    ),
-                },
-            ])));
-        }
-        rules.push((rule.clone(), None));
-        Ok(rule)
-    }
-
-    pub fn remove_alert_rule(&self, id: u64) -> Result<(), StreamError> {
-        let mut rules = lock(&self.rules().rules);
-        let before = rules.len();
-        rules.retain(|(r, _)| r.id != id);
-        if rules.len() == before {
-            return Err(StreamError::NotFound(format!("rule {id}")));
-        }
-        Ok(())
-    }
-}
-
-/// Checks the stream's rules after every answered cycle. Runs until the stream stops.
-pub(crate) async fn watch(
-    handle: StreamHandle,
-    log: Arc<AlertLog>,
-    sink: Option<Arc<dyn AlertSink>>,
-) {
-    let mut events = handle.subscribe();
-    let stopped = handle.stopped();
-    loop {
-        let event = tokio::select! {
-            _ = stopped.cancelled() => return,
-            event = events.recv() => event,
-        };
-        let comment = match event {
-            Ok(Event::CycleEnd(end)) if end.reason.is_none() => (!end.skipped).then_some(end.text),
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let rules = handle.rules().list();
-        for rule in rules {
-            let answer = tokio::select! {
-                _ = stopped.cancelled() => return,
-                answer = check(&handle, &rule.rule) => answer,
-            };
-            let yes = match answer {
-                Ok(yes) => yes,
-                Err(e) => {
-                    tracing::warn!(stream = %handle.id(), rule = rule.id, "alert check failed: {e}");
-                    continue;
-                }
-            };
-            let now = Instant::now();
-            let fire = {
-                let mut rules = lock(&handle.rules().rules);
-                let Some((state, fired_at)) = rules.iter_mut().find(|(r, _)| r.id == rule.id)
-                else {
-                    continue; // deleted meanwhile
-                };
-                let was = state.last.replace(yes).unwrap_or(false);
-                state.checks += 1;
-                let rested = fired_at.is_none_or(|t| {
-                    now.saturating_duration_since(t).as_secs_f64() >= state.cooldown
-                });
-                let fire = yes && !was && rested;
-                if fire {
-                    state.fired += 1;
-                    *fired_at = Some(now);
-                }
-                fire
-            };
-            if fire {
-                let alert = log.push(Alert {
-                    id: 0,
-                    stream: handle.id().to_string(),
-                    rule_id: rule.id,
-                    rule: rule.rule.clone(),
-                    comment: comment.clone().or_else(|| handle.recent_comments(1).pop()),
-                    time: crate::unix_ms(now),
-                    clip: String::new(),
-                    frame: handle.latest_frame().map(|f| f.jpeg),
-                    frames: Arc::new(Mutex::new(handle.frames_since(now - CLIP_BEFORE))),
-                });
-                tracing::info!(stream = %handle.id(), rule = %rule.rule, alert = alert.id, "alert");
-                handle.emit(Event::Alert {
-                    alert: alert.id,
-                    rule: alert.rule.clone(),
-                    rule_id: rule.id,
-                    comment: alert.comment.clone(),
-                    time: alert.time,
-                    clip: alert.clip.clone(),
-                });
-                // The seconds after it join the clip once they have happened.
-                let (clip_handle, frames) = (handle.clone(), alert.frames.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(CLIP_AFTER).await;
-                    let mut frames = lock(&frames);
-                    let last = frames.last().map(|f| f.seq);
-                    frames.extend(clip_handle.frames_after(last));
-                });
-                if let Some(sink) = &sink {
-                    sink.deliver(&alert);
-                }
-            }
-        }
-    }
-}
-
-/// One yes/no question about the newest frames.
-async fn check(handle: &StreamHandle, rule: &str) -> Result<bool, String> {
-    let turn = handle
-        .session()
-        .turn(Priority::Alert, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let spec = handle.spec();
-    let frames: Vec<Frame> = handle
-        .sample_frames(spec.frames_per_inference, spec.frame_stride)
-        .into_iter()
-        .map(|(stamp, rgb)| Frame {
-            image: Image::Rgb(rgb),
-            pts: stamp.pts,
-        })
-        .collect();
-    if frames.is_empty() {
-        return Err("no picture yet".into());
-    }
-    let mut request = Request::new(
-        frames,
-        "You check a live video for one condition. Answer with one word: yes or no.",
-        format!(
-            "Here are the last frames, oldest first. Condition: {rule}\nIs it true in the newest frame? Answer yes or no."
-        ),
-    );
-    request.max_tokens = 3;
-    request.sampling = Sampling {
-        temperature: 0.0,
-        ..Sampling::default()
-    };
-    let mut generation = turn.submit(request).map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    while let Some(item) = generation.next().await {
-        match item.map_err(|e| e.to_string())? {
-            Output::Text(piece) => text.push_str(&piece),
-            Output::Done(_) => break,
-        }
-    }
-    Ok(is_yes(&text))
 }
 
 /// "Yes", "yes.", " YES!" and the like; anything else is no.
@@ -358,6 +257,85 @@ mod tests {
         }
         for no in ["no", "No.", "", "maybe yes", "yesterday"] {
             assert!(!is_yes(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn fires_on_the_edge_then_rests() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut trigger = Trigger::default();
+        let cooldown = s(60);
+        assert!(!trigger.check(t0, false, cooldown));
+        assert!(trigger.check(t0 + s(3), true, cooldown), "no → yes fires");
+        assert!(
+            !trigger.check(t0 + s(6), true, cooldown),
+            "yes → yes does not"
+        );
+        assert!(!trigger.check(t0 + s(9), false, cooldown));
+        assert!(
+            !trigger.check(t0 + s(12), true, cooldown),
+            "an edge in the cooldown"
+        );
+        assert!(
+            !trigger.check(t0 + s(70), true, cooldown),
+            "a yes held past it"
+        );
+        assert!(!trigger.check(t0 + s(73), false, cooldown));
+        assert!(
+            trigger.check(t0 + s(76), true, cooldown),
+            "the next edge after it"
+        );
+        let mut first = Trigger::default();
+        assert!(first.check(t0, true, cooldown), "a first yes is an edge");
+    }
+
+    /// Six hours of answers every 2–5 s that flip at random, for cooldowns from none to
+    /// ten minutes: every alert is a yes after a no (or the first answer), alerts are at
+    /// least a cooldown apart, and an edge is let pass only inside the cooldown.
+    #[test]
+    fn hours_of_answers_fire_only_on_rested_edges() {
+        let t0 = Instant::now();
+        let mut seed = 0x1234_5678_u32;
+        let mut random = |range: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed % range
+        };
+        for cooldown in [0, 5, 60, 600].map(Duration::from_secs) {
+            let mut trigger = Trigger::default();
+            let (mut now, mut last, mut fired_at) = (t0, None::<bool>, None::<Instant>);
+            let (mut fired, mut passed) = (0u32, 0u32);
+            while now < t0 + Duration::from_secs(6 * 3600) {
+                now += Duration::from_millis(2000 + u64::from(random(3000)));
+                // Long stretches of the same answer, as a scene holds.
+                let yes = match last {
+                    Some(was) if random(10) < 8 => was,
+                    _ => random(3) == 0,
+                };
+                let edge = yes && !last.unwrap_or(false);
+                if trigger.check(now, yes, cooldown) {
+                    assert!(edge, "fired without an edge");
+                    assert!(
+                        fired_at.is_none_or(|t| now - t >= cooldown),
+                        "fired resting"
+                    );
+                    fired_at = Some(now);
+                    fired += 1;
+                } else if edge {
+                    assert!(fired_at.is_some_and(|t| now - t < cooldown), "an edge lost");
+                    passed += 1;
+                }
+                assert_eq!(trigger.last(), Some(yes));
+                last = Some(yes);
+            }
+            assert!(fired > 10, "{fired} alerts with {cooldown:?}");
+            if cooldown.is_zero() {
+                assert_eq!(passed, 0, "with no cooldown every edge fires");
+            } else if cooldown >= Duration::from_secs(60) {
+                assert!(passed > 0, "some edges fall in the cooldown");
+            }
         }
     }
 

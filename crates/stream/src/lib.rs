@@ -3,33 +3,43 @@
 //!
 //! - [`StreamSpec`] / [`StreamSettings`]: what a stream is, checked in one place.
 //! - [`topology::plan`]: the command line's streams, every problem reported at once.
-//! - [`Stream`] / [`StreamHandle`]: one running stream and what outputs attach to.
+//! - [`Stream`] / [`StreamHandle`]: one running stream, which outputs are built from.
+//! - [`Output`] / [`OutputContext`] / [`StreamOutput`]: outputs as plug-ins, counted by
+//!   name; `outputs` holds the ones every stream runs itself (speaker, encoder, alerts).
 //! - [`Playout`]: which picture is on screen now, given the delay (sans-IO).
 //! - [`Streams`]: the registry: add, change, remove, the state file, the tagged event bus.
 //! - [`Sources`]: how sources start (FFmpeg; pattern pictures behind the `fake` feature).
-//! - `speech`: which comments are spoken when, and the continuous Ogg/Opus stream.
+//! - [`speech`]: the voice's shared state and its timing ([`SpeechTimeline`], [`Pacer`],
+//!   sans-IO); [`Trigger`]: when an alert fires (sans-IO).
 
 mod alerts;
 mod ask;
+mod counts;
 mod events;
+mod extensions;
 pub mod history;
 mod id;
+mod output;
+mod outputs;
 mod playout;
 mod registry;
 pub mod sources;
 mod spec;
-mod speech;
+pub mod speech;
 mod status;
 mod stream;
 pub mod topology;
 mod voices;
 
 pub use alerts::{
-    is_yes, Alert, AlertLog, AlertSink, Rule, RuleSettings, MAX_RULES, MAX_RULE_CHARS,
+    check_rule, is_yes, Alert, AlertLog, AlertSink, Rule, RuleError, RuleSettings, Trigger,
+    MAX_RULES, MAX_RULE_CHARS,
 };
 pub use ask::{AnswerPiece, MAX_QUESTION_CHARS};
+pub use counts::{OutputCount, Running};
 pub use events::{StreamEvent, StreamEventKind};
 pub use id::{StreamId, MAX_ID_LEN};
+pub use output::{Demand, Output, OutputContext, StreamOutput, Task};
 pub use playout::{frame_period, Playout};
 pub use registry::{RegistryConfig, Streams};
 pub use sources::{FfmpegSources, RunningSource, Sources};
@@ -37,9 +47,9 @@ pub use spec::{
     parse_streams_file, FieldError, Problems, StreamDefaults, StreamSettings, StreamSpec,
     LIVE_FIELDS,
 };
-pub use speech::{unix_ms, SpeechStatus, MAX_LATE};
-pub use status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
-pub use stream::{Attachment, Origin, OutputKind, StartContext, Stream, StreamHandle};
+pub use speech::{unix_ms, Pacer, SpeechStatus, SpeechTimeline, MAX_LATE};
+pub use status::{BufferStatus, Origin, SourceView, StreamStatus, StreamSummary};
+pub use stream::{StartContext, Stream, StreamHandle};
 pub use voices::Voices;
 
 /// What adding, changing or removing a stream can fail with. The server maps each to one

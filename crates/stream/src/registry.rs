@@ -14,10 +14,13 @@ use kibitz_media::{SourceConfig, SourcePolicy, SourceSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::alerts::AlertLog;
 use crate::events::{StreamEvent, StreamEventKind};
+use crate::output::StreamOutput;
 use crate::sources::Sources;
 use crate::spec::{Problems, StreamDefaults, StreamSettings, StreamSpec};
-use crate::stream::{Origin, StartContext, Stream, StreamHandle};
+use crate::status::Origin;
+use crate::stream::{StartContext, Stream, StreamHandle};
 use crate::{StreamError, StreamId};
 
 /// Tagged events the bus keeps for slow readers of `/api/events`.
@@ -53,6 +56,10 @@ struct Inner {
     /// In the order they started: the first one still running is the default stream of
     /// the single-stream routes.
     running: RwLock<Vec<Stream>>,
+    /// The outputs every stream runs itself, built-in and added.
+    outputs: RwLock<Vec<StreamOutput>>,
+    /// Fired alerts of every stream.
+    alerts: Arc<AlertLog>,
     /// Live-setting changes made through the API to command-line streams.
     cli_changes: Mutex<BTreeMap<StreamId, StreamSettings>>,
     /// One change at a time.
@@ -72,6 +79,8 @@ struct StateFile {
 impl Streams {
     pub fn new(config: RegistryConfig) -> Streams {
         let (bus, _) = broadcast::channel(BUS_BUFFER);
+        let alerts = Arc::new(AlertLog::default());
+        let outputs = crate::outputs::built_in(alerts.clone(), config.alert_sink);
         Streams {
             inner: Arc::new(Inner {
                 cx: StartContext {
@@ -80,9 +89,9 @@ impl Streams {
                     scheduler: config.scheduler,
                     bus,
                     voices: config.voices,
-                    alerts: Arc::default(),
-                    alert_sink: config.alert_sink,
                 },
+                outputs: RwLock::new(outputs),
+                alerts,
                 policy: config.policy,
                 max_streams: config.max_streams,
                 state_file: config.state_file,
@@ -112,8 +121,23 @@ impl Streams {
     }
 
     /// Fired alerts of every stream (the last few, with their clips).
-    pub fn alerts(&self) -> &crate::AlertLog {
-        &self.inner.cx.alerts
+    pub fn alerts(&self) -> &AlertLog {
+        &self.inner.alerts
+    }
+
+    /// Registers an output every stream runs itself (history, a test's counting output):
+    /// it starts on every running stream now and on every stream started later.
+    pub fn add_output(&self, output: StreamOutput) {
+        let mut outputs = self
+            .inner
+            .outputs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for stream in self.write().iter_mut() {
+            let task = output.start(stream.handle());
+            stream.keep(task);
+        }
+        outputs.push(output);
     }
 
     pub fn max_streams(&self) -> usize {
@@ -296,9 +320,21 @@ impl Streams {
     ) -> Result<StreamHandle, StreamError> {
         let id = spec.id.clone();
         let shown = spec.source_shown();
-        let stream = Stream::start(spec, origin, config, &self.inner.cx).await?;
+        let mut stream = Stream::start(spec, origin, config, &self.inner.cx).await?;
         let handle = stream.handle().clone();
-        self.write().push(stream);
+        {
+            // Held until the stream is listed, so an output added meanwhile
+            // ([`Streams::add_output`]) starts on it exactly once.
+            let outputs = self
+                .inner
+                .outputs
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            for output in outputs.iter() {
+                stream.keep(output.start(&handle));
+            }
+            self.write().push(stream);
+        }
         tracing::info!(stream = %id, source = %shown, "stream started");
         self.announce(&id, StreamEventKind::Added(handle.summary()));
         Ok(handle)

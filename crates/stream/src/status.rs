@@ -2,13 +2,25 @@
 //! [`crate::StreamHandle::status`] from the source, the stores, the commentary loop's
 //! snapshot and the output counts; `/api/status`, `/metrics` and the page all read it.
 
+use std::collections::BTreeMap;
+
 use kibitz_commentator::Snapshot;
 use kibitz_media::{SourceState, SourceStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::counts::OutputCount;
 use crate::spec::StreamSettings;
-use crate::stream::Origin;
+use crate::speech::SpeechStatus;
 use crate::StreamId;
+
+/// Where a stream came from: the command line (trusted, not kept in the state file) or
+/// the API (its source checked by the policy, kept in the state file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    Cli,
+    Api,
+}
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StreamStatus {
@@ -20,8 +32,10 @@ pub struct StreamStatus {
     pub commentary: Snapshot,
     /// Seconds behind real time the picture is shown.
     pub target_delay: f64,
-    pub viewers: ViewerCounts,
-    pub speech: crate::SpeechStatus,
+    /// Outputs by name (`mjpeg`, `sse`, `ws`, `speech`, `alerts`, …): how many run now
+    /// and the pictures they have sent. A name shows once an output of it has run.
+    pub outputs: BTreeMap<String, OutputCount>,
+    pub speech: SpeechStatus,
     /// The stream's settings (source without credentials).
     pub settings: StreamSettings,
     pub uptime_s: f64,
@@ -99,21 +113,25 @@ pub struct BufferStatus {
     pub window_capacity: usize,
 }
 
-/// Outputs attached now, by kind.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct ViewerCounts {
-    pub mjpeg: u64,
-    pub sse: u64,
-    pub ws: u64,
-    /// Readers of the continuous speech stream.
-    pub speech: u64,
-    /// Frames written to MJPEG viewers since the stream started, all together.
-    pub mjpeg_frames_sent: u64,
-}
+impl StreamStatus {
+    /// Outputs of `name` running now (0 for a name never seen).
+    pub fn running(&self, name: &str) -> u64 {
+        self.outputs.get(name).map_or(0, |o| o.running)
+    }
 
-impl ViewerCounts {
-    pub fn total(&self) -> u64 {
-        self.mjpeg + self.sse + self.ws + self.speech
+    /// Pictures outputs of `name` have sent since the stream started.
+    pub fn frames_sent(&self, name: &str) -> u64 {
+        self.outputs.get(name).map_or(0, |o| o.frames_sent)
+    }
+
+    /// Outputs attached by clients (viewers, listeners), all names together; not those
+    /// the stream runs itself.
+    pub fn viewers(&self) -> u64 {
+        self.outputs
+            .values()
+            .filter(|o| !o.per_stream)
+            .map(|o| o.running)
+            .sum()
     }
 }
 
@@ -133,7 +151,7 @@ pub struct StreamSummary {
     /// Who speaks its comments (`off`, or `off (why)` when the voice could not start).
     pub voice: String,
     pub target_delay: f64,
-    /// Attached outputs (MJPEG, SSE, WebSocket) together.
+    /// Outputs attached by clients (MJPEG, SSE, WebSocket, speech, …) together.
     pub viewers: u64,
 }
 
@@ -150,7 +168,7 @@ impl From<&StreamStatus> for StreamSummary {
             last_comment: s.commentary.last_comment.clone(),
             voice: s.speech.voice.clone(),
             target_delay: s.target_delay,
-            viewers: s.viewers.total(),
+            viewers: s.viewers(),
         }
     }
 }

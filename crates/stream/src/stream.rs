@@ -1,14 +1,12 @@
 //! One running stream: source → frame stores → commentator → sync delay → events, and the
-//! [`StreamHandle`] every output attaches to.
+//! [`StreamHandle`] every output is built from.
 //!
 //! The stream owns its wiring and its one status ([`StreamStatus`]): what `/api/status`,
-//! `/metrics` and the page show is read from here and nowhere else. Outputs (MJPEG, SSE,
-//! WebSocket today; speech and WebRTC next) all attach the same way, through
-//! [`StreamHandle::attach`], and get the same [`Attachment`]: the stream's events, a
-//! [`Playout`] cursor over its delayed picture, and the token that ends them when the
-//! stream is removed.
+//! `/metrics` and the page show is read from here and nowhere else. It knows no output:
+//! outputs (MJPEG, SSE, WebSocket, speech, alerts, history; WebRTC next) are plug-ins
+//! built from the handle (`crate::output`), counted by the names they give, and keep
+//! whatever state they need on the stream through [`StreamHandle::extension`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,16 +14,17 @@ use kibitz_commentator::{Commentator, Control, Event, FrameWindow, Snapshot};
 use kibitz_engine::Session;
 use kibitz_frames::{DisplayBuffer, DisplayFrame, InferenceWindow};
 use kibitz_media::{SourceConfig, SourceContext, SourceState};
-use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::playout::{frame_period, Playout};
+use crate::counts::OutputCounts;
+use crate::extensions::Extensions;
+use crate::playout::frame_period;
 use crate::sources::{RunningSource, Sources};
 use crate::spec::{StreamDefaults, StreamSpec};
 use crate::speech::Speech;
-use crate::status::{BufferStatus, SourceView, StreamStatus, StreamSummary, ViewerCounts};
+use crate::status::{BufferStatus, Origin, SourceView, StreamStatus, StreamSummary};
 use crate::{StreamError, StreamId};
 
 /// Comments kept as context for questions.
@@ -33,30 +32,6 @@ const RECENT_KEPT: usize = 8;
 
 /// Events a slow subscriber may fall behind by before it loses the oldest.
 const EVENT_BUFFER: usize = 1024;
-
-/// Where a stream came from: the command line (trusted, not kept in the state file) or
-/// the API (its source checked by the policy, kept in the state file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    Cli,
-    Api,
-}
-
-/// The kinds of output that attach to a stream; each is counted in status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputKind {
-    Mjpeg,
-    Sse,
-    Ws,
-    /// A reader of the continuous speech stream (Ogg/Opus).
-    Speech,
-    /// A page with its sound on (it plays the speech clips itself).
-    Listener,
-}
-
-/// How many kinds of output there are (the size of the counters).
-const OUTPUT_KINDS: usize = 5;
 
 /// What a stream needs from the server around it to start.
 #[derive(Clone)]
@@ -67,10 +42,6 @@ pub struct StartContext {
     /// Every stream's events, tagged with the stream (`/api/events`).
     pub bus: broadcast::Sender<crate::StreamEvent>,
     pub voices: Arc<crate::Voices>,
-    /// Fired alerts of every stream.
-    pub alerts: Arc<crate::AlertLog>,
-    /// The webhook, when there is one.
-    pub alert_sink: Option<Arc<dyn crate::AlertSink>>,
 }
 
 /// A running stream. Dropping it without [`Stream::stop`] still stops the commentary
@@ -97,15 +68,17 @@ struct Shared {
     events: broadcast::Sender<Event>,
     controls: mpsc::Sender<Control>,
     snapshot: watch::Receiver<Snapshot>,
-    viewers: [AtomicU64; OUTPUT_KINDS],
+    /// Outputs running, by name.
+    counts: OutputCounts,
+    /// The voice and its clips: what the speech outputs share.
     speech: Speech,
     /// The stream's place on the engine; the commentary loop holds a clone, questions use
     /// this one.
     session: Session,
-    rules: crate::alerts::Rules,
+    /// What outputs keep on the stream, by type.
+    extensions: Extensions,
     /// The last few comments, oldest first: context for questions.
     recent: Mutex<std::collections::VecDeque<String>>,
-    frames_sent: AtomicU64,
     stopped: CancellationToken,
     started: Instant,
 }
@@ -141,7 +114,6 @@ impl Stream {
             .map_err(|e| StreamError::Open(e.to_string()))?;
 
         let (voice, voice_name) = build_voice(&cx.voices, &spec).await;
-        let alerts = spec.alerts.clone();
         let commentator = Commentator::new(spec.commentator(&defaults), now())
             .map_err(|e| StreamError::Internal(e.to_string()))?;
         let (snapshot_tx, snapshot) = watch::channel(commentator.snapshot());
@@ -169,39 +141,31 @@ impl Stream {
                 events,
                 controls,
                 snapshot,
-                viewers: Default::default(),
+                counts: OutputCounts::default(),
                 speech: Speech::new(voice, voice_name),
                 session,
+                extensions: Extensions::default(),
                 recent: Mutex::default(),
-                rules: crate::alerts::Rules::default(),
-                frames_sent: AtomicU64::new(0),
                 stopped,
                 started: Instant::now(),
             }),
         };
         let forward = tokio::spawn(forward_events(handle.clone(), cx.bus.clone()));
-        let speaker = tokio::spawn(crate::speech::speak_comments(handle.clone()));
-        let encoder = tokio::spawn(crate::speech::encode_stream(handle.clone()));
-        for rule in &alerts {
-            handle.add_alert_rule(&crate::RuleSettings {
-                rule: rule.clone(),
-                cooldown: None,
-            })?;
-        }
         let pusher = tokio::spawn(push_frames(handle.clone()));
-        let watcher = tokio::spawn(crate::alerts::watch(
-            handle.clone(),
-            cx.alerts.clone(),
-            cx.alert_sink.clone(),
-        ));
         Ok(Stream {
             handle,
-            tasks: vec![commentary, forward, speaker, encoder, watcher, pusher],
+            tasks: vec![commentary, forward, pusher],
         })
     }
 
     pub fn handle(&self) -> &StreamHandle {
         &self.handle
+    }
+
+    /// Keeps a task that runs on this stream (an output it runs itself) so that
+    /// [`Stream::stop`] waits for it; it must end when the stream's token is cancelled.
+    pub(crate) fn keep(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
     }
 
     /// Ends the commentary (cancelling a request in flight), every attached output, and
@@ -232,48 +196,6 @@ impl Drop for Stream {
     }
 }
 
-/// Counts an attached output while it lives.
-struct Attached {
-    shared: Arc<Shared>,
-    kind: OutputKind,
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        self.shared.viewers[self.kind as usize].fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// What every output gets when it attaches to a stream.
-pub struct Attachment {
-    pub handle: StreamHandle,
-    /// The stream's events from the moment of attaching.
-    pub events: broadcast::Receiver<Event>,
-    /// A cursor over the delayed picture; see [`Attachment::show`].
-    pub playout: Playout,
-    /// Cancelled when the stream is removed or the server stops.
-    pub stopped: CancellationToken,
-    _counted: Attached,
-}
-
-impl Attachment {
-    /// The frame to show at `now`, if a new one is due (see [`Playout::poll`]); when to ask
-    /// again is [`Playout::wake_at`].
-    pub fn show(&mut self, now: Instant) -> Option<DisplayFrame> {
-        let shared = &self.handle.shared;
-        let frame = self.playout.poll(
-            now,
-            self.handle.target_delay(),
-            self.handle.frame_period(),
-            |t| shared.display.at(t),
-        );
-        if frame.is_some() {
-            shared.frames_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        frame
-    }
-}
-
 impl StreamHandle {
     pub fn id(&self) -> &StreamId {
         &self.shared.id
@@ -285,26 +207,6 @@ impl StreamHandle {
 
     pub fn spec(&self) -> StreamSpec {
         lock(&self.shared.spec).clone()
-    }
-
-    /// Attaches an output: counted in status until the [`Attachment`] drops.
-    pub fn attach(&self, kind: OutputKind, now: Instant) -> Attachment {
-        self.shared.viewers[kind as usize].fetch_add(1, Ordering::Relaxed);
-        Attachment {
-            handle: self.clone(),
-            events: self.shared.events.subscribe(),
-            playout: Playout::new(now),
-            stopped: self.shared.stopped.clone(),
-            _counted: Attached {
-                shared: self.shared.clone(),
-                kind,
-            },
-        }
-    }
-
-    /// How many outputs of `kind` are attached now.
-    pub fn viewers(&self, kind: OutputKind) -> u64 {
-        self.shared.viewers[kind as usize].load(Ordering::Relaxed)
     }
 
     /// The stream's events from now on.
@@ -344,8 +246,19 @@ impl StreamHandle {
             .collect()
     }
 
-    pub(crate) fn rules(&self) -> &crate::alerts::Rules {
-        &self.shared.rules
+    /// The stream's one `T`, kept for outputs (alert rules, …), made with `T::default()`
+    /// the first time any output asks.
+    pub fn extension<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        self.shared.extensions.get()
+    }
+
+    pub(crate) fn counts(&self) -> &OutputCounts {
+        &self.shared.counts
+    }
+
+    /// The display buffer's frame that was newest at `t`.
+    pub(crate) fn frame_at(&self, t: Instant) -> Option<DisplayFrame> {
+        self.shared.display.at(t)
     }
 
     /// The display buffer's frames captured at or after `t`, oldest first.
@@ -362,6 +275,26 @@ impl StreamHandle {
 
     pub(crate) fn speech(&self) -> &Speech {
         &self.shared.speech
+    }
+
+    /// Pages with sound on and readers of the speech stream.
+    pub fn listeners(&self) -> u64 {
+        crate::speech::LISTENING
+            .iter()
+            .map(|name| self.shared.counts.running(name))
+            .sum()
+    }
+
+    /// A spoken comment's audio, while it is among the last few.
+    pub fn speech_clip(&self, n: u64) -> Option<Arc<kibitz_voice::Pcm>> {
+        self.shared.speech.clip(n)
+    }
+
+    /// The continuous stream's Opus frames from now on, and the encoder's pre-skip for the
+    /// Ogg header.
+    pub fn speech_frames(&self) -> (broadcast::Receiver<kibitz_voice::OpusFrame>, u16) {
+        let speech = &self.shared.speech;
+        (speech.subscribe(), speech.pre_skip())
     }
 
     /// Tells the commentary loop something (outputs such as speech pace it).
@@ -449,7 +382,8 @@ impl StreamHandle {
             .map(|s| s.status())
             .map(SourceView::from)
             .unwrap_or_else(|| SourceView::stopped(spec.source_shown()));
-        let viewers = |kind: OutputKind| shared.viewers[kind as usize].load(Ordering::Relaxed);
+        let outputs = shared.counts.all();
+        let listeners = crate::speech::listeners(&outputs);
         StreamStatus {
             id: shared.id.clone(),
             origin: shared.origin,
@@ -463,14 +397,8 @@ impl StreamHandle {
             },
             commentary: shared.snapshot.borrow().clone(),
             target_delay: self.target_delay().as_secs_f64(),
-            viewers: ViewerCounts {
-                mjpeg: viewers(OutputKind::Mjpeg),
-                sse: viewers(OutputKind::Sse),
-                ws: viewers(OutputKind::Ws),
-                speech: viewers(OutputKind::Speech),
-                mjpeg_frames_sent: shared.frames_sent.load(Ordering::Relaxed),
-            },
-            speech: shared.speech.status(self.listeners()),
+            outputs,
+            speech: shared.speech.status(listeners),
             settings: spec.settings_shown(),
             uptime_s: shared.started.elapsed().as_secs_f64(),
         }
