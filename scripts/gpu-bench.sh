@@ -32,7 +32,9 @@
 #
 # For testing without a GPU: GPU_BENCH_CPU=1 (no CUDA flags, -ngl 0), GPU_BENCH_JOBS=2,
 # GPU_BENCH_TARGETS=llama-server, GPU_BENCH_MODEL=tiny, GPU_BENCH_WORK=/tmp/somewhere,
-# GPU_BENCH_SECONDS / GPU_BENCH_WARMUP (default 12 / 4).
+# GPU_BENCH_SECONDS / GPU_BENCH_WARMUP (default 12 / 4), GPU_BENCH_CMAKE (more cmake flags:
+# "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" on a VM that announces AMX
+# it does not grant). PEER_SERVER_FLAGS: more llama-server flags (e.g. --kv-unified).
 set -uo pipefail
 phase=${1:-all}
 [ $# -gt 0 ] && shift
@@ -93,7 +95,7 @@ phase_build() {
       "${gpu_flags[@]}" -DGGML_NATIVE=ON -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON \
       -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_MTMD=ON -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
-      -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+      -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF ${GPU_BENCH_CMAKE:-} \
       > "$work/cmake.log" 2>&1 || { tail -30 "$work/cmake.log"; return 1; }
     # shellcheck disable=SC2086
     cmake --build "$work/build" -j "$jobs" --target ${GPU_BENCH_TARGETS:-llama mtmd llama-server} \

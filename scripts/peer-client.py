@@ -197,6 +197,29 @@ class Stream(threading.Thread):
         if self.conn:
             self.conn.close()
 
+    def send(self, data):
+        """POSTs on the stream's kept-alive connection; a connection the server closed while
+        idle (cpp-httplib ends one after a few requests) is opened again once, before any
+        answer came, so it is no error."""
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            **({"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}),
+        }
+        for attempt in (0, 1):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.args.timeout)
+            try:
+                self.conn.request("POST", self.path, body=data, headers=headers)
+                return self.conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()
+                self.conn = None
+                if not reused or attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def cycle(self, newest):
         body = self.body(newest)
         if self.print_request:
@@ -215,14 +238,7 @@ class Stream(threading.Thread):
         timings = {}
         error = None
         try:
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.args.timeout)
-            self.conn.request("POST", self.path, body=data, headers={
-                "Content-Type": "application/json",
-                "Accept": "text/event-stream",
-                **({"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}),
-            })
-            resp = self.conn.getresponse()
+            resp = self.send(data)
             if resp.status != 200:
                 error = f"HTTP {resp.status}: {resp.read()[:300].decode(errors='replace')}"
             else:
