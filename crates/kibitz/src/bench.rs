@@ -297,7 +297,13 @@ async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         backend = info.backend;
         let tallies = run_streams(engine.clone(), n, args).await?;
-        eprintln!("engine steps for {n} streams: {}", engine.status());
+        // STEP PROFILE (issue 14, item 1): the engine's step breakdown comes through
+        // `status()` ("steps"). When the llama engine's config gains a synchronising
+        // profile (`profile_sync`: GPU time apart from host time, n_kv, graph rebuilds,
+        // shifts a second), `streams_engine` sets it from a bench flag; it then reaches
+        // scripts/gpu-bench.sh in this N's JSON line below, under "engine".
+        let status = engine.status();
+        eprintln!("engine steps for {n} streams: {status}");
         drop(engine);
         let all = |f: fn(&StreamTally) -> &Vec<f64>| -> Vec<f64> {
             tallies.iter().flat_map(|t| f(t).iter().copied()).collect()
@@ -318,17 +324,27 @@ async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             Some(p) => format!("{:>7.0} / {:>7.0}", p.p50, p.p95),
             None => "      - / -      ".into(),
         };
-        rows.push(format!(
+        let row = format!(
             "| {n:>7} | {mean_rate:>6.2} ({min_rate:>4.2}) | {} | {} | {:>8.0} | {errors:>6} |",
             cell(&first),
             cell(&cycle),
             pieces as f64 / args.seconds as f64,
-        ));
-        json.push(serde_json::json!({
+        );
+        let line = serde_json::json!({
             "streams": n, "cycles_per_s_mean": mean_rate, "cycles_per_s_min": min_rate,
             "first_token_ms": first, "cycle_ms": cycle,
             "decode_tokens_per_s": pieces as f64 / args.seconds as f64, "errors": errors,
-        }));
+        });
+        // Each N as soon as it is measured, so a later N that fails (out of memory, say)
+        // costs only its own row: the table row on stderr, the JSON line on stdout.
+        eprintln!("bench: {n} streams: {row}");
+        if args.json {
+            let mut with_engine = line.clone();
+            with_engine["engine"] = status;
+            println!("bench-streams {with_engine}");
+        }
+        rows.push(row);
+        json.push(line);
     }
     println!(
         "{}: {} engine, live loops at interval 0, up to {} tokens a cycle\n",
