@@ -1044,7 +1044,7 @@ async fn an_alert_fires_on_the_edge_only_and_reaches_the_webhook_signed() {
                     }
                     let signature = headers["x-kibitz-signature"].to_str().unwrap().to_string();
                     let mac = kibitz_server::hmac_sha256(b"hook-secret", body.as_bytes());
-                    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+                    let hex = hex::encode(mac);
                     assert_eq!(signature, format!("sha256={hex}"), "a valid signature");
                     received
                         .lock()
