@@ -11,6 +11,7 @@
 
 mod alerts;
 mod ask;
+mod clip;
 mod events;
 pub mod history;
 mod id;
@@ -28,6 +29,7 @@ pub use alerts::{
     is_yes, Alert, AlertLog, AlertSink, Rule, RuleSettings, MAX_RULES, MAX_RULE_CHARS,
 };
 pub use ask::{AnswerPiece, MAX_QUESTION_CHARS};
+pub use clip::clip_times;
 pub use events::{StreamEvent, StreamEventKind};
 pub use id::{StreamId, MAX_ID_LEN};
 pub use playout::{frame_period, Playout};
