@@ -407,7 +407,12 @@ async fn metrics_label_every_stream() {
     assert!(text.contains("kibitz_streams 3"), "{text}");
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let name = line.split([' ', '{']).next().unwrap();
-        let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+        // OpenMetrics: a counter's samples end in `_total`, a histogram's in `_sum`,
+        // `_count` and `_bucket`; the family's TYPE line has the bare name.
+        let family = ["_total", "_sum", "_count", "_bucket"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
         assert!(
             text.contains(&format!("# TYPE {family} ")),
             "{name} has no TYPE"
