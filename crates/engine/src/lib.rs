@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 pub mod fake;
 #[cfg(feature = "llama")]
 pub mod llama;
+pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod scheduler;
@@ -281,9 +282,16 @@ pub trait Engine: Send + Sync + 'static {
         serde_json::Value::Null
     }
 
-    /// Extra Prometheus lines for `/metrics`.
+    /// Adds this engine's metric families (read now) to `/metrics`' registry: usually one
+    /// [`metrics::MetricFamilies`], registered.
+    fn register_metrics(&self, _registry: &mut metrics::Registry) {}
+
+    /// This engine's metrics alone, as OpenMetrics text (what [`Engine::register_metrics`]
+    /// adds, encoded): for tests and logs.
     fn metrics(&self) -> String {
-        String::new()
+        let mut registry = metrics::Registry::default();
+        self.register_metrics(&mut registry);
+        metrics::encode(&registry)
     }
 
     /// Queues a request of `stream` (what [`Turn::submit`] calls). Engines that keep state

@@ -537,8 +537,8 @@ impl Engine for OpenAiEngine {
         })
     }
 
-    fn metrics(&self) -> String {
-        self.inner.pool.metrics(Instant::now())
+    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        self.inner.pool.metrics(Instant::now()).register(registry);
     }
 }
 

@@ -23,10 +23,7 @@ struct Hub {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 async fn listing(State(hub): State<Hub>) -> Json<serde_json::Value> {

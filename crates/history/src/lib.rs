@@ -46,6 +46,7 @@ use tokio::sync::oneshot;
 
 pub use error::HistoryError;
 pub use time::{format_time, parse_time};
+pub use vtt::{webvtt, WebVttCue};
 
 use read::Readers;
 use schema::Location;

@@ -1,4 +1,6 @@
 //! Comments as a WebVTT file: one cue per comment, on a timeline that starts at the range.
+//! [`webvtt`] is the writer itself, shared with `kibitz annotate` (which depends on this
+//! crate; the history depends on nothing of kibitz's, so there is no circle).
 //!
 //! A cue starts when its comment was written and ends when the next one starts or after a
 //! readable time, whichever is first. Comments written in the same millisecond are moved along
@@ -22,31 +24,61 @@ pub(crate) struct Line {
 /// The WebVTT file for `lines` (in time order), cue times counted from `origin_ms`, or from
 /// the first line without it. Blank comments get no cue.
 pub(crate) fn render(origin_ms: Option<i64>, lines: &[Line]) -> String {
-    let mut out = String::from("WEBVTT\n");
-    let lines: Vec<(&Line, String)> = lines
+    let lines: Vec<&Line> = lines
         .iter()
-        .map(|line| (line, escape(&line.text)))
-        .filter(|(_, text)| !text.is_empty())
+        .filter(|line| !escape(&line.text).is_empty())
         .collect();
-    let Some((first, _)) = lines.first() else {
-        return out;
+    let Some(first) = lines.first() else {
+        return webvtt([]);
     };
     let origin = origin_ms.unwrap_or(first.wall_ms);
     let mut free_from = 0;
-    for (i, (line, text)) in lines.iter().enumerate() {
+    let mut cues = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
         let start = (line.wall_ms - origin).max(free_from);
         let mut end = start + readable_ms(&line.text);
-        if let Some((next, _)) = lines.get(i + 1) {
+        if let Some(next) = lines.get(i + 1) {
             end = end.min(next.wall_ms - origin);
         }
         let end = end.max(start + 1);
         free_from = end;
+        cues.push(WebVttCue {
+            id: line.id,
+            start_ms: start,
+            end_ms: end,
+            text: &line.text,
+        });
+    }
+    webvtt(cues)
+}
+
+/// One cue of a WebVTT file: its identifier, when it shows on the file's timeline (ms),
+/// and its text as written (escaped by [`webvtt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebVttCue<'a> {
+    pub id: i64,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub text: &'a str,
+}
+
+/// The one WebVTT writer, for the history's export and `kibitz annotate`: the header, then
+/// each cue as identifier, `start --> end` and its text, text escaped so that it cannot end
+/// the cue or the file early (`&`, `<`, `>` as entities, no blank line). A cue with no text left is skipped. The caller
+/// places the cues (in order, not overlapping).
+pub fn webvtt<'a>(cues: impl IntoIterator<Item = WebVttCue<'a>>) -> String {
+    let mut out = String::from("WEBVTT\n");
+    for cue in cues {
+        let text = escape(cue.text);
+        if text.is_empty() {
+            continue;
+        }
         let _ = write!(
             out,
             "\n{}\n{} --> {}\n{}\n",
-            line.id,
-            timestamp(start),
-            timestamp(end),
+            cue.id,
+            timestamp(cue.start_ms),
+            timestamp(cue.end_ms),
             text
         );
     }

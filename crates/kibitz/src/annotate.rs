@@ -646,20 +646,16 @@ fn timestamp(d: Duration, separator: char) -> String {
 }
 
 fn webvtt(cues: &[Cue]) -> String {
-    let mut out = String::from("WEBVTT\n");
-    for (i, cue) in cues.iter().enumerate() {
-        let text = cue_lines(&cue.text)
-            .replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;");
-        out.push_str(&format!(
-            "\n{}\n{} --> {}\n{text}\n",
-            i + 1,
-            timestamp(cue.start, '.'),
-            timestamp(cue.end, '.')
-        ));
-    }
-    out
+    kibitz_history::webvtt(
+        cues.iter()
+            .zip(1..)
+            .map(|(cue, id)| kibitz_history::WebVttCue {
+                id,
+                start_ms: cue.start.as_millis() as i64,
+                end_ms: cue.end.as_millis() as i64,
+                text: &cue.text,
+            }),
+    )
 }
 
 fn srt(cues: &[Cue]) -> String {

@@ -48,109 +48,16 @@ const CHUNK: usize = 1024;
 /// units), taken off the original's timestamps.
 pub(crate) fn mix(input: &Path, speech: &SpeechTrack, start: i64) -> Result<Mixed, MuxError> {
     let what = input.display().to_string();
-    let err = |stage: &str, e: ff::Error| MuxError::Output {
-        what: what.clone(),
-        reason: format!("mixing the commentary's sound: {stage}: {}", describe(e)),
+    let err = |stage: &str| {
+        let what = what.clone();
+        let stage = stage.to_owned();
+        move |e: ff::Error| failed(&what, &stage, e)
     };
-    let mut ictx = ff::format::input(input).map_err(|e| err("open", e))?;
-    let audio = ictx.streams().best(Type::Audio).map(|s| {
-        (
-            s.index(),
-            s.time_base(),
-            codec::context::Context::from_parameters(s.parameters()),
-        )
-    });
-    let mut decoder = match audio {
-        Some((index, tb, Ok(ctx))) => Some((
-            index,
-            tb,
-            ctx.decoder().audio().map_err(|e| err("audio decoder", e))?,
-        )),
-        Some((_, _, Err(e))) => return Err(err("audio decoder", e)),
-        None => None,
-    };
-
-    let encoder = {
-        let codec = ff::encoder::find(codec::Id::AAC).ok_or_else(|| MuxError::Output {
-            what: what.clone(),
-            reason: "this FFmpeg has no AAC encoder".into(),
-        })?;
-        let mut enc = codec::context::Context::new_with_codec(codec)
-            .encoder()
-            .audio()
-            .map_err(|e| err("AAC encoder", e))?;
-        enc.set_rate(RATE);
-        enc.set_channel_layout(ChannelLayout::STEREO);
-        enc.set_channels(2);
-        enc.set_format(Sample::F32(SampleType::Planar));
-        enc.set_bit_rate(128_000);
-        enc.set_time_base(Rational::new(1, RATE));
-        // MP4 and Matroska both keep codec headers once, in the stream's description.
-        enc.set_flags(codec::flag::Flags::GLOBAL_HEADER);
-        enc.open_as(codec).map_err(|e| err("AAC encoder", e))?
-    };
-    let frame_size = encoder.frame_size().max(1);
-
-    let mut graph = filter::Graph::new();
-    let speech_rate = speech.sample_rate.max(1);
-    graph
-        .add(
-            &filter::find("abuffer").expect("FFmpeg has abuffer"),
-            "speech",
-            &format!("time_base=1/{speech_rate}:sample_rate={speech_rate}:sample_fmt=s16:channel_layout=mono"),
-        )
-        .map_err(|e| err("speech source", e))?;
-    let to_stereo = format!("aformat=sample_fmts=fltp:sample_rates={RATE}:channel_layouts=stereo");
-    let spec = if let Some((_, _, dec)) = &decoder {
-        let layout = match dec.channel_layout().bits() {
-            0 => ChannelLayout::default(i32::from(dec.channels())).bits(),
-            bits => bits,
-        };
-        graph
-            .add(
-                &filter::find("abuffer").expect("FFmpeg has abuffer"),
-                "orig",
-                &format!(
-                    "time_base=1/{}:sample_rate={}:sample_fmt={}:channel_layout=0x{layout:x}",
-                    dec.rate(),
-                    dec.rate(),
-                    dec.format().name()
-                ),
-            )
-            .map_err(|e| err("audio source", e))?;
-        format!(
-            "[orig]{to_stereo}[o];[speech]{to_stereo},asplit=2[key][voice];\
-             [o][key]sidechaincompress=threshold=0.02:ratio=4:attack=20:release=500[ducked];\
-             [ducked][voice]amix=inputs=2:duration=first:normalize=0,{to_stereo}[out]"
-        )
-    } else {
-        format!("[speech]{to_stereo}[out]")
-    };
-    graph
-        .add(
-            &filter::find("abuffersink").expect("FFmpeg has abuffersink"),
-            "out",
-            "",
-        )
-        .map_err(|e| err("sink", e))?;
-    let parser = graph.output("speech", 0).map_err(|e| err("graph", e))?;
-    let parser = if decoder.is_some() {
-        parser.output("orig", 0).map_err(|e| err("graph", e))?
-    } else {
-        parser
-    };
-    parser
-        .input("out", 0)
-        .map_err(|e| err("graph", e))?
-        .parse(&spec)
-        .map_err(|e| err("graph", e))?;
-    graph.validate().map_err(|e| err("graph", e))?;
-    graph
-        .get("out")
-        .expect("added")
-        .sink()
-        .set_frame_size(frame_size);
-
+    let mut ictx = ff::format::input(input).map_err(err("open"))?;
+    let mut original = original_audio(&ictx).map_err(err("audio decoder"))?;
+    let encoder = aac_encoder(&what)?;
+    let graph =
+        mix_graph(speech, original.as_ref().map(|o| &o.decoder), &encoder).map_err(err("graph"))?;
     let mut mixer = Mixer {
         graph,
         encoder,
@@ -159,75 +66,129 @@ pub(crate) fn mix(input: &Path, speech: &SpeechTrack, start: i64) -> Result<Mixe
         speech_sent: 0,
         out_samples: 0,
     };
-    if let Some((index, tb, dec)) = decoder.as_mut() {
-        let offset = start.rescale(Rational::new(1, ff::ffi::AV_TIME_BASE), *tb);
-        let mut frame = AudioFrame::empty();
-        // The next original sample's time, in samples; `None` before the first.
-        let mut next: Option<i64> = None;
-        let mut feed = |mixer: &mut Mixer, dec: &mut ff::decoder::Audio| -> Result<(), MuxError> {
-            while dec.receive_frame(&mut frame).is_ok() {
-                let rate = dec.rate().max(1) as i32;
-                // The original's first sound on the copy's timeline, then sample by sample,
-                // as a gapless track is.
-                let pts = *next.get_or_insert_with(|| {
-                    let t = frame.timestamp().unwrap_or(offset) - offset;
-                    t.max(0).rescale(*tb, Rational::new(1, rate))
-                });
-                frame.set_pts(Some(pts));
-                next = Some(pts + frame.samples() as i64);
-                let until = frame.pts().map_or(0.0, |p| p as f64 / f64::from(rate))
-                    + frame.samples() as f64 / f64::from(rate);
-                mixer
-                    .send_speech_until(until + 1.0)
-                    .map_err(|e| err("speech", e))?;
-                mixer
-                    .graph
-                    .get("orig")
-                    .expect("added")
-                    .source()
-                    .add(&frame)
-                    .map_err(|e| err("audio into the mix", e))?;
-                mixer.drain().map_err(|e| err("mix", e))?;
-            }
-            Ok(())
-        };
-        for (stream, packet) in ictx.packets() {
-            if stream.index() != *index {
-                continue;
-            }
-            if dec.send_packet(&packet).is_err() {
-                continue; // a damaged packet: a moment of silence, not a failure
-            }
-            feed(&mut mixer, dec)?;
-        }
-        let _ = dec.send_eof();
-        feed(&mut mixer, dec)?;
-        mixer
-            .graph
-            .get("orig")
-            .expect("added")
-            .source()
-            .flush()
-            .map_err(|e| err("mix", e))?;
+    if let Some(original) = original.as_mut() {
+        mixer.mix_original(&mut ictx, original, start, &what)?;
     }
-    mixer
-        .send_speech_until(f64::INFINITY)
-        .map_err(|e| err("speech", e))?;
-    mixer
-        .graph
-        .get("speech")
-        .expect("added")
-        .source()
-        .flush()
-        .map_err(|e| err("mix", e))?;
-    mixer.drain().map_err(|e| err("mix", e))?;
-    mixer.encoder.send_eof().map_err(|e| err("AAC", e))?;
-    mixer.receive_packets().map_err(|e| err("AAC", e))?;
+    mixer.finish().map_err(err("mix"))?;
     Ok(Mixed {
         parameters: codec::Parameters::from(&mixer.encoder),
         time_base: Rational::new(1, RATE),
         packets: mixer.packets,
     })
+}
+
+fn failed(what: &str, stage: &str, e: ff::Error) -> MuxError {
+    MuxError::Output {
+        what: what.to_owned(),
+        reason: format!("mixing the commentary's sound: {stage}: {}", describe(e)),
+    }
+}
+
+/// The file's best audio stream and its decoder.
+struct Original {
+    index: usize,
+    time_base: Rational,
+    decoder: ff::decoder::Audio,
+}
+
+/// The decoder of `ictx`'s best audio stream; `None` for a file without sound.
+fn original_audio(ictx: &ff::format::context::Input) -> Result<Option<Original>, ff::Error> {
+    let Some(stream) = ictx.streams().best(Type::Audio) else {
+        return Ok(None);
+    };
+    let decoder = codec::context::Context::from_parameters(stream.parameters())?
+        .decoder()
+        .audio()?;
+    Ok(Some(Original {
+        index: stream.index(),
+        time_base: stream.time_base(),
+        decoder,
+    }))
+}
+
+/// AAC, 48 kHz stereo, 128 kb/s, headers kept once in the stream's description.
+fn aac_encoder(what: &str) -> Result<ff::encoder::Audio, MuxError> {
+    let codec = ff::encoder::find(codec::Id::AAC).ok_or_else(|| MuxError::Output {
+        what: what.to_owned(),
+        reason: "this FFmpeg has no AAC encoder".into(),
+    })?;
+    let open = || -> Result<ff::encoder::Audio, ff::Error> {
+        let mut enc = codec::context::Context::new_with_codec(codec)
+            .encoder()
+            .audio()?;
+        enc.set_rate(RATE);
+        enc.set_channel_layout(ChannelLayout::STEREO);
+        enc.set_channels(2);
+        enc.set_format(Sample::F32(SampleType::Planar));
+        enc.set_bit_rate(128_000);
+        enc.set_time_base(Rational::new(1, RATE));
+        // MP4 and Matroska both keep codec headers once, in the stream's description.
+        enc.set_flags(codec::flag::Flags::GLOBAL_HEADER);
+        enc.open_as(codec)
+    };
+    open().map_err(|e| failed(what, "AAC encoder", e))
+}
+
+/// The filter graph: sources `speech` (and `orig`, given the original's decoder), sink
+/// `out` handing the encoder frames of its frame size. With the original: it is ducked
+/// under the speech (`sidechaincompress` keyed by it) and the speech added (`amix`);
+/// without, the speech alone. Everything leaves as 48 kHz stereo float.
+fn mix_graph(
+    speech: &SpeechTrack,
+    original: Option<&ff::decoder::Audio>,
+    encoder: &ff::encoder::Audio,
+) -> Result<filter::Graph, ff::Error> {
+    let mut graph = filter::Graph::new();
+    let abuffer = filter::find("abuffer").expect("FFmpeg has abuffer");
+    let speech_rate = speech.sample_rate.max(1);
+    graph.add(
+        &abuffer,
+        "speech",
+        &format!("time_base=1/{speech_rate}:sample_rate={speech_rate}:sample_fmt=s16:channel_layout=mono"),
+    )?;
+    let to_stereo = format!("aformat=sample_fmts=fltp:sample_rates={RATE}:channel_layouts=stereo");
+    let spec = if let Some(dec) = original {
+        let layout = match dec.channel_layout().bits() {
+            0 => ChannelLayout::default(i32::from(dec.channels())).bits(),
+            bits => bits,
+        };
+        graph.add(
+            &abuffer,
+            "orig",
+            &format!(
+                "time_base=1/{}:sample_rate={}:sample_fmt={}:channel_layout=0x{layout:x}",
+                dec.rate(),
+                dec.rate(),
+                dec.format().name()
+            ),
+        )?;
+        format!(
+            "[orig]{to_stereo}[o];[speech]{to_stereo},asplit=2[key][voice];\
+             [o][key]sidechaincompress=threshold=0.02:ratio=4:attack=20:release=500[ducked];\
+             [ducked][voice]amix=inputs=2:duration=first:normalize=0,{to_stereo}[out]"
+        )
+    } else {
+        format!("[speech]{to_stereo}[out]")
+    };
+    graph.add(
+        &filter::find("abuffersink").expect("FFmpeg has abuffersink"),
+        "out",
+        "",
+    )?;
+    let parser = graph.output("speech", 0)?;
+    let parser = if original.is_some() {
+        parser.output("orig", 0)?
+    } else {
+        parser
+    };
+    parser.input("out", 0)?.parse(&spec)?;
+    graph.validate()?;
+    graph
+        .get("out")
+        .expect("added")
+        .sink()
+        .set_frame_size(encoder.frame_size().max(1));
+    Ok(graph)
 }
 
 struct Mixer<'a> {
@@ -242,6 +203,80 @@ struct Mixer<'a> {
 }
 
 impl Mixer<'_> {
+    /// Decodes the original's packets into the graph, each frame with the speech up to a
+    /// second past it (so the ducking key is there before the sound it ducks), then ends the
+    /// original's input.
+    fn mix_original(
+        &mut self,
+        ictx: &mut ff::format::context::Input,
+        original: &mut Original,
+        start: i64,
+        what: &str,
+    ) -> Result<(), MuxError> {
+        let offset = start.rescale(Rational::new(1, ff::ffi::AV_TIME_BASE), original.time_base);
+        // The next original sample's time, in samples; `None` before the first.
+        let mut next: Option<i64> = None;
+        for (stream, packet) in ictx.packets() {
+            if stream.index() != original.index {
+                continue;
+            }
+            if original.decoder.send_packet(&packet).is_err() {
+                continue; // a damaged packet: a moment of silence, not a failure
+            }
+            self.feed_decoded(original, offset, &mut next, what)?;
+        }
+        let _ = original.decoder.send_eof();
+        self.feed_decoded(original, offset, &mut next, what)?;
+        self.flush("orig").map_err(|e| failed(what, "mix", e))
+    }
+
+    /// Moves every frame the decoder has ready into the graph, timed sample by sample from
+    /// the original's first sound on the copy's timeline (as a gapless track is).
+    fn feed_decoded(
+        &mut self,
+        original: &mut Original,
+        offset: i64,
+        next: &mut Option<i64>,
+        what: &str,
+    ) -> Result<(), MuxError> {
+        let mut frame = AudioFrame::empty();
+        while original.decoder.receive_frame(&mut frame).is_ok() {
+            let rate = original.decoder.rate().max(1) as i32;
+            let pts = *next.get_or_insert_with(|| {
+                let t = frame.timestamp().unwrap_or(offset) - offset;
+                t.max(0).rescale(original.time_base, Rational::new(1, rate))
+            });
+            frame.set_pts(Some(pts));
+            *next = Some(pts + frame.samples() as i64);
+            let until = pts as f64 / f64::from(rate) + frame.samples() as f64 / f64::from(rate);
+            self.send_speech_until(until + 1.0)
+                .map_err(|e| failed(what, "speech", e))?;
+            self.add("orig", &frame)
+                .map_err(|e| failed(what, "audio into the mix", e))?;
+            self.drain().map_err(|e| failed(what, "mix", e))?;
+        }
+        Ok(())
+    }
+
+    /// The rest of the speech, then everything out of the graph and the encoder.
+    fn finish(&mut self) -> Result<(), ff::Error> {
+        self.send_speech_until(f64::INFINITY)?;
+        self.flush("speech")?;
+        self.drain()?;
+        self.encoder.send_eof()?;
+        self.receive_packets()
+    }
+
+    /// Adds `frame` to the graph's source `name`.
+    fn add(&mut self, name: &str, frame: &AudioFrame) -> Result<(), ff::Error> {
+        self.graph.get(name).expect("added").source().add(frame)
+    }
+
+    /// Ends the graph's source `name`.
+    fn flush(&mut self, name: &str) -> Result<(), ff::Error> {
+        self.graph.get(name).expect("added").source().flush()
+    }
+
     /// Pushes the speech up to `seconds` of media time into the graph.
     fn send_speech_until(&mut self, seconds: f64) -> Result<(), ff::Error> {
         let rate = self.speech.sample_rate.max(1);
@@ -264,11 +299,7 @@ impl Mixer<'_> {
             {
                 bytes[2 * i..2 * i + 2].copy_from_slice(&s.to_ne_bytes());
             }
-            self.graph
-                .get("speech")
-                .expect("added")
-                .source()
-                .add(&frame)?;
+            self.add("speech", &frame)?;
             self.speech_sent += n;
             self.drain()?;
         }

@@ -25,7 +25,7 @@ use ff::{Dictionary, Packet, Rational, Rescale};
 use ffmpeg_next as ff;
 
 use crate::decode::describe;
-use crate::mix::SpeechTrack;
+use crate::mix::{Mixed, SpeechTrack};
 
 /// One subtitle: shown from `start` to `end`, media time (seconds from the file's start).
 #[derive(Debug, Clone, PartialEq)]
@@ -152,145 +152,173 @@ pub fn remux_with_subtitles(
     speech: Option<&SpeechTrack>,
 ) -> Result<(), MuxError> {
     crate::init();
-    let in_name = input.display().to_string();
     let out_name = output.display().to_string();
     let out_err = |e: ff::Error| MuxError::Output {
         what: out_name.clone(),
         reason: describe(e),
     };
     let mut ictx = ff::format::input(input).map_err(|e| MuxError::Input {
-        what: in_name.clone(),
+        what: input.display().to_string(),
         reason: describe(e),
     })?;
-    let start = // SAFETY: reads one field of the opened input's format context, which it owns.
-        match unsafe { (*ictx.as_ptr()).start_time } {
-        t if t == ff::ffi::AV_NOPTS_VALUE => 0,
-        t => t,
-    };
+    let start = container_start(&ictx);
     // The mix is made first, whole: its packets then go in between the copied ones.
-    let mixed = match speech {
-        Some(speech) => Some(crate::mix::mix(input, speech, start)?),
+    let mixed = speech
+        .map(|speech| crate::mix::mix(input, speech, start))
+        .transpose()?;
+    let mut octx = ff::format::output(output).map_err(out_err)?;
+    let map = add_copied_streams(&ictx, &mut octx).map_err(out_err)?;
+    let codec = subtitle_codec(output);
+    let subtitle_index = add_subtitle_stream(&mut octx, codec, language).map_err(out_err)?;
+    let mixed_index = match &mixed {
+        Some(mixed) => Some(add_mixed_stream(&mut octx, mixed, language).map_err(out_err)?),
         None => None,
     };
-    let mut octx = ff::format::output(output).map_err(out_err)?;
+    octx.set_metadata(ictx.metadata().to_owned());
+    octx.write_header().map_err(out_err)?;
+    // Time bases are final only once the header is written.
+    let mixed_tb = mixed_index.map_or(Rational::new(1, 1000), |i| {
+        octx.stream(i).expect("added").time_base()
+    });
+    let mut added = Added {
+        cues: cues.iter().peekable(),
+        codec,
+        subtitle_index,
+        subtitle_tb: octx.stream(subtitle_index).expect("added").time_base(),
+        mixed: match (mixed, mixed_index) {
+            (Some(mixed), Some(index)) => mixed_packets(mixed, index, &octx),
+            _ => Vec::new(),
+        }
+        .into_iter()
+        .peekable(),
+        mixed_tb,
+    };
+    copy_packets(&mut ictx, &mut octx, &map, start, &mut added).map_err(out_err)?;
+    added.write_due(None, &mut octx).map_err(out_err)?;
+    octx.write_trailer().map_err(out_err)?;
+    Ok(())
+}
 
-    // Input stream index -> output stream index.
+/// The container's start time (AV_TIME_BASE units), 0 when it has none.
+fn container_start(ictx: &ff::format::context::Input) -> i64 {
+    // SAFETY: `ictx` owns an opened format context for as long as the borrow lasts, and
+    // this reads one plain integer field of it.
+    match unsafe { (*ictx.as_ptr()).start_time } {
+        t if t == ff::ffi::AV_NOPTS_VALUE => 0,
+        t => t,
+    }
+}
+
+/// One output stream per [`copied`] input stream, with its parameters; returns the map from
+/// input stream index to output stream index.
+fn add_copied_streams(
+    ictx: &ff::format::context::Input,
+    octx: &mut ff::format::context::Output,
+) -> Result<Vec<Option<usize>>, ff::Error> {
     let mut map: Vec<Option<usize>> = vec![None; ictx.nb_streams() as usize];
     let mut next = 0;
     for ist in ictx.streams() {
         if !copied(&ist) {
             continue;
         }
-        let mut ost = octx
-            .add_stream(ff::encoder::find(codec::Id::None))
-            .map_err(out_err)?;
+        let mut ost = octx.add_stream(ff::encoder::find(codec::Id::None))?;
         ost.set_parameters(ist.parameters());
         ost.set_time_base(ist.time_base());
         ost.set_metadata(ist.metadata().to_owned());
-        // SAFETY: the stream's own codec parameters, owned by `octx`; a tag of the input's
-        // container means nothing in another, and 0 lets the muxer choose its own.
+        // SAFETY: the stream's own codec parameters, owned by `octx`, which the borrow of
+        // `ost` keeps alive; a tag of the input's container means nothing in another, and 0
+        // lets the muxer choose its own.
         unsafe {
             (*ost.parameters().as_mut_ptr()).codec_tag = 0;
         }
         map[ist.index()] = Some(next);
         next += 1;
     }
-    let subtitle_index = next;
-    {
-        let mut ost = octx
-            .add_stream(ff::encoder::find(codec::Id::None))
-            .map_err(out_err)?;
-        ost.set_time_base(Rational::new(1, 1000));
-        let mut metadata = Dictionary::new();
-        metadata.set("language", language);
-        metadata.set("title", "kibitz commentary");
-        ost.set_metadata(metadata);
-        let id = subtitle_codec(output);
-        // SAFETY: the new stream's codec parameters, owned by `octx`. The extradata buffer
-        // is allocated with FFmpeg's allocator and the padding it requires, and from then
-        // on belongs to the parameters (freed with them).
-        unsafe {
-            let par = (*ost.as_mut_ptr()).codecpar;
-            (*par).codec_type = ff::ffi::AVMediaType::AVMEDIA_TYPE_SUBTITLE;
-            (*par).codec_id = id.into();
-            if id == codec::Id::MOV_TEXT {
-                let size = TX3G_SAMPLE_ENTRY.len();
-                let padding = ff::ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
-                let buf = ff::ffi::av_mallocz(size + padding) as *mut u8;
-                if buf.is_null() {
-                    return Err(out_err(ff::Error::Other {
-                        errno: ff::util::error::ENOMEM,
-                    }));
-                }
-                std::ptr::copy_nonoverlapping(TX3G_SAMPLE_ENTRY.as_ptr(), buf, size);
-                (*par).extradata = buf;
-                (*par).extradata_size = size as i32;
+    Ok(map)
+}
+
+/// The subtitle stream (`codec`, ms time base, `language`); returns its index.
+fn add_subtitle_stream(
+    octx: &mut ff::format::context::Output,
+    codec: codec::Id,
+    language: &str,
+) -> Result<usize, ff::Error> {
+    let mut ost = octx.add_stream(ff::encoder::find(codec::Id::None))?;
+    ost.set_time_base(Rational::new(1, 1000));
+    let mut metadata = Dictionary::new();
+    metadata.set("language", language);
+    metadata.set("title", "kibitz commentary");
+    ost.set_metadata(metadata);
+    // SAFETY: the new stream's codec parameters, owned by `octx` and non-null for every
+    // stream `add_stream` made. The extradata buffer is allocated with FFmpeg's allocator
+    // and the padding it requires, and from then on belongs to the parameters (freed with
+    // them); the copy writes `size` bytes into a buffer of `size + padding`.
+    unsafe {
+        let par = (*ost.as_mut_ptr()).codecpar;
+        (*par).codec_type = ff::ffi::AVMediaType::AVMEDIA_TYPE_SUBTITLE;
+        (*par).codec_id = codec.into();
+        if codec == codec::Id::MOV_TEXT {
+            let size = TX3G_SAMPLE_ENTRY.len();
+            let padding = ff::ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
+            let buf = ff::ffi::av_mallocz(size + padding) as *mut u8;
+            if buf.is_null() {
+                return Err(ff::Error::Other {
+                    errno: ff::util::error::ENOMEM,
+                });
             }
+            std::ptr::copy_nonoverlapping(TX3G_SAMPLE_ENTRY.as_ptr(), buf, size);
+            (*par).extradata = buf;
+            (*par).extradata_size = size as i32;
         }
     }
-    let mixed_index = subtitle_index + 1;
-    if let Some(mixed) = &mixed {
-        let mut ost = octx
-            .add_stream(ff::encoder::find(codec::Id::AAC))
-            .map_err(out_err)?;
-        ost.set_parameters(mixed.parameters.clone());
-        ost.set_time_base(mixed.time_base);
-        let mut metadata = Dictionary::new();
-        metadata.set("language", language);
-        metadata.set("title", "original sound with spoken commentary");
-        ost.set_metadata(metadata);
-        // SAFETY: as for the copied streams above.
-        unsafe {
-            (*ost.parameters().as_mut_ptr()).codec_tag = 0;
-        }
+    Ok(ost.index())
+}
+
+/// The mixed sound's AAC stream; returns its index.
+fn add_mixed_stream(
+    octx: &mut ff::format::context::Output,
+    mixed: &Mixed,
+    language: &str,
+) -> Result<usize, ff::Error> {
+    let mut ost = octx.add_stream(ff::encoder::find(codec::Id::AAC))?;
+    ost.set_parameters(mixed.parameters.clone());
+    ost.set_time_base(mixed.time_base);
+    let mut metadata = Dictionary::new();
+    metadata.set("language", language);
+    metadata.set("title", "original sound with spoken commentary");
+    ost.set_metadata(metadata);
+    // SAFETY: as in `add_copied_streams`: the stream's own parameters, owned by `octx`.
+    unsafe {
+        (*ost.parameters().as_mut_ptr()).codec_tag = 0;
     }
-    octx.set_metadata(ictx.metadata().to_owned());
-    octx.write_header().map_err(out_err)?;
-    let mut mixed_packets = mixed.map(|m| {
-        let tb = octx.stream(mixed_index).expect("added").time_base();
-        let from = m.time_base;
-        m.packets
-            .into_iter()
-            .map(move |mut p| {
-                p.set_stream(mixed_index);
-                p.rescale_ts(from, tb);
-                p.set_position(-1);
-                (p, tb)
-            })
-            .peekable()
-    });
-    let packet_ms = |p: &Packet, tb: Rational| {
-        p.dts()
-            .or(p.pts())
-            .map_or(i64::MIN, |t| t.rescale(tb, Rational::new(1, 1000)))
-    };
-    let subtitle_tb = octx.stream(subtitle_index).expect("added").time_base();
-    let ms = Rational::new(1, 1000);
-    let mut pending = cues.iter().peekable();
-    let codec = subtitle_codec(output);
+    Ok(ost.index())
+}
 
-    let write_cue = |cue: &Cue, octx: &mut ff::format::context::Output| {
-        let text = cue.text.as_bytes();
-        let data = if codec == codec::Id::MOV_TEXT {
-            let len = text.len().min(u16::MAX as usize);
-            let mut data = Vec::with_capacity(len + 2);
-            data.extend_from_slice(&(len as u16).to_be_bytes());
-            data.extend_from_slice(&text[..len]);
-            data
-        } else {
-            text.to_vec()
-        };
-        let mut packet = Packet::copy(&data);
-        let pts = cue.start.as_millis() as i64;
-        packet.set_pts(Some(pts));
-        packet.set_dts(Some(pts));
-        packet.set_duration(cue.end.saturating_sub(cue.start).as_millis() as i64);
-        packet.set_flags(ff::codec::packet::Flags::KEY);
-        packet.set_stream(subtitle_index);
-        packet.rescale_ts(ms, subtitle_tb);
-        packet.write_interleaved(octx)
-    };
+/// The mix's packets for output stream `index`, in its (final) time base.
+fn mixed_packets(mixed: Mixed, index: usize, octx: &ff::format::context::Output) -> Vec<Packet> {
+    let tb = octx.stream(index).expect("added").time_base();
+    let from = mixed.time_base;
+    mixed
+        .packets
+        .into_iter()
+        .map(|mut p| {
+            p.set_stream(index);
+            p.rescale_ts(from, tb);
+            p.set_position(-1);
+            p
+        })
+        .collect()
+}
 
+/// Copies every packet of the copied streams, timestamps moved back by `start` and rescaled;
+/// before each, what `added` has due by its time, so the interleaver holds few packets.
+fn copy_packets(
+    ictx: &mut ff::format::context::Input,
+    octx: &mut ff::format::context::Output,
+    map: &[Option<usize>],
+    start: i64,
+    added: &mut Added<'_>,
+) -> Result<(), ff::Error> {
     for (ist, mut packet) in ictx.packets() {
         let Some(out_index) = map[ist.index()] else {
             continue;
@@ -300,35 +328,80 @@ pub fn remux_with_subtitles(
         let offset = start.rescale(Rational::new(1, ff::ffi::AV_TIME_BASE), in_tb);
         packet.set_pts(packet.pts().map(|t| t - offset));
         packet.set_dts(packet.dts().map(|t| t - offset));
-        // Cues due by this packet's time go in first, so the interleaver holds few.
         if let Some(dts) = packet.dts().or(packet.pts()) {
             let at_ms = dts
                 .saturating_mul(1000)
-                .saturating_mul(i64::from(ist.time_base().numerator()))
-                / i64::from(ist.time_base().denominator().max(1));
-            while let Some(cue) = pending.next_if(|c| c.start.as_millis() as i64 <= at_ms) {
-                write_cue(cue, &mut octx).map_err(out_err)?;
-            }
-            if let Some(mixed) = mixed_packets.as_mut() {
-                while let Some((p, _)) = mixed.next_if(|(p, tb)| packet_ms(p, *tb) <= at_ms) {
-                    p.write_interleaved(&mut octx).map_err(out_err)?;
-                }
-            }
+                .saturating_mul(i64::from(in_tb.numerator()))
+                / i64::from(in_tb.denominator().max(1));
+            added.write_due(Some(at_ms), octx)?;
         }
         let out_tb = octx.stream(out_index).expect("added").time_base();
         packet.rescale_ts(in_tb, out_tb);
         packet.set_position(-1);
         packet.set_stream(out_index);
-        packet.write_interleaved(&mut octx).map_err(out_err)?;
+        packet.write_interleaved(octx)?;
     }
-    for cue in pending {
-        write_cue(cue, &mut octx).map_err(out_err)?;
-    }
-    for (p, _) in mixed_packets.into_iter().flatten() {
-        p.write_interleaved(&mut octx).map_err(out_err)?;
-    }
-    octx.write_trailer().map_err(out_err)?;
     Ok(())
+}
+
+/// What goes in beside the copied packets, each in time order: the cues and the mix.
+struct Added<'a> {
+    cues: std::iter::Peekable<std::slice::Iter<'a, Cue>>,
+    codec: codec::Id,
+    subtitle_index: usize,
+    subtitle_tb: Rational,
+    /// In their output stream's time base, `mixed_tb`.
+    mixed: std::iter::Peekable<std::vec::IntoIter<Packet>>,
+    mixed_tb: Rational,
+}
+
+impl Added<'_> {
+    /// Writes the cues and mixed packets due by `at_ms` (media ms), or all that are left.
+    fn write_due(
+        &mut self,
+        at_ms: Option<i64>,
+        octx: &mut ff::format::context::Output,
+    ) -> Result<(), ff::Error> {
+        let due = |ms: i64| at_ms.is_none_or(|at| ms <= at);
+        while let Some(cue) = self.cues.next_if(|c| due(c.start.as_millis() as i64)) {
+            subtitle_packet(cue, self.codec, self.subtitle_index, self.subtitle_tb)
+                .write_interleaved(octx)?;
+        }
+        let tb = self.mixed_tb;
+        let ms = |p: &Packet| {
+            p.dts()
+                .or(p.pts())
+                .map_or(i64::MIN, |t| t.rescale(tb, Rational::new(1, 1000)))
+        };
+        while let Some(p) = self.mixed.next_if(|p| due(ms(p))) {
+            p.write_interleaved(octx)?;
+        }
+        Ok(())
+    }
+}
+
+/// One cue as a packet of the subtitle stream: `subrip` is the UTF-8 text, `mov_text` the
+/// text behind its 16-bit big-endian length.
+fn subtitle_packet(cue: &Cue, codec: codec::Id, index: usize, tb: Rational) -> Packet {
+    let text = cue.text.as_bytes();
+    let data = if codec == codec::Id::MOV_TEXT {
+        let len = text.len().min(u16::MAX as usize);
+        let mut data = Vec::with_capacity(len + 2);
+        data.extend_from_slice(&(len as u16).to_be_bytes());
+        data.extend_from_slice(&text[..len]);
+        data
+    } else {
+        text.to_vec()
+    };
+    let mut packet = Packet::copy(&data);
+    let pts = cue.start.as_millis() as i64;
+    packet.set_pts(Some(pts));
+    packet.set_dts(Some(pts));
+    packet.set_duration(cue.end.saturating_sub(cue.start).as_millis() as i64);
+    packet.set_flags(ff::codec::packet::Flags::KEY);
+    packet.set_stream(index);
+    packet.rescale_ts(Rational::new(1, 1000), tb);
+    packet
 }
 
 /// The `tx3g` sample description FFmpeg's `mov_text` encoder writes when it has no styles

@@ -127,8 +127,9 @@ impl VideoFile {
             what: what.clone(),
             reason: format!("no decoder for {} ({e})", id.name()),
         })?;
-        let start = // SAFETY: reads one field of the opened input's format context, which it owns.
-        match unsafe { (*input.as_ptr()).start_time } {
+        // SAFETY: `input` owns an opened format context for as long as this borrow lasts,
+        // and this reads one plain integer field of it.
+        let start = match unsafe { (*input.as_ptr()).start_time } {
             t if t == ff::ffi::AV_NOPTS_VALUE => 0.0,
             t => t as f64 / f64::from(ff::ffi::AV_TIME_BASE),
         };

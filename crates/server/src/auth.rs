@@ -13,13 +13,13 @@
 //!   requests carry by themselves. The token never goes into a URL (logs, history,
 //!   `Referer`) nor into the served page. `SameSite=Strict` also keeps other sites from
 //!   riding on the cookie (CSRF, cross-site WebSocket).
-//! - **Sessions** are 32 random bytes from `/dev/urandom`, hex in the cookie, kept in
+//! - **Sessions** are 32 random bytes from the system (`getrandom`), hex in the cookie, kept in
 //!   memory (a restart signs everyone out) for a fixed [`SESSION_LIFETIME`] from sign-in,
 //!   not sliding: the cookie's `Max-Age` then says exactly what the server will honour,
 //!   and a stolen cookie cannot be kept alive by use. At most [`MAX_SESSIONS`]; signing
 //!   in past that evicts the oldest. Only the bearer token mints a session, never a cookie.
 //! - **Constant time.** The token is kept only as its SHA-256 digest; a candidate is
-//!   hashed and the two digests compared with an XOR fold over all 32 bytes, so neither
+//!   hashed and the two digests compared in constant time (`subtle`), so neither
 //!   the length nor a matching prefix shows in the timing. Session ids are looked up by
 //!   their digest for the same reason.
 //!
@@ -40,7 +40,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -52,6 +51,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "kibitz_session";
@@ -217,7 +217,7 @@ async fn sign_in(State(access): State<Access>, headers: HeaderMap) -> Response {
     let id = match session_id() {
         Ok(id) => id,
         Err(e) => {
-            tracing::error!("cannot read /dev/urandom for a session id: {e}");
+            tracing::error!("cannot get random bytes for a session id: {e}");
             let body = serde_json::json!({
                 "error": "internal error; the server log has the details"
             });
@@ -302,11 +302,12 @@ fn session_ids(headers: &HeaderMap) -> Vec<&[u8]> {
         .collect()
 }
 
-/// A fresh session id: 32 bytes from `/dev/urandom`, as 64 lowercase hex digits.
-fn session_id() -> std::io::Result<String> {
+/// A fresh session id: 32 bytes from the system's random source, as 64 lowercase hex
+/// digits.
+fn session_id() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    getrandom::fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -315,8 +316,7 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 
 /// Equal digests, in time that does not depend on where they differ.
 fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    bool::from(a.ct_eq(b))
 }
 
 /// `pattern` from [`OPEN_FOR_VIEWING`] against a request path; `*` is one non-empty segment.

@@ -407,7 +407,12 @@ async fn metrics_label_every_stream() {
     assert!(text.contains("kibitz_streams 3"), "{text}");
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let name = line.split([' ', '{']).next().unwrap();
-        let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+        // OpenMetrics: a counter's samples end in `_total`, a histogram's in `_sum`,
+        // `_count` and `_bucket`; the family's TYPE line has the bare name.
+        let family = ["_total", "_sum", "_count", "_bucket"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
         assert!(
             text.contains(&format!("# TYPE {family} ")),
             "{name} has no TYPE"
@@ -1044,7 +1049,7 @@ async fn an_alert_fires_on_the_edge_only_and_reaches_the_webhook_signed() {
                     }
                     let signature = headers["x-kibitz-signature"].to_str().unwrap().to_string();
                     let mac = kibitz_server::hmac_sha256(b"hook-secret", body.as_bytes());
-                    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+                    let hex = hex::encode(mac);
                     assert_eq!(signature, format!("sha256={hex}"), "a valid signature");
                     received
                         .lock()

@@ -72,14 +72,11 @@ pub struct Alert {
 }
 
 impl Alert {
-    /// The clip: the JPEGs back to back (`video/x-motion-jpeg`, which ffplay and VLC play).
+    /// The clip: the JPEGs back to back (`video/x-motion-jpeg`, which ffplay and VLC play),
+    /// each carrying its capture time so that it replays at the pace it was captured
+    /// ([`crate::clip_times`] reads them back).
     pub fn clip_bytes(&self) -> Vec<u8> {
-        let frames = lock(&self.frames);
-        let mut out = Vec::with_capacity(frames.iter().map(|f| f.jpeg.bytes.len()).sum());
-        for frame in frames.iter() {
-            out.extend_from_slice(&frame.jpeg.bytes);
-        }
-        out
+        crate::clip::mjpeg(&lock(&self.frames))
     }
 }
 

@@ -14,6 +14,7 @@
 
 mod alerts;
 mod ask;
+mod clip;
 mod counts;
 mod events;
 mod extensions;
@@ -36,6 +37,7 @@ pub use alerts::{
     MAX_RULES, MAX_RULE_CHARS,
 };
 pub use ask::{AnswerPiece, MAX_QUESTION_CHARS};
+pub use clip::clip_times;
 pub use counts::{OutputCount, Running};
 pub use events::{StreamEvent, StreamEventKind};
 pub use id::{StreamId, MAX_ID_LEN};

@@ -3,7 +3,7 @@
 //! Two parts, because one stream has many listeners who join at different times:
 //! - [`OpusEncoder`] (one per stream): PCM at any rate, resampled to 48 kHz, or silence,
 //!   becomes 20 ms Opus frames ([`OpusFrame`], each decodable by itself once a decoder runs).
-//! - [`OggMuxer`] (one per listener, a few bytes of state): [`OggMuxer::headers`] (the
+//! - [`OggMuxer`] (one per listener, a few KB of state): [`OggMuxer::headers`] (the
 //!   OpusHead and OpusTags pages) first, then [`OggMuxer::page`] for the frames as they come.
 //!   Each listener's stream therefore starts at page 0 and granule 0 with contiguous sequence
 //!   numbers: a valid stream from its own first byte, whenever it joined. The server keeps
@@ -11,13 +11,14 @@
 //!
 //! [`OggOpusWriter`] is the two together for one reader (a file, a test).
 //!
-//! Why our own Ogg framing: a page is a 27-byte header, lacing values and a CRC (~80 lines
-//! here); the `ogg` crate would add a dependency and hide the page boundaries, which are
-//! exactly what live streaming needs to control.
+//! The page framing itself is the `ogg` crate's `PacketWriter`, writing into a `Vec` that
+//! each call empties: still sans IO, and this module keeps control of where pages end (every
+//! call ends its last page), which is what lets a listener join between any two calls.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use ogg::{PacketWriteEndInfo, PacketWriter};
 
 use crate::resample::Resampler;
 use crate::{Pcm, VoiceError};
@@ -141,29 +142,42 @@ impl OpusEncoder {
 }
 
 /// Ogg pages for one listener of an Opus stream: [`OggMuxer::headers`] once, then
-/// [`OggMuxer::page`] for the frames as they come.
-#[derive(Debug, Clone)]
+/// [`OggMuxer::page`] for the frames as they come. The framing (lacing, CRC, page flags,
+/// sequence numbers) is the `ogg` crate's; this type decides where pages end and what
+/// granule position each carries, and hands back the bytes of whole pages only.
 pub struct OggMuxer {
+    /// Writes whole pages into its `Vec`, which each call empties into what it returns.
+    pages: PacketWriter<'static, Vec<u8>>,
     serial: u32,
-    sequence: u32,
     /// Granule position: the 48 kHz samples in pages so far, which (RFC 7845 §4) counts the
     /// pre-skip the decoder will drop.
     granule: u64,
     pre_skip: u16,
 }
 
+impl std::fmt::Debug for OggMuxer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OggMuxer")
+            .field("serial", &self.serial)
+            .field("granule", &self.granule)
+            .field("pre_skip", &self.pre_skip)
+            .finish_non_exhaustive()
+    }
+}
+
 impl OggMuxer {
     /// `pre_skip` is the encoder's ([`OpusEncoder::pre_skip`]); `serial` names the stream.
     pub fn new(serial: u32, pre_skip: u16) -> OggMuxer {
         OggMuxer {
+            pages: PacketWriter::new(Vec::new()),
             serial,
-            sequence: 0,
             granule: 0,
             pre_skip,
         }
     }
 
-    /// The two header pages (OpusHead, then OpusTags), which must come first.
+    /// The two header pages (OpusHead, then OpusTags), which must come first, each a page
+    /// of its own (RFC 7845 §3).
     pub fn headers(&mut self) -> Vec<u8> {
         let mut head = Vec::with_capacity(19);
         head.extend_from_slice(b"OpusHead");
@@ -179,9 +193,9 @@ impl OggMuxer {
         tags.extend_from_slice(&(vendor.len() as u32).to_le_bytes());
         tags.extend_from_slice(vendor);
         tags.extend_from_slice(&0u32.to_le_bytes()); // no comments
-        let mut out = self.write_page(&[&head], 0x02, 0);
-        out.extend(self.write_page(&[&tags], 0, 0));
-        out
+        self.write(head, PacketWriteEndInfo::EndPage, 0);
+        self.write(tags, PacketWriteEndInfo::EndPage, 0);
+        self.take()
     }
 
     /// Pages holding `frames` (at most one second each); empty for no frames.
@@ -196,76 +210,38 @@ impl OggMuxer {
     }
 
     fn pages(&mut self, frames: &[OpusFrame], end: bool, final_granule: Option<u64>) -> Vec<u8> {
-        let mut out = Vec::new();
-        let chunks: Vec<&[OpusFrame]> = frames.chunks(FRAMES_PER_PAGE).collect();
-        for (k, chunk) in chunks.iter().enumerate() {
-            let is_last = k + 1 == chunks.len();
-            self.granule += (chunk.len() * FRAME) as u64;
-            let mut granule = self.granule;
-            if end && is_last {
-                if let Some(g) = final_granule {
-                    granule = g.min(granule);
-                }
-            }
-            let packets: Vec<&[u8]> = chunk.iter().map(|f| &f.0[..]).collect();
-            let flags = if end && is_last { 0x04 } else { 0 };
-            out.extend(self.write_page(&packets, flags, granule));
-        }
-        out
-    }
-
-    fn write_page(&mut self, packets: &[&[u8]], flags: u8, granule: u64) -> Vec<u8> {
-        let mut lacing = Vec::new();
-        for p in packets {
-            lacing.extend(std::iter::repeat_n(255u8, p.len() / 255));
-            lacing.push((p.len() % 255) as u8);
-        }
-        debug_assert!(lacing.len() <= 255);
-        let mut page =
-            Vec::with_capacity(27 + lacing.len() + packets.iter().map(|p| p.len()).sum::<usize>());
-        page.extend_from_slice(b"OggS");
-        page.push(0); // version
-        page.push(flags);
-        page.extend_from_slice(&granule.to_le_bytes());
-        page.extend_from_slice(&self.serial.to_le_bytes());
-        page.extend_from_slice(&self.sequence.to_le_bytes());
-        page.extend_from_slice(&[0; 4]); // CRC, filled in below
-        page.push(lacing.len() as u8);
-        page.extend_from_slice(&lacing);
-        for p in packets {
-            page.extend_from_slice(p);
-        }
-        let crc = crc32(&page);
-        page[22..26].copy_from_slice(&crc.to_le_bytes());
-        self.sequence += 1;
-        page
-    }
-}
-
-/// Ogg's CRC-32: polynomial 0x04C11DB7, not reflected, starting at 0, no final xor.
-fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut r = (i as u32) << 24;
-            let mut bit = 0;
-            while bit < 8 {
-                r = if r & 0x8000_0000 != 0 {
-                    (r << 1) ^ 0x04C1_1DB7
-                } else {
-                    r << 1
+        let pages = frames.len().div_ceil(FRAMES_PER_PAGE);
+        for (k, chunk) in frames.chunks(FRAMES_PER_PAGE).enumerate() {
+            let last_page = end && k + 1 == pages;
+            for (i, frame) in chunk.iter().enumerate() {
+                self.granule += FRAME as u64;
+                // A page ends with its chunk, so every call returns whole pages: a
+                // listener's bytes never stop mid-page.
+                let info = match (i + 1 == chunk.len(), last_page) {
+                    (false, _) => PacketWriteEndInfo::NormalPacket,
+                    (true, false) => PacketWriteEndInfo::EndPage,
+                    (true, true) => PacketWriteEndInfo::EndStream,
                 };
-                bit += 1;
+                let granule = match final_granule {
+                    Some(g) if info == PacketWriteEndInfo::EndStream => g.min(self.granule),
+                    _ => self.granule,
+                };
+                self.write(frame.0.to_vec(), info, granule);
             }
-            table[i] = r;
-            i += 1;
         }
-        table
-    };
-    bytes.iter().fold(0u32, |crc, &b| {
-        (crc << 8) ^ TABLE[((crc >> 24) as u8 ^ b) as usize]
-    })
+        self.take()
+    }
+
+    fn write(&mut self, packet: Vec<u8>, info: PacketWriteEndInfo, granule: u64) {
+        self.pages
+            .write_packet(packet, self.serial, info, granule)
+            .expect("writing pages into a Vec cannot fail");
+    }
+
+    /// The pages written since the last call.
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(self.pages.inner_mut())
+    }
 }
 
 /// An Ogg/Opus stream for one reader: the headers come with the first bytes out.
@@ -318,11 +294,34 @@ impl OggOpusWriter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn crc_matches_ogg() {
-        // CRC-32/CKSUM's check value (0x765E7680) without its final xor.
-        assert_eq!(crc32(b""), 0);
-        assert_eq!(crc32(b"123456789"), 0x89A1_897F);
+    /// Reads `bytes` back with the `ogg` crate's reader, which checks every page's CRC.
+    fn packets(bytes: &[u8]) -> Vec<ogg::Packet> {
+        let mut reader = ogg::PacketReader::new(std::io::Cursor::new(bytes));
+        let mut out = Vec::new();
+        while let Some(packet) = reader.read_packet().unwrap() {
+            out.push(packet);
+        }
+        out
+    }
+
+    /// Each page's (flags, granule, sequence) by walking the headers.
+    fn pages(bytes: &[u8]) -> Vec<(u8, u64, u32)> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        while at < bytes.len() {
+            assert_eq!(&bytes[at..at + 4], b"OggS");
+            let flags = bytes[at + 5];
+            let granule = u64::from_le_bytes(bytes[at + 6..at + 14].try_into().unwrap());
+            let seq = u32::from_le_bytes(bytes[at + 18..at + 22].try_into().unwrap());
+            let n = bytes[at + 26] as usize;
+            let body: usize = bytes[at + 27..at + 27 + n]
+                .iter()
+                .map(|&v| v as usize)
+                .sum();
+            out.push((flags, granule, seq));
+            at += 27 + n + body;
+        }
+        out
     }
 
     #[test]
@@ -330,27 +329,42 @@ mod tests {
         let mut writer = OggOpusWriter::new(7).unwrap();
         let mut bytes = writer.silence(Duration::from_millis(50)).unwrap();
         bytes.extend(writer.finish().unwrap());
-        // Head, tags, then audio pages; each starts with OggS and has sequence 0, 1, 2, ...
-        let mut at = 0;
-        let mut seq = 0;
-        while at < bytes.len() {
-            assert_eq!(&bytes[at..at + 4], b"OggS");
-            assert_eq!(
-                u32::from_le_bytes(bytes[at + 18..at + 22].try_into().unwrap()),
-                seq
-            );
-            let n = bytes[at + 26] as usize;
-            let body: usize = bytes[at + 27..at + 27 + n]
-                .iter()
-                .map(|&v| v as usize)
-                .sum();
-            let mut page = bytes[at..at + 27 + n + body].to_vec();
-            let crc = u32::from_le_bytes(page[22..26].try_into().unwrap());
-            page[22..26].copy_from_slice(&[0; 4]);
-            assert_eq!(crc32(&page), crc);
-            at += 27 + n + body;
-            seq += 1;
-        }
-        assert!(seq >= 3);
+        let packets = packets(&bytes);
+        assert!(packets[0].data.starts_with(b"OpusHead"));
+        assert!(packets[1].data.starts_with(b"OpusTags"));
+        assert!(packets.len() >= 3);
+        assert!(packets.iter().all(|p| p.stream_serial() == 7));
+        assert!(packets.last().unwrap().last_in_stream());
+        // Head, tags, then audio pages; sequence 0, 1, 2, ...; begin and end flagged.
+        let pages = pages(&bytes);
+        let seqs: Vec<u32> = pages.iter().map(|p| p.2).collect();
+        assert_eq!(seqs, (0..pages.len() as u32).collect::<Vec<_>>());
+        assert_eq!(pages[0].0, 0x02);
+        assert_eq!(pages.last().unwrap().0, 0x04);
+        // The last granule is the length pushed plus the pre-skip, the padding trimmed.
+        let pre_skip = u64::from(u16::from_le_bytes(
+            packets[0].data[10..12].try_into().unwrap(),
+        ));
+        assert_eq!(pages.last().unwrap().1, 2400 + pre_skip);
+    }
+
+    #[test]
+    fn every_call_returns_whole_pages_with_running_granules() {
+        let frame = OpusFrame(Bytes::from_static(&[0xf8, 0xff, 0xfe]));
+        let mut muxer = OggMuxer::new(3, 312);
+        let headers = muxer.headers();
+        assert_eq!(pages(&headers).len(), 2);
+        // 45 frames: a page of 40 and one of 5, both ended by this call.
+        let first = muxer.page(&vec![frame.clone(); 45]);
+        let granules: Vec<u64> = pages(&first).iter().map(|p| p.1).collect();
+        assert_eq!(granules, [40 * 960, 45 * 960]);
+        assert!(muxer.page(&[]).is_empty());
+        let second = muxer.page(std::slice::from_ref(&frame));
+        assert_eq!(pages(&second), [(0, 46 * 960, 4)]);
+        let mut all = headers;
+        all.extend(first);
+        all.extend(second);
+        all.extend(muxer.last(&[frame], None));
+        assert_eq!(packets(&all).len(), 2 + 47);
     }
 }

@@ -21,7 +21,6 @@
 //! load.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
@@ -323,38 +322,35 @@ impl Engine for Replicas {
         json!({ "placement": "fewest streams, then fewest requests in flight", "replicas": replicas })
     }
 
-    fn metrics(&self) -> String {
+    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
         let n = self.replicas.len();
-        let up: Vec<usize> = (0..n).map(|i| usize::from(self.is_up(i))).collect();
-        let in_flight: Vec<usize> = self.replicas.iter().map(|r| r.engine.in_flight()).collect();
-        let rows = [
-            (
-                "kibitz_replica_up",
-                "1 while the engine replica takes work, 0 once it has failed.",
-                up,
-            ),
-            (
-                "kibitz_replica_streams",
-                "Streams placed on each engine replica.",
-                self.streams(),
-            ),
-            (
-                "kibitz_replica_in_flight",
-                "Requests running on each engine replica.",
-                in_flight,
-            ),
-        ];
-        let mut out = String::new();
-        for (name, help, values) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (i, value) in values.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{replica=\"{i}\"}} {value}");
-            }
-        }
+        let replica = |i: usize| vec![("replica", i.to_string())];
+        let mut families = crate::metrics::MetricFamilies::new();
+        families.gauge(
+            "kibitz_replica_up",
+            "1 while the engine replica takes work, 0 once it has failed.",
+            (0..n).map(|i| (replica(i), self.is_up(i))),
+        );
+        families.gauge(
+            "kibitz_replica_streams",
+            "Streams placed on each engine replica.",
+            self.streams()
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (replica(i), v)),
+        );
+        families.gauge(
+            "kibitz_replica_in_flight",
+            "Requests running on each engine replica.",
+            self.replicas
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (replica(i), r.engine.in_flight())),
+        );
+        families.register(registry);
         for r in &self.replicas {
-            out.push_str(&r.engine.metrics());
+            r.engine.register_metrics(registry);
         }
-        out
     }
 }
 

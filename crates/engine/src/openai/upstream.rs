@@ -23,6 +23,8 @@ use reqwest::Url;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::metrics::{Labels, MetricFamilies};
+
 /// How a request on one upstream ended, for its counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -338,59 +340,50 @@ impl Pool {
         json!(list)
     }
 
-    pub fn metrics(&self, now: Instant) -> String {
+    /// Each upstream's numbers now, labelled by its URL.
+    pub fn metrics(&self, now: Instant) -> MetricFamilies {
         let states = self.states.lock().unwrap();
-        let mut out = String::new();
-        let rows: Vec<(String, &State)> = self
+        let rows: Vec<(Labels, &State)> = self
             .upstreams
             .iter()
-            .map(|u| label(&u.shown))
+            .map(|u| vec![("url", label(&u.shown))])
             .zip(states.iter())
             .collect();
-        out.push_str(
-            "# HELP kibitz_upstream_in_flight Requests open on each OpenAI-compatible upstream.\n",
+        let mut families = MetricFamilies::new();
+        families.gauge(
+            "kibitz_upstream_in_flight",
+            "Requests open on each OpenAI-compatible upstream.",
+            rows.iter().map(|(url, s)| (url.clone(), s.in_flight)),
         );
-        out.push_str("# TYPE kibitz_upstream_in_flight gauge\n");
-        for (url, s) in &rows {
-            let _ = writeln!(
-                out,
-                "kibitz_upstream_in_flight{{url=\"{url}\"}} {}",
-                s.in_flight
-            );
-        }
-        out.push_str(
-            "# HELP kibitz_upstream_max_in_flight Most requests each upstream takes at once (--engine-max-inflight).\n",
+        families.gauge(
+            "kibitz_upstream_max_in_flight",
+            "Most requests each upstream takes at once (--engine-max-inflight).",
+            rows.iter()
+                .map(|(url, _)| (url.clone(), self.max_in_flight)),
         );
-        out.push_str("# TYPE kibitz_upstream_max_in_flight gauge\n");
-        for (url, _) in &rows {
-            let _ = writeln!(
-                out,
-                "kibitz_upstream_max_in_flight{{url=\"{url}\"}} {}",
-                self.max_in_flight
-            );
-        }
-        out.push_str("# HELP kibitz_upstream_requests_total Requests finished on each upstream, by result.\n");
-        out.push_str("# TYPE kibitz_upstream_requests_total counter\n");
-        for (url, s) in &rows {
-            for (result, n) in [
-                ("ok", s.ok),
-                ("error", s.errors),
-                ("timeout", s.timeouts),
-                ("cancelled", s.cancelled),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "kibitz_upstream_requests_total{{url=\"{url}\",result=\"{result}\"}} {n}"
-                );
-            }
-        }
-        out.push_str("# HELP kibitz_upstream_up 1 when the upstream takes requests, 0 while it rests after a failure.\n");
-        out.push_str("# TYPE kibitz_upstream_up gauge\n");
-        for (url, s) in &rows {
-            let up = !s.resting(now);
-            let _ = writeln!(out, "kibitz_upstream_up{{url=\"{url}\"}} {}", u8::from(up));
-        }
-        out
+        families.counter(
+            "kibitz_upstream_requests",
+            "Requests finished on each upstream, by result.",
+            rows.iter().flat_map(|(url, s)| {
+                [
+                    ("ok", s.ok),
+                    ("error", s.errors),
+                    ("timeout", s.timeouts),
+                    ("cancelled", s.cancelled),
+                ]
+                .map(|(result, n)| {
+                    let mut labels = url.clone();
+                    labels.push(("result", result.to_string()));
+                    (labels, n)
+                })
+            }),
+        );
+        families.gauge(
+            "kibitz_upstream_up",
+            "1 when the upstream takes requests, 0 while it rests after a failure.",
+            rows.iter().map(|(url, s)| (url.clone(), !s.resting(now))),
+        );
+        families
     }
 }
 
@@ -612,7 +605,9 @@ mod tests {
         pool.lease(ANY, now)
             .unwrap()
             .finish(Outcome::Error { rest: true }, None, now);
-        let m = pool.metrics(now);
+        let mut registry = crate::metrics::Registry::default();
+        pool.metrics(now).register(&mut registry);
+        let m = crate::metrics::encode(&registry);
         assert!(
             m.contains("kibitz_upstream_in_flight{url=\"http://u0:8000/v1\"} 0"),
             "{m}"

@@ -56,7 +56,8 @@ const SEARCH_PAGE = 20;
 const ALERT_FLASH_MS = 6000;
 /// The overview highlights alerts fired this recently when it opens (from `/api/alerts`).
 const ALERT_RECENT_MS = 15 * 60 * 1000;
-/// An alert clip's pictures a second when played here (the MJPEG does not say).
+/// An alert clip's pictures a second when played here, for a clip whose pictures carry no
+/// capture time (the server stamps each one; see `clipTime`).
 const CLIP_FPS = 10;
 
 // Exposed for curious users and for the browser test.
@@ -1193,8 +1194,10 @@ async function playClip(url) {
     const response = await fetch(url, { cache: "no-store" });
     if (!response.ok) throw new Error(`the server said ${response.status}`);
     const bytes = new Uint8Array(await response.arrayBuffer());
-    pictures = await Promise.all(splitJpegs(bytes).map((jpeg) =>
-      createImageBitmap(new Blob([jpeg], { type: "image/jpeg" })).catch(() => null)));
+    pictures = await Promise.all(splitJpegs(bytes).map(async (jpeg) => {
+      const image = await createImageBitmap(new Blob([jpeg], { type: "image/jpeg" })).catch(() => null);
+      return image && { image, at: clipTime(jpeg) };
+    }));
     pictures = pictures.filter(Boolean);
   } catch (err) {
     $("clip-title").textContent = `clip: ${err.message || err}`;
@@ -1203,16 +1206,39 @@ async function playClip(url) {
   if (playing !== clipPlaying) return;
   $("clip-title").textContent = `clip: ${pictures.length} pictures`;
   if (!pictures.length) return;
-  canvas.width = pictures[0].width;
-  canvas.height = pictures[0].height;
+  // Each picture shows at its capture time, so the clip replays at the pace it was
+  // captured; without times, at CLIP_FPS. After the last, as long as the average gap.
+  const timed = pictures.every((p) => p.at !== null);
+  const at = (i) => (timed ? pictures[i].at : (i * 1000) / CLIP_FPS);
+  const span = at(pictures.length - 1);
+  const loop = span + (pictures.length > 1 ? span / (pictures.length - 1) : 1000 / CLIP_FPS);
+  canvas.width = pictures[0].image.width;
+  canvas.height = pictures[0].image.height;
+  kibitz.clip = { times: pictures.map((_, i) => at(i)), shown: [] };
   let i = 0;
+  let started = performance.now();
   const step = () => {
     if (playing !== clipPlaying || !dialog.open) return;
-    context.drawImage(pictures[i % pictures.length], 0, 0, canvas.width, canvas.height);
+    const n = i % pictures.length;
+    if (n === 0 && i > 0) started += loop;
+    context.drawImage(pictures[n].image, 0, 0, canvas.width, canvas.height);
+    if (i < pictures.length) kibitz.clip.shown.push(performance.now() - started);
     i += 1;
-    setTimeout(step, 1000 / CLIP_FPS);
+    const next = i % pictures.length === 0 ? loop : at(i % pictures.length);
+    setTimeout(step, Math.max(0, started + next - performance.now()));
   };
   step();
+}
+
+/// A clip picture's capture time (ms from the clip's first), from the comment segment the
+/// server puts right after its start-of-image marker (`FF FE`, length, `kibitz-t=<ms>`);
+/// null when it has none.
+function clipTime(jpeg) {
+  if (jpeg.length < 6 || jpeg[2] !== 0xff || jpeg[3] !== 0xfe) return null;
+  const length = (jpeg[4] << 8) | jpeg[5];
+  const text = new TextDecoder().decode(jpeg.subarray(6, 4 + length));
+  const match = /^kibitz-t=(\d+)$/.exec(text);
+  return match ? Number(match[1]) : null;
 }
 
 /// The JPEGs in a Motion JPEG: each starts with FF D8 FF (which entropy-coded data, where
