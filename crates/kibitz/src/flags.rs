@@ -519,3 +519,32 @@ pub fn flag(field: &str) -> String {
     };
     format!("--{} ({env})", field.replace('_', "-"))
 }
+
+#[cfg(all(test, feature = "media"))]
+mod tests {
+    use clap::{Args, CommandFactory};
+
+    /// `serve`, `annotate` and `bench` take the same commentary flags, each also read from
+    /// the environment variable of its name.
+    #[test]
+    fn commentary_flags_are_shared_and_read_their_env_var() {
+        let cli = super::Cli::command();
+        let shared = super::CommentaryArgs::augment_args(clap::Command::new("shared"));
+        let longs: Vec<&str> = shared
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .collect();
+        assert!(longs.contains(&"capture-fps"), "{longs:?}");
+        for sub in ["serve", "annotate", "bench"] {
+            let command = cli.find_subcommand(sub).expect("a subcommand");
+            for long in &longs {
+                let arg = command
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .unwrap_or_else(|| panic!("{sub} has no --{long}"));
+                let env = long.replace('-', "_").to_ascii_uppercase();
+                assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
+            }
+        }
+    }
+}

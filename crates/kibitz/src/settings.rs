@@ -99,6 +99,8 @@ pub fn commentary_defaults(
     {
         problems.push(format!("{}: {e}", flag(e.field())));
     }
+    // Taken apart whole, so that a flag added to `CommentaryArgs` does not compile until
+    // it reaches the defaults.
     let CommentaryArgs {
         profile,
         instruction,
