@@ -270,67 +270,60 @@ impl StreamSpec {
         change: &StreamSettings,
         defaults: &StreamDefaults,
     ) -> Result<StreamSpec, Problems> {
-        let mut problems = Vec::new();
-        let fixed = |field: &'static str, problems: &mut Vec<FieldError>| {
-            problems.push(FieldError {
+        // What only a new stream can change, and whether `change` asks to (the same
+        // value again is no change).
+        let differs = |given: Option<&str>, now: &str| given.is_some_and(|v| v.trim() != now);
+        let fixed = [
+            ("id", differs(change.id.as_deref(), self.id.as_str())),
+            ("source", differs(change.source.as_deref(), &self.source)),
+            (
+                "capture_fps",
+                change.capture_fps.is_some_and(|v| v != self.capture_fps),
+            ),
+            (
+                "frames_per_inference",
+                change
+                    .frames_per_inference
+                    .is_some_and(|v| v != self.frames_per_inference),
+            ),
+            (
+                "frame_stride",
+                change.frame_stride.is_some_and(|v| v != self.frame_stride),
+            ),
+            (
+                "stream_delay_init",
+                change
+                    .stream_delay_init
+                    .is_some_and(|v| v != self.stream_delay_init),
+            ),
+            (
+                "stream_delay_ema_alpha",
+                change
+                    .stream_delay_ema_alpha
+                    .is_some_and(|v| v != self.stream_delay_ema_alpha),
+            ),
+            (
+                "scene_change_threshold",
+                change
+                    .scene_change_threshold
+                    .is_some_and(|v| v != self.scene_change_threshold),
+            ),
+            (
+                "language",
+                differs(change.language.as_deref(), &self.language),
+            ),
+        ];
+        let mut problems: Vec<FieldError> = fixed
+            .into_iter()
+            .filter(|(_, asked)| *asked)
+            .map(|(field, _)| FieldError {
                 field,
                 message: format!(
                     "cannot change while the stream runs (live: {}); delete the stream and add it again",
                     LIVE_FIELDS.join(", ")
                 ),
             })
-        };
-        if change
-            .id
-            .as_deref()
-            .is_some_and(|id| id != self.id.as_str())
-        {
-            fixed("id", &mut problems);
-        }
-        if change
-            .source
-            .as_deref()
-            .is_some_and(|s| s.trim() != self.source)
-        {
-            fixed("source", &mut problems);
-        }
-        if change.capture_fps.is_some_and(|v| v != self.capture_fps) {
-            fixed("capture_fps", &mut problems);
-        }
-        if change
-            .frames_per_inference
-            .is_some_and(|v| v != self.frames_per_inference)
-        {
-            fixed("frames_per_inference", &mut problems);
-        }
-        if change.frame_stride.is_some_and(|v| v != self.frame_stride) {
-            fixed("frame_stride", &mut problems);
-        }
-        if change
-            .stream_delay_init
-            .is_some_and(|v| v != self.stream_delay_init)
-        {
-            fixed("stream_delay_init", &mut problems);
-        }
-        if change
-            .stream_delay_ema_alpha
-            .is_some_and(|v| v != self.stream_delay_ema_alpha)
-        {
-            fixed("stream_delay_ema_alpha", &mut problems);
-        }
-        if change
-            .scene_change_threshold
-            .is_some_and(|v| v != self.scene_change_threshold)
-        {
-            fixed("scene_change_threshold", &mut problems);
-        }
-        if change
-            .language
-            .as_deref()
-            .is_some_and(|v| v.trim() != self.language)
-        {
-            fixed("language", &mut problems);
-        }
+            .collect();
         let mut next = self.clone();
         if let Some(profile) = &change.profile {
             next.profile = profile.clone();
