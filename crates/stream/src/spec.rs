@@ -382,7 +382,11 @@ impl StreamSpec {
         // the window is the stream's, not the loop's); asked only of counts that are good.
         let counts_ok = check_frames_per_inference(self.frames_per_inference).is_ok()
             && check_frame_stride(self.frame_stride).is_ok();
-        let reach = self.frames_per_inference.saturating_sub(1) * self.frame_stride + 1;
+        let reach = self
+            .frames_per_inference
+            .saturating_sub(1)
+            .saturating_mul(self.frame_stride)
+            .saturating_add(1);
         if counts_ok && reach > d.window_size {
             bad(
                 "frame_stride",
