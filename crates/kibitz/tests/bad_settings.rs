@@ -1,6 +1,6 @@
 //! One table of bad per-stream settings, sent down every path a setting comes in by:
 //! `kibitz serve` flags, a `--streams` file, `POST /api/streams` and `kibitz annotate`
-//! flags. Each path must refuse the value with the same words, naming the field (as its
+//! flags (and `kibitz bench --live`, which shares the commentary flags). Each path must refuse the value with the same words, naming the field (as its
 //! flag on the command line, as its key in the file and the API); the words come from the
 //! one owner of the rules, so the test reads them from one path and looks for them in the
 //! others.
@@ -27,6 +27,8 @@ struct Bad {
     json: Option<Value>,
     /// Whether `annotate` has the flag (the sync delay is the live page's alone).
     annotate: bool,
+    /// Whether `bench --live` has it (the commentary flags, less the language).
+    bench: bool,
 }
 
 fn bad(field: &'static str, flag: &str, toml: &str, json: Option<Value>) -> Bad {
@@ -36,6 +38,7 @@ fn bad(field: &'static str, flag: &str, toml: &str, json: Option<Value>) -> Bad 
         toml: toml.into(),
         json,
         annotate: !field.starts_with("stream_delay"),
+        bench: !field.starts_with("stream_delay") && field != "language",
     }
 }
 
@@ -167,6 +170,24 @@ fn one_table_of_bad_settings_is_refused_alike_on_every_path() {
                     .output()
                     .unwrap(),
                 &format!("annotate flags, {what}"),
+            );
+            assert_eq!(
+                line,
+                format!("{}: {message}", flag_name(bad.field)),
+                "{what}"
+            );
+        }
+
+        // `kibitz bench --live`, which shares the commentary flags: the same line again.
+        if bad.bench {
+            let line = refusal(
+                &kibitz()
+                    .args(["bench", "--live", "1"])
+                    .args([&flag, &bad.flag])
+                    .args(["--model", "/nonexistent/model"])
+                    .output()
+                    .unwrap(),
+                &format!("bench flags, {what}"),
             );
             assert_eq!(
                 line,
