@@ -581,7 +581,7 @@ impl Commentator {
         if let Err(err) = control.validate() {
             self.out.push_back(Output::Emit(Event::Error {
                 cycle: None,
-                message: err.to_string(),
+                message: format!("{}: {err}", err.field()),
             }));
             return;
         }
@@ -1219,13 +1219,15 @@ mod tests {
             .collect();
         assert_eq!(messages.len(), 3);
         assert!(
-            messages[0].starts_with("unknown profile 'opera'"),
+            messages[0].starts_with("profile: unknown profile 'opera'"),
             "{}",
             messages[0]
         );
         assert!(messages[1].contains("2001 characters"), "{}", messages[1]);
         assert!(
-            messages[2].starts_with("INFERENCE_INTERVAL is NaN s"),
+            messages[2].starts_with(
+                "inference_interval: must be 0 (back to back) to 3600 seconds, got NaN"
+            ),
             "{}",
             messages[2]
         );

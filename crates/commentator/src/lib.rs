@@ -22,8 +22,11 @@ mod window;
 
 pub use commentator::{Commentator, Input, Output, Phase, Snapshot};
 pub use config::{
-    check_instruction, CommentatorConfig, ConfigError, MAX_INSTRUCTION_CHARS, MAX_INTERVAL_SECS,
-    SCENE_CHANGE_THRESHOLD, SCENE_MAX_QUIET,
+    check_alpha, check_capture_fps, check_cycle_timeout, check_delay_init, check_frame_stride,
+    check_frames_per_inference, check_instruction, check_interval, check_max_tokens,
+    check_scene_change_threshold, CommentatorConfig, ConfigError, MAX_CAPTURE_FPS,
+    MAX_CYCLE_TIMEOUT_SECS, MAX_DELAY_INIT_SECS, MAX_FRAMES_PER_INFERENCE, MAX_INSTRUCTION_CHARS,
+    MAX_INTERVAL_SECS, SCENE_CHANGE_THRESHOLD, SCENE_MAX_QUIET,
 };
 pub use driver::run;
 pub use event::{Control, CycleEnd, Event};

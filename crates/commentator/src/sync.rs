@@ -123,7 +123,7 @@ mod tests {
         );
         assert_eq!(
             SyncDelay::new(-1.0, 0.2),
-            Err(ConfigError::NegativeDelay(-1.0))
+            Err(ConfigError::DelayOutOfRange(-1.0))
         );
     }
 }

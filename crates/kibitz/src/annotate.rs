@@ -41,13 +41,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kibitz_commentator::{Commentator, CommentatorConfig, Event, Input, Language, Output, Style};
-use kibitz_engine::{EngineError, Generation, Output as EngineOutput, Scheduler, Stats, Turn};
+use kibitz_commentator::{Commentator, CommentatorConfig, Event, Input, Output};
+use kibitz_engine::{
+    EngineError, Generation, Output as EngineOutput, Request, Scheduler, Session, Stats, Turn,
+};
 use kibitz_frames::{InferenceWindow, Stamp, WINDOW_SIZE};
 use kibitz_media::{Captured, Cue, VideoFile, VideoInfo};
+use kibitz_stream::StreamDefaults;
 use serde::Serialize;
 
 use crate::flags::AnnotateArgs;
+use crate::settings;
 
 /// What `-o` writes, by its extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,69 +117,91 @@ pub async fn run(args: AnnotateArgs) -> anyhow::Result<ExitCode> {
     let engine = crate::engine::build(&args.engine).await?;
     let started = Instant::now();
     let run = annotate(video, &args, config, engine.clone()).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let end = run.end.as_secs_f64();
     let cues = cues(&run.cycles, run.end);
-
     match format {
         Format::Vtt => write_file(&args.output, &webvtt(&cues))?,
         Format::Srt => write_file(&args.output, &srt(&cues))?,
         Format::Json => {
-            let json = serde_json::json!({
-                "input": args.file,
-                "duration": end,
-                "video": {
-                    "codec": info.codec,
-                    "width": info.width,
-                    "height": info.height,
-                    "fps": info.fps,
-                },
-                "settings": {
-                    "profile": args.profile,
-                    "instruction": args.instruction,
-                    "language": args.language,
-                    "capture_fps": args.capture_fps,
-                    "frames_per_inference": args.frames_per_inference,
-                    "frame_stride": args.frame_stride,
-                    "interval": args.inference_interval,
-                    "scene_change_threshold": args.scene_change_threshold,
-                    "max_tokens": args.sampling.max_tokens,
-                },
-                "engine": engine.info(),
-                "cycles": run.cycles,
-                "cues": cues.iter().map(|c| serde_json::json!({
-                    "start": c.start.as_secs_f64(),
-                    "end": c.end.as_secs_f64(),
-                    "text": c.text,
-                })).collect::<Vec<_>>(),
-                "elapsed_s": elapsed,
-                "speed": end / elapsed.max(1e-9),
-            });
+            let json = json_report(&args, &info, &engine.info(), &run, &cues, started);
             write_file(&args.output, &(serde_json::to_string_pretty(&json)? + "\n"))?
         }
-        Format::Video => {
-            let (input, output) = (args.file.clone(), args.output.clone());
-            let language = iso639_2(&args.language).to_string();
-            let cues = cues.clone();
-            let speech = match voice {
-                Some(voice) => Some(speech(voice, &cues, run.end).await?),
-                None => None,
-            };
-            tokio::task::spawn_blocking(move || {
-                kibitz_media::remux_with_subtitles(
-                    &input,
-                    &output,
-                    &cues,
-                    &language,
-                    speech.as_ref(),
-                )
-            })
-            .await
-            .context("the muxer stopped")??
-        }
+        Format::Video => write_video(&args, voice, &cues, run.end).await?,
     }
+    summarize(&args, &run, cues.len(), started);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `.json` output: the input, the settings, every cycle and every cue.
+fn json_report(
+    args: &AnnotateArgs,
+    info: &VideoInfo,
+    engine: &kibitz_engine::EngineInfo,
+    run: &Run,
+    cues: &[Cue],
+    started: Instant,
+) -> serde_json::Value {
     let elapsed = started.elapsed().as_secs_f64();
-    let comments = cues.len();
+    let end = run.end.as_secs_f64();
+    let c = &args.commentary;
+    serde_json::json!({
+        "input": args.file,
+        "duration": end,
+        "video": {
+            "codec": info.codec,
+            "width": info.width,
+            "height": info.height,
+            "fps": info.fps,
+        },
+        "settings": {
+            "profile": c.profile,
+            "instruction": c.instruction,
+            "language": args.language,
+            "capture_fps": c.capture_fps,
+            "frames_per_inference": c.frames_per_inference,
+            "frame_stride": c.frame_stride,
+            "interval": c.inference_interval,
+            "scene_change_threshold": c.scene_change_threshold,
+            "max_tokens": args.sampling.max_tokens,
+        },
+        "engine": engine,
+        "cycles": run.cycles,
+        "cues": cues.iter().map(|c| serde_json::json!({
+            "start": c.start.as_secs_f64(),
+            "end": c.end.as_secs_f64(),
+            "text": c.text,
+        })).collect::<Vec<_>>(),
+        "elapsed_s": elapsed,
+        "speed": end / elapsed.max(1e-9),
+    })
+}
+
+/// The `.mkv`/`.mp4` output: the input's streams copied, the cues as subtitles, and the
+/// spoken comments as an extra audio track when there is a voice.
+async fn write_video(
+    args: &AnnotateArgs,
+    voice: Option<Arc<dyn kibitz_voice::Voice>>,
+    cues: &[Cue],
+    end: Duration,
+) -> anyhow::Result<()> {
+    let (input, output) = (args.file.clone(), args.output.clone());
+    let language = iso639_2(&args.language).to_string();
+    let cues = cues.to_vec();
+    let speech = match voice {
+        Some(voice) => Some(speech(voice, &cues, end).await?),
+        None => None,
+    };
+    tokio::task::spawn_blocking(move || {
+        kibitz_media::remux_with_subtitles(&input, &output, &cues, &language, speech.as_ref())
+    })
+    .await
+    .context("the muxer stopped")??;
+    Ok(())
+}
+
+/// The closing line on stdout, and a warning when the video was too short for a cycle.
+fn summarize(args: &AnnotateArgs, run: &Run, comments: usize, started: Instant) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let end = run.end.as_secs_f64();
     let skipped = run.cycles.iter().filter(|c| c.skipped).count();
     let failed = run.cycles.iter().filter(|c| c.error.is_some()).count();
     println!(
@@ -185,14 +211,14 @@ pub async fn run(args: AnnotateArgs) -> anyhow::Result<ExitCode> {
         args.output.display()
     );
     if run.cycles.is_empty() {
-        let span = (args.frames_per_inference.max(1) - 1) * args.frame_stride.max(1) + 1;
+        let c = &args.commentary;
+        let span = (c.frames_per_inference.max(1) - 1) * c.frame_stride.max(1) + 1;
         eprintln!(
             "kibitz: warning: no cycle ran: a cycle needs {span} frames at {} fps ({:.1} s of video)",
-            args.capture_fps,
-            span as f64 / args.capture_fps
+            c.capture_fps,
+            span as f64 / c.capture_fps
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The voice `--voice` asks for, built and tried before any work (`None` without one).
@@ -277,65 +303,32 @@ async fn speech(
     })
 }
 
-/// The loop's settings from the flags, every problem reported at once.
+/// The loop's settings from the flags, checked as a stream's are (by `StreamSpec`, the
+/// one owner of the per-stream rules, through [`crate::settings`]): the same bad value
+/// gets the same words here as from `serve`, a streams file or the API. Every problem is
+/// reported at once.
 fn commentator_config(args: &AnnotateArgs) -> anyhow::Result<CommentatorConfig> {
     let mut problems = Vec::new();
-    if !(args.capture_fps.is_finite() && args.capture_fps > 0.0 && args.capture_fps <= 60.0) {
-        problems.push(format!(
-            "--capture-fps {} must be above 0 and at most 60",
-            args.capture_fps
-        ));
-    }
-    let language = match Language::parse(&args.language) {
-        Ok(l) => l,
-        Err(e) => {
-            problems.push(format!("--language: {e}"));
-            Language::default()
-        }
-    };
-    let interval =
-        if (0.0..=kibitz_commentator::MAX_INTERVAL_SECS).contains(&args.inference_interval) {
-            Duration::from_secs_f64(args.inference_interval)
-        } else {
-            Duration::ZERO // refused by `validate` below with its reason
-        };
-    let config = CommentatorConfig {
-        frames_per_inference: args.frames_per_inference,
-        frame_stride: args.frame_stride,
-        interval,
-        max_tokens: args.sampling.max_tokens,
-        sampling: crate::engine::sampling(&args.sampling),
+    let defaults = StreamDefaults {
         // No picture is shown late: there is no one to sync for.
-        delay_init: 0.0,
-        profile: args.profile.clone(),
-        instruction: args.instruction.clone(),
-        scene_change_threshold: args.scene_change_threshold,
-        style: Style {
-            language,
-            ..Style::default()
-        },
-        cycle_timeout: if args.cycle_timeout.is_finite() && args.cycle_timeout > 0.0 {
-            Duration::from_secs_f64(args.cycle_timeout.min(7.0 * 24.0 * 3600.0))
-        } else {
-            Duration::ZERO // refused by `validate` below with its reason
-        },
-        ..CommentatorConfig::default()
+        stream_delay_init: 0.0,
+        // The window is made as long as the frames a cycle reaches (see `annotate`).
+        window_size: usize::MAX,
+        ..settings::commentary_defaults(
+            &args.commentary,
+            &args.sampling,
+            &args.language,
+            &mut problems,
+        )
     };
-    if let Err(e) = config.validate() {
-        problems.extend(e.to_string().lines().map(str::to_owned));
-    }
-    if !(0.0..=kibitz_commentator::MAX_INTERVAL_SECS).contains(&args.inference_interval) {
-        problems.push(format!(
-            "--inference-interval {} must be between 0 and {} seconds",
-            args.inference_interval,
-            kibitz_commentator::MAX_INTERVAL_SECS
-        ));
-    }
+    let stream = settings::default_stream(&defaults)
+        .map_err(|flag_problems| problems.extend(flag_problems))
+        .ok();
     problems.extend(crate::engine::problems(&args.engine));
-    if !problems.is_empty() {
-        bail!("{}", problems.join("\nkibitz: "));
+    match stream {
+        Some(stream) if problems.is_empty() => Ok(stream.commentator(&defaults)),
+        _ => bail!("{}", problems.join("\nkibitz: ")),
     }
-    Ok(config)
 }
 
 /// The output must not be the input (it would be truncated before it is read) and must be
@@ -383,7 +376,8 @@ struct Run {
 }
 
 /// Reads the file on a thread of its own and drives the commentary loop on its media time
-/// (see the module docs).
+/// (see the module docs): do what the machine asks; while a cycle is with the engine, wait
+/// for its answer; when something is due, tick; else read on.
 async fn annotate(
     video: VideoFile,
     args: &AnnotateArgs,
@@ -392,173 +386,246 @@ async fn annotate(
 ) -> anyhow::Result<Run> {
     let info = video.info().clone();
     let (tx, mut frames) = tokio::sync::mpsc::channel::<Captured>(16);
-    let (fps, slices) = (args.capture_fps, args.engine.max_slice_nums);
+    let (fps, slices) = (args.commentary.capture_fps, args.engine.max_slice_nums);
     let reader = std::thread::Builder::new()
         .name("kibitz-annotate-read".into())
         .spawn(move || video.read(fps, slices, |frame| tx.blocking_send(frame).is_ok()))?;
 
-    let span = (config.frames_per_inference - 1) * config.frame_stride + 1;
-    let window = InferenceWindow::new(span.max(WINDOW_SIZE));
-    let base = Instant::now();
-    let mut now = base;
-    let cycle_timeout = config.cycle_timeout;
-    let mut machine = Commentator::new(config, base)?;
     let scheduler = Scheduler::new(engine);
-    let session = scheduler.open_session("annotate");
+    let mut loop_ = MediaTimeLoop::new(config, scheduler.open_session("annotate"))?;
     let bar = progress_bar(&info);
-
-    let mut generation: Option<Generation> = None;
-    let mut turn: Option<Turn> = None;
-    let mut infer_started = Instant::now();
-    let mut stats: Option<Stats> = None;
-    let mut wall_ms = 0.0;
-    let mut started_frames: HashMap<u64, Vec<f64>> = HashMap::new();
-    let mut cycles = Vec::new();
-    let mut comments = 0usize;
     loop {
-        let deadline = loop {
-            match machine.poll_output() {
-                Output::NeedFrames {
-                    count,
-                    stride,
-                    newest,
-                } => {
-                    turn = Some(match session.try_turn() {
-                        Ok(turn) => turn,
-                        Err(EngineError::Busy(_)) => {
-                            session
-                                .turn(kibitz_engine::Priority::Commentary, newest)
-                                .await?
-                        }
-                        Err(e) => return Err(e.into()),
-                    });
-                    let frames = window.sample(count, stride);
-                    machine.handle_input(Input::Frames { now, frames });
-                }
-                Output::Infer { cycle, request } => {
-                    infer_started = Instant::now();
-                    stats = None;
-                    let submitted = match turn.take() {
-                        Some(turn) => turn.submit(request),
-                        None => Err(EngineError::Unavailable(
-                            "the loop asked without an engine turn".into(),
-                        )),
-                    };
-                    match submitted {
-                        Ok(g) => generation = Some(g),
-                        Err(e) => {
-                            tracing::warn!(cycle, %e, "engine refused the request");
-                            machine.handle_input(Input::Failed(e, now));
-                        }
-                    }
-                }
-                Output::Cancel { .. } => generation = None,
-                Output::Emit(event) => match event {
-                    Event::CycleStart { cycle, frames } => {
-                        started_frames.insert(cycle, frames);
-                    }
-                    Event::CycleEnd(end) => {
-                        started_frames.remove(&end.cycle);
-                        if !end.skipped {
-                            comments += 1;
-                        }
-                        let asked = end.reason.is_none();
-                        cycles.push(CycleRecord {
-                            cycle: end.cycle,
-                            frames: end.frames,
-                            text: end.text,
-                            skipped: end.skipped,
-                            reason: end.reason,
-                            error: None,
-                            stats: if asked { stats.take() } else { None },
-                            wall_ms: if asked { wall_ms } else { 0.0 },
-                        });
-                    }
-                    Event::Error {
-                        cycle: Some(cycle),
-                        message,
-                    } => {
-                        tracing::warn!(cycle, %message, "a cycle failed");
-                        cycles.push(CycleRecord {
-                            cycle,
-                            frames: started_frames.remove(&cycle).unwrap_or_default(),
-                            text: String::new(),
-                            skipped: false,
-                            reason: None,
-                            error: Some(message),
-                            stats: None,
-                            wall_ms: ms(infer_started.elapsed()),
-                        });
-                    }
-                    _ => {}
-                },
-                Output::Timeout(at) => break at,
-            }
-        };
-        // A turn the loop did not use goes back.
-        turn = None;
-
-        if let Some(g) = generation.as_mut() {
-            // A cycle is with the engine: media time stands still until it is answered,
-            // so the machine's own cycle timeout (in media time) cannot fire; it is kept
-            // here in real time instead.
-            let next = tokio::time::timeout(cycle_timeout, g.next()).await;
-            let Ok(next) = next else {
-                generation = None;
-                let message = format!(
-                    "no answer within {:.1} s (--cycle-timeout)",
-                    cycle_timeout.as_secs_f64()
-                );
-                machine.handle_input(Input::Failed(EngineError::Timeout(message), now));
-                continue;
-            };
-            let input = match next {
-                Some(Ok(EngineOutput::Text(text))) => Input::Token(text, now),
-                Some(Ok(EngineOutput::Done(done))) => {
-                    wall_ms = ms(infer_started.elapsed());
-                    stats = Some(done.clone());
-                    Input::Done(done, now)
-                }
-                Some(Err(e)) => Input::Failed(e, now),
-                None => Input::Failed(
-                    EngineError::Stopped("the answer ended before it was complete".into()),
-                    now,
-                ),
-            };
-            if matches!(input, Input::Done(..) | Input::Failed(..)) {
-                generation = None;
-            }
-            machine.handle_input(input);
+        let deadline = loop_.drive().await?;
+        if loop_.answer().await {
             continue;
         }
-        if deadline <= now {
-            machine.handle_input(Input::Tick(now));
+        if deadline <= loop_.now {
+            loop_.machine.handle_input(Input::Tick(loop_.now));
             continue;
         }
         // Nothing due before the next frame: read on, which is what moves media time.
-        let Some(Captured { pts, rgb }) = frames.recv().await else {
+        let Some(frame) = frames.recv().await else {
             break;
         };
-        now = base + pts;
-        window.push(Stamp { pts, captured: now }, rgb);
+        let pts = frame.pts;
+        loop_.push(frame, deadline);
         bar.set_position(pts.as_millis() as u64);
-        bar.set_message(format!("{:.1} s, {comments} comments", pts.as_secs_f64()));
-        if now >= deadline {
-            machine.handle_input(Input::Tick(now));
-        }
+        bar.set_message(format!(
+            "{:.1} s, {} comments",
+            pts.as_secs_f64(),
+            loop_.comments
+        ));
     }
     drop(frames);
     let summary = reader
         .join()
         .map_err(|_| anyhow::anyhow!("the frame reader panicked"))??;
     bar.finish_and_clear();
-    session.close();
+    loop_.session.close();
     let end = match info.duration {
         // The container's word, unless the frames say the video is shorter.
         Some(d) => Duration::from_secs_f64(d).min(summary.end.max(Duration::from_millis(1))),
         None => summary.end,
     };
-    Ok(Run { cycles, end })
+    Ok(Run {
+        cycles: loop_.cycles,
+        end,
+    })
+}
+
+/// The commentary machine on media time, with its engine turn, the answer in progress and
+/// the record of every cycle so far.
+struct MediaTimeLoop {
+    machine: Commentator,
+    session: Session,
+    window: InferenceWindow,
+    /// A made-up instant for media time 0; `now` is `base` plus the newest frame's time.
+    base: Instant,
+    now: Instant,
+    /// Kept in real time while a cycle is with the engine (media time stands still).
+    cycle_timeout: Duration,
+    turn: Option<Turn>,
+    generation: Option<Generation>,
+    infer_started: Instant,
+    stats: Option<Stats>,
+    wall_ms: f64,
+    started_frames: HashMap<u64, Vec<f64>>,
+    cycles: Vec<CycleRecord>,
+    comments: usize,
+}
+
+impl MediaTimeLoop {
+    fn new(config: CommentatorConfig, session: Session) -> anyhow::Result<MediaTimeLoop> {
+        let span = (config.frames_per_inference - 1) * config.frame_stride + 1;
+        let base = Instant::now();
+        Ok(MediaTimeLoop {
+            window: InferenceWindow::new(span.max(WINDOW_SIZE)),
+            cycle_timeout: config.cycle_timeout,
+            machine: Commentator::new(config, base)?,
+            session,
+            base,
+            now: base,
+            turn: None,
+            generation: None,
+            infer_started: base,
+            stats: None,
+            wall_ms: 0.0,
+            started_frames: HashMap::new(),
+            cycles: Vec::new(),
+            comments: 0,
+        })
+    }
+
+    /// Does what the machine asks until it only waits for a time, and returns that time.
+    async fn drive(&mut self) -> anyhow::Result<Instant> {
+        loop {
+            match self.machine.poll_output() {
+                Output::NeedFrames {
+                    count,
+                    stride,
+                    newest,
+                } => {
+                    self.turn = Some(match self.session.try_turn() {
+                        Ok(turn) => turn,
+                        Err(EngineError::Busy(_)) => {
+                            self.session
+                                .turn(kibitz_engine::Priority::Commentary, newest)
+                                .await?
+                        }
+                        Err(e) => return Err(e.into()),
+                    });
+                    let frames = self.window.sample(count, stride);
+                    self.machine.handle_input(Input::Frames {
+                        now: self.now,
+                        frames,
+                    });
+                }
+                Output::Infer { cycle, request } => self.infer(cycle, request),
+                Output::Cancel { .. } => self.generation = None,
+                Output::Emit(event) => self.record(event),
+                Output::Timeout(at) => {
+                    // A turn the loop did not use goes back.
+                    self.turn = None;
+                    return Ok(at);
+                }
+            }
+        }
+    }
+
+    fn infer(&mut self, cycle: u64, request: Request) {
+        self.infer_started = Instant::now();
+        self.stats = None;
+        let submitted = match self.turn.take() {
+            Some(turn) => turn.submit(request),
+            None => Err(EngineError::Unavailable(
+                "the loop asked without an engine turn".into(),
+            )),
+        };
+        match submitted {
+            Ok(g) => self.generation = Some(g),
+            Err(e) => {
+                tracing::warn!(cycle, %e, "engine refused the request");
+                self.machine.handle_input(Input::Failed(e, self.now));
+            }
+        }
+    }
+
+    /// Keeps what the JSON output lists of a cycle.
+    fn record(&mut self, event: Event) {
+        match event {
+            Event::CycleStart { cycle, frames } => {
+                self.started_frames.insert(cycle, frames);
+            }
+            Event::CycleEnd(end) => {
+                self.started_frames.remove(&end.cycle);
+                if !end.skipped {
+                    self.comments += 1;
+                }
+                let asked = end.reason.is_none();
+                self.cycles.push(CycleRecord {
+                    cycle: end.cycle,
+                    frames: end.frames,
+                    text: end.text,
+                    skipped: end.skipped,
+                    reason: end.reason,
+                    error: None,
+                    stats: if asked { self.stats.take() } else { None },
+                    wall_ms: if asked { self.wall_ms } else { 0.0 },
+                });
+            }
+            Event::Error {
+                cycle: Some(cycle),
+                message,
+            } => {
+                tracing::warn!(cycle, %message, "a cycle failed");
+                self.cycles.push(CycleRecord {
+                    cycle,
+                    frames: self.started_frames.remove(&cycle).unwrap_or_default(),
+                    text: String::new(),
+                    skipped: false,
+                    reason: None,
+                    error: Some(message),
+                    stats: None,
+                    wall_ms: ms(self.infer_started.elapsed()),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// The next piece of the answer in progress, handed to the machine at the same `now`
+    /// as its cycle started; false when no cycle is with the engine.
+    async fn answer(&mut self) -> bool {
+        let Some(g) = self.generation.as_mut() else {
+            return false;
+        };
+        // Media time stands still until the cycle is answered, so the machine's own cycle
+        // timeout (in media time) cannot fire; it is kept here in real time instead.
+        let Ok(next) = tokio::time::timeout(self.cycle_timeout, g.next()).await else {
+            self.generation = None;
+            let message = format!(
+                "no answer within {:.1} s (--cycle-timeout)",
+                self.cycle_timeout.as_secs_f64()
+            );
+            self.machine
+                .handle_input(Input::Failed(EngineError::Timeout(message), self.now));
+            return true;
+        };
+        let now = self.now;
+        let input = match next {
+            Some(Ok(EngineOutput::Text(text))) => Input::Token(text, now),
+            Some(Ok(EngineOutput::Done(done))) => {
+                self.wall_ms = ms(self.infer_started.elapsed());
+                self.stats = Some(done.clone());
+                Input::Done(done, now)
+            }
+            Some(Err(e)) => Input::Failed(e, now),
+            None => Input::Failed(
+                EngineError::Stopped("the answer ended before it was complete".into()),
+                now,
+            ),
+        };
+        if matches!(input, Input::Done(..) | Input::Failed(..)) {
+            self.generation = None;
+        }
+        self.machine.handle_input(input);
+        true
+    }
+
+    /// A frame read: media time moves to it, and the machine is ticked if it was due.
+    fn push(&mut self, Captured { pts, rgb }: Captured, deadline: Instant) {
+        self.now = self.base + pts;
+        self.window.push(
+            Stamp {
+                pts,
+                captured: self.now,
+            },
+            rgb,
+        );
+        if self.now >= deadline {
+            self.machine.handle_input(Input::Tick(self.now));
+        }
+    }
 }
 
 fn progress_bar(info: &VideoInfo) -> indicatif::ProgressBar {

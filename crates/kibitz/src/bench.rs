@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kibitz_engine::{Engine, Frame, Image, Request, Stats};
 
-use crate::flags::BenchArgs;
+use kibitz_commentator::{CommentatorConfig, ConfigError};
+
+use crate::flags::{flag, BenchArgs, CommentaryArgs};
 use crate::selftest::test_frame;
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -26,9 +28,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if !args.streams.is_empty() {
         return streams(&args).await;
     }
+    let live_config = match args.live {
+        Some(_) => Some(live_config(&args.commentary, args.generate)?),
+        None => None,
+    };
     let engine = crate::engine::build(&args.engine).await?;
-    if let Some(cycles) = args.live {
-        return live(engine, cycles, args.generate, args.json).await;
+    if let (Some(cycles), Some(config)) = (args.live, live_config) {
+        return live(
+            engine,
+            cycles,
+            config,
+            args.commentary.capture_fps,
+            args.json,
+        )
+        .await;
     }
     let info = engine.info();
     eprintln!(
@@ -157,15 +170,53 @@ impl Report {
     }
 }
 
-/// The real commentary loop (default settings) on a synthetic source that captures a new
-/// 448x252 frame every 0.5 s: what a viewer waits from a picture to the first word about it.
+/// `--live`'s loop from the shared commentary flags, up to `generate` tokens an answer.
+/// Checked by the commentator's own rules (this build may lack the stream crate that
+/// `serve` checks with; the rules and their words are the same), named by flag.
+fn live_config(c: &CommentaryArgs, generate: u32) -> anyhow::Result<CommentatorConfig> {
+    use kibitz_commentator::{check_capture_fps, check_cycle_timeout, check_interval};
+    let mut problems: Vec<ConfigError> = [
+        check_capture_fps(c.capture_fps),
+        check_interval(c.inference_interval),
+        check_cycle_timeout(c.cycle_timeout),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .collect();
+    if problems.is_empty() {
+        let config = CommentatorConfig {
+            frames_per_inference: c.frames_per_inference,
+            frame_stride: c.frame_stride,
+            interval: Duration::from_secs_f64(c.inference_interval),
+            max_tokens: generate,
+            cycle_timeout: Duration::from_secs_f64(c.cycle_timeout),
+            profile: c.profile.clone(),
+            instruction: c.instruction.clone(),
+            scene_change_threshold: c.scene_change_threshold,
+            ..CommentatorConfig::default()
+        };
+        match config.validate() {
+            Ok(()) => return Ok(config),
+            Err(e) => problems.extend(e.problems().into_iter().cloned()),
+        }
+    }
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}: {p}", flag(p.field())))
+        .collect();
+    anyhow::bail!("{}", lines.join("\nkibitz: "))
+}
+
+/// The real commentary loop on a synthetic source that captures a new 448x252 frame
+/// `fps` times a second: what a viewer waits from a picture to the first word about it.
 async fn live(
     engine: Arc<dyn Engine>,
     cycles: usize,
-    generate: u32,
+    config: CommentatorConfig,
+    fps: f64,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    use kibitz_commentator::{Commentator, CommentatorConfig, Event};
+    use kibitz_commentator::{Commentator, Event};
     use kibitz_frames::{InferenceWindow, Stamp};
 
     let window = Arc::new(InferenceWindow::new(32));
@@ -173,24 +224,22 @@ async fn live(
     let source = {
         let (window, stop) = (window.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let period = Duration::from_secs_f64(1.0 / fps);
+            let mut tick = tokio::time::interval(period);
             for i in 0u32.. {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
                 let stamp = Stamp {
-                    pts: Duration::from_millis(500 * u64::from(i)),
+                    pts: period * i,
                     captured: Instant::now(),
                 };
                 window.push(stamp, test_frame(448, 252, i));
             }
         })
     };
-    let config = CommentatorConfig {
-        max_tokens: generate,
-        ..CommentatorConfig::default()
-    };
+    let generate = config.max_tokens;
     let commentator = Commentator::new(config, Instant::now())?;
     let (events, mut rx) = tokio::sync::broadcast::channel(1024);
     let (snapshot, _) = tokio::sync::watch::channel(commentator.snapshot());
@@ -235,7 +284,7 @@ async fn live(
         )
     };
     let mut t = format!(
-        "{}: live loop, {} cycles, frames at 2 fps, up to {generate} tokens\n\n",
+        "{}: live loop, {} cycles, frames at {fps} fps, up to {generate} tokens\n\n",
         engine.info().backend,
         ends.len()
     );

@@ -176,6 +176,58 @@ pub struct SamplingArgs {
     pub max_tokens: u32,
 }
 
+/// The commentary loop's settings, one set for every command that runs the loop: `serve`
+/// (every stream's defaults), `annotate` and `bench`. Only parsed here: the rules are
+/// `kibitz_commentator`'s, applied to a stream by `StreamSpec` (see [`crate::settings`]).
+#[derive(Debug, Clone, Args)]
+pub struct CommentaryArgs {
+    /// Prompt profile: default, sports, security, nature, descriptive.
+    #[arg(long, env = "PROFILE", default_value = "default")]
+    pub profile: String,
+    /// Extra instruction for the commentator.
+    #[arg(long, env = "INSTRUCTION", default_value = "")]
+    pub instruction: String,
+    /// Frames a second taken from the source for the model.
+    #[arg(
+        long,
+        env = "CAPTURE_FPS",
+        default_value_t = 2.0,
+        allow_negative_numbers = true
+    )]
+    pub capture_fps: f64,
+    /// Frames sent to the model each cycle.
+    #[arg(long, env = "FRAMES_PER_INFERENCE", default_value_t = 4)]
+    pub frames_per_inference: usize,
+    /// Take every n-th captured frame (1: every one).
+    #[arg(long, env = "FRAME_STRIDE", default_value_t = 2)]
+    pub frame_stride: usize,
+    /// Seconds between the end of one cycle and the start of the next.
+    #[arg(
+        long,
+        env = "INFERENCE_INTERVAL",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub inference_interval: f64,
+    /// Grey levels (0-255) that some part of the picture must change by since the last
+    /// answered cycle for a cycle to ask the model; 0 asks every cycle. See docs/design.md.
+    #[arg(
+        long,
+        env = "SCENE_CHANGE_THRESHOLD",
+        default_value_t = kibitz_commentator::SCENE_CHANGE_THRESHOLD,
+        allow_negative_numbers = true
+    )]
+    pub scene_change_threshold: f64,
+    /// Seconds (of real time) before a cycle without an answer is abandoned.
+    #[arg(
+        long,
+        env = "CYCLE_TIMEOUT",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
+    pub cycle_timeout: f64,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// A stream: `[ID=]SOURCE`, where SOURCE is a video file, /dev/videoN, rtsp://…,
@@ -229,27 +281,8 @@ pub struct ServeArgs {
     /// Serve beyond loopback without a token (anyone who reaches the port can add sources).
     #[arg(long, env = "ALLOW_NO_TOKEN")]
     pub allow_no_token: bool,
-    #[arg(
-        long,
-        env = "CAPTURE_FPS",
-        default_value_t = 2.0,
-        allow_negative_numbers = true
-    )]
-    pub capture_fps: f64,
     #[arg(long, env = "WINDOW_SIZE", default_value_t = 32)]
     pub window_size: usize,
-    #[arg(long, env = "FRAMES_PER_INFERENCE", default_value_t = 4)]
-    pub frames_per_inference: usize,
-    #[arg(long, env = "FRAME_STRIDE", default_value_t = 2)]
-    pub frame_stride: usize,
-    /// Seconds of idle time between commentary cycles.
-    #[arg(
-        long,
-        env = "INFERENCE_INTERVAL",
-        default_value_t = 1.0,
-        allow_negative_numbers = true
-    )]
-    pub inference_interval: f64,
     /// Seconds the picture starts behind real time; 0 turns sync off.
     #[arg(
         long,
@@ -265,15 +298,6 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub stream_delay_ema_alpha: f64,
-    /// Grey levels (0-255) that some part of the picture must change by since the last
-    /// answered cycle for a cycle to ask the model; 0 asks every cycle. See docs/design.md.
-    #[arg(
-        long,
-        env = "SCENE_CHANGE_THRESHOLD",
-        default_value_t = kibitz_commentator::SCENE_CHANGE_THRESHOLD,
-        allow_negative_numbers = true
-    )]
-    pub scene_change_threshold: f64,
     #[arg(long, env = "JPEG_QUALITY", default_value_t = 80)]
     pub jpeg_quality: i32,
     /// Scale the displayed video down to this width (0 = as decoded).
@@ -294,20 +318,9 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub mjpeg_fps: f64,
-    /// Prompt profile: default, sports, security, nature, descriptive.
-    #[arg(long, env = "PROFILE", default_value = "default")]
-    pub profile: String,
-    /// Extra instruction for the commentator.
-    #[arg(long, env = "INSTRUCTION", default_value = "")]
-    pub instruction: String,
-    /// Seconds before a cycle without an answer is abandoned.
-    #[arg(
-        long,
-        env = "CYCLE_TIMEOUT",
-        default_value_t = 30.0,
-        allow_negative_numbers = true
-    )]
-    pub cycle_timeout: f64,
+    /// Every stream's defaults (a streams-file table or an API request may set its own).
+    #[command(flatten)]
+    pub commentary: CommentaryArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -397,6 +410,10 @@ pub struct BenchArgs {
     /// With --streams: one KV buffer per stream instead of one shared (llama engine).
     #[arg(long)]
     pub kv_split: bool,
+    /// The loop's settings for `--live` (`--streams` runs every stream back to back on
+    /// each frame: interval 0, stride 1, no scene gate, whatever these say).
+    #[command(flatten)]
+    pub commentary: CommentaryArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -470,41 +487,10 @@ pub struct AnnotateArgs {
     /// cycle), `.mkv` or `.mp4` (the video and audio copied as they are, plus subtitles).
     #[arg(short, long, value_name = "OUT")]
     pub output: PathBuf,
-    /// Frames a second of media time taken for the model.
-    #[arg(
-        long,
-        env = "CAPTURE_FPS",
-        default_value_t = 2.0,
-        allow_negative_numbers = true
-    )]
-    pub capture_fps: f64,
-    #[arg(long, env = "FRAMES_PER_INFERENCE", default_value_t = 4)]
-    pub frames_per_inference: usize,
-    #[arg(long, env = "FRAME_STRIDE", default_value_t = 2)]
-    pub frame_stride: usize,
-    /// Seconds of media time between the end of one cycle and its next frame.
-    #[arg(
-        long,
-        env = "INFERENCE_INTERVAL",
-        default_value_t = 1.0,
-        allow_negative_numbers = true
-    )]
-    pub inference_interval: f64,
-    /// Grey levels (0-255) that some part of the picture must change by since the last
-    /// answered cycle for a cycle to ask the model; 0 asks every cycle.
-    #[arg(
-        long,
-        env = "SCENE_CHANGE_THRESHOLD",
-        default_value_t = kibitz_commentator::SCENE_CHANGE_THRESHOLD,
-        allow_negative_numbers = true
-    )]
-    pub scene_change_threshold: f64,
-    /// Prompt profile: default, sports, security, nature, descriptive.
-    #[arg(long, env = "PROFILE", default_value = "default")]
-    pub profile: String,
-    /// Extra instruction for the commentator.
-    #[arg(long, env = "INSTRUCTION", default_value = "")]
-    pub instruction: String,
+    /// In media time: `--capture-fps` counts frames a second of the video, and
+    /// `--inference-interval` its seconds.
+    #[command(flatten)]
+    pub commentary: CommentaryArgs,
     /// Language of the commentary (and of the subtitle track): `en`, `de`, `fr`, …
     #[arg(long, env = "KIBITZ_LANGUAGE", default_value = "en")]
     pub language: String,
@@ -516,16 +502,49 @@ pub struct AnnotateArgs {
     /// Speaking rate in words per minute (espeak; piper is scaled to match).
     #[arg(long, env = "VOICE_RATE", default_value_t = 175)]
     pub voice_rate: u32,
-    /// Seconds (of real time) before a cycle without an answer is abandoned.
-    #[arg(
-        long,
-        env = "CYCLE_TIMEOUT",
-        default_value_t = 30.0,
-        allow_negative_numbers = true
-    )]
-    pub cycle_timeout: f64,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// A setting by the flag and environment variable that set it: `capture_fps` is
+/// `--capture-fps (CAPTURE_FPS)`. The rules name fields as the streams file and the API
+/// write them; the command line names them as its flags.
+pub fn flag(field: &str) -> String {
+    let env = match field {
+        // LANGUAGE is the system's own (gettext) variable.
+        "language" => "KIBITZ_LANGUAGE".to_string(),
+        other => other.to_ascii_uppercase(),
+    };
+    format!("--{} ({env})", field.replace('_', "-"))
+}
+
+#[cfg(all(test, feature = "media"))]
+mod tests {
+    use clap::{Args, CommandFactory};
+
+    /// `serve`, `annotate` and `bench` take the same commentary flags, each also read from
+    /// the environment variable of its name.
+    #[test]
+    fn commentary_flags_are_shared_and_read_their_env_var() {
+        let cli = super::Cli::command();
+        let shared = super::CommentaryArgs::augment_args(clap::Command::new("shared"));
+        let longs: Vec<&str> = shared
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .collect();
+        assert!(longs.contains(&"capture-fps"), "{longs:?}");
+        for sub in ["serve", "annotate", "bench"] {
+            let command = cli.find_subcommand(sub).expect("a subcommand");
+            for long in &longs {
+                let arg = command
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .unwrap_or_else(|| panic!("{sub} has no --{long}"));
+                let env = long.replace('-', "_").to_ascii_uppercase();
+                assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
+            }
+        }
+    }
 }

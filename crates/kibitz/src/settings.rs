@@ -3,13 +3,14 @@
 //! at once (`kibitz: stream 'door': capture_fps: …`, one per line).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kibitz_commentator::{check_cycle_timeout, check_max_tokens};
 use kibitz_stream::topology::{self, StreamInput};
 use kibitz_stream::{StreamDefaults, StreamId, StreamSettings, StreamSpec};
 
-use crate::flags::{EngineArgs, ServeArgs};
+use crate::flags::{flag, CommentaryArgs, EngineArgs, SamplingArgs, ServeArgs};
 
 pub struct Settings {
     pub bind: SocketAddr,
@@ -28,182 +29,31 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Every flag checked, then every stream; all problems at once, a `kibitz:` line each.
     pub fn from_args(args: ServeArgs) -> anyhow::Result<Settings> {
         let mut problems: Vec<String> = Vec::new();
-        let mut positive = |name: &str, value: f64| {
-            if !(value.is_finite() && value > 0.0) {
-                problems.push(format!("{name} must be a positive number, got {value}"));
-            }
-        };
-        positive(
-            "--display-buffer-seconds (DISPLAY_BUFFER_SECONDS)",
-            args.display_buffer_seconds,
-        );
-        positive("--mjpeg-fps (MJPEG_FPS)", args.mjpeg_fps);
-        positive("--cycle-timeout (CYCLE_TIMEOUT)", args.cycle_timeout);
-        if !(1..=100).contains(&args.jpeg_quality) {
-            problems.push(format!(
-                "--jpeg-quality (JPEG_QUALITY) must be between 1 and 100, got {}",
-                args.jpeg_quality
-            ));
-        }
-        if args.window_size == 0 {
-            problems.push("--window-size (WINDOW_SIZE) must be at least 1".into());
-        }
-        if args.max_streams == 0 {
-            problems.push("--max-streams (MAX_STREAMS) must be at least 1".into());
-        }
-        let bind = match args.bind.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                problems.push(format!(
-                    "--bind (BIND) '{}' is not an address like 127.0.0.1:8199",
-                    args.bind
-                ));
-                None
-            }
-        };
-        if let Some(url) = &args.webhook {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                problems.push(format!(
-                    "--webhook (WEBHOOK) '{url}' is not an http:// or https:// URL"
-                ));
-            }
-        }
-        if !(args.history_days.is_finite() && args.history_days >= 0.0) {
-            problems.push(format!(
-                "--history-days (HISTORY_DAYS) must be 0 (keep all) or more, got {}",
-                args.history_days
-            ));
-        }
-        let history = match args.history.as_deref().map(str::trim) {
-            Some("off") => None,
-            Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
-            _ => kibitz_history::default_path(),
-        }
-        .map(|path| {
-            let days = args.history_days.max(0.0);
-            (
-                path,
-                Duration::from_secs_f64(if days.is_finite() {
-                    days * 86_400.0
-                } else {
-                    0.0
-                }),
-            )
-        });
-        if args.webhook_secret.is_some() && args.webhook.is_none() {
-            problems.push("--webhook-secret needs --webhook URL".into());
-        }
-        if args.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            problems.push("--token (KIBITZ_TOKEN) is empty: give a long random string".into());
-        }
-        if let Some(addr) = bind {
-            if !addr.ip().is_loopback() && args.token.is_none() && !args.allow_no_token {
-                problems.push(format!(
-                    "--bind {addr} reaches beyond this machine, and without --token anyone who \
-                     reaches it can add sources and change streams; set --token (KIBITZ_TOKEN), \
-                     or --allow-no-token if you mean it"
-                ));
-            }
-        }
+        let bind = check_server(&args, &mut problems);
+        let history = history(&args, &mut problems);
         problems.extend(crate::engine::problems(&args.engine));
-        let voice = match crate::say::options(&args.voice) {
-            Ok(options) => Some(options),
-            Err(e) => {
-                problems.push(e.to_string());
-                None
-            }
-        };
-
-        let defaults = StreamDefaults {
-            profile: args.profile.clone(),
-            instruction: args.instruction.clone(),
-            capture_fps: args.capture_fps,
-            frames_per_inference: args.frames_per_inference,
-            frame_stride: args.frame_stride,
-            inference_interval: args.inference_interval,
-            stream_delay_init: args.stream_delay_init,
-            stream_delay_ema_alpha: args.stream_delay_ema_alpha,
-            scene_change_threshold: args.scene_change_threshold,
-            language: args.voice.language.clone(),
-            voice: args.voice.voice.to_string(),
-            alerts: args.alerts.clone(),
-            window_size: args.window_size.max(1),
-            display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
-                args.display_buffer_seconds
-            } else {
-                15.0
-            }),
-            jpeg_quality: args.jpeg_quality.clamp(1, 100) as u8,
-            display_max_width: (args.display_max_width > 0).then_some(args.display_max_width),
-            max_slices: args.engine.max_slice_nums,
-            mjpeg_fps: args.mjpeg_fps,
-            cycle_timeout: Duration::from_secs_f64(if args.cycle_timeout > 0.0 {
-                args.cycle_timeout
-            } else {
-                30.0
-            }),
-            max_tokens: args.sampling.max_tokens,
-            sampling: crate::engine::sampling(&args.sampling),
-        };
-        if args.sampling.max_tokens == 0 {
-            problems.push("--max-tokens (MAX_TOKENS) must be at least 1".into());
-        }
-
+        let voice = crate::say::options(&args.voice)
+            .map_err(|e| problems.push(e.to_string()))
+            .ok();
+        let defaults = serve_defaults(&args, &mut problems);
         // The per-stream flags are checked once as defaults, named as flags; streams that
         // inherit a bad default are then not blamed for it again.
-        let probe = StreamSettings {
-            source: Some("-".into()),
-            ..StreamSettings::default()
-        };
-        let defaults_ok = match StreamSpec::resolve(&probe, Some(StreamId::nth(1)), &defaults) {
+        let defaults_ok = match default_stream(&defaults) {
             Ok(_) => true,
-            Err(e) => {
-                problems.extend(
-                    e.0.iter()
-                        .map(|p| format!("{}: {}", flag(p.field), p.message)),
-                );
+            Err(flag_problems) => {
+                problems.extend(flag_problems);
                 false
             }
         };
-
-        let mut inputs: Vec<StreamInput> = args
-            .source
-            .iter()
-            .map(|s| StreamInput::from_source_flag(s))
-            .collect();
-        if let Some(path) = &args.streams {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match kibitz_stream::parse_streams_file(&text) {
-                    Ok(streams) => {
-                        inputs.extend(streams.into_iter().map(|(id, settings)| StreamInput {
-                            id: Some(id),
-                            settings,
-                        }))
-                    }
-                    Err(e) => problems.push(format!("--streams {}: {e}", path.display())),
-                },
-                Err(e) => {
-                    problems.push(format!("--streams {}: cannot read it: {e}", path.display()))
-                }
-            }
-        }
-        if inputs.len() > args.max_streams.max(1) {
-            problems.push(format!(
-                "{} streams asked for, more than --max-streams {}",
-                inputs.len(),
-                args.max_streams
-            ));
-        }
+        let inputs = stream_inputs(&args, &mut problems);
         let streams = if defaults_ok {
-            match topology::plan(&inputs, &defaults) {
-                Ok(streams) => streams,
-                Err(stream_problems) => {
-                    problems.extend(stream_problems);
-                    Vec::new()
-                }
-            }
+            topology::plan(&inputs, &defaults).unwrap_or_else(|stream_problems| {
+                problems.extend(stream_problems);
+                Vec::new()
+            })
         } else {
             Vec::new()
         };
@@ -232,14 +82,210 @@ impl Settings {
     }
 }
 
-/// A per-stream field as the global flag that sets its default.
-fn flag(field: &str) -> String {
-    let env = match field {
-        // LANGUAGE is the system's own (gettext) variable.
-        "language" => "KIBITZ_LANGUAGE".to_string(),
-        other => other.to_ascii_uppercase(),
+/// The commentary flags as every stream's defaults, for `serve` and `annotate` alike. The
+/// two settings that are not per stream (the cycle timeout, the answer's tokens) are
+/// checked here, by the same rules as the rest; the per-stream ones by
+/// [`default_stream`].
+pub fn commentary_defaults(
+    commentary: &CommentaryArgs,
+    sampling: &SamplingArgs,
+    language: &str,
+    problems: &mut Vec<String>,
+) -> StreamDefaults {
+    let timeout_ok = check_cycle_timeout(commentary.cycle_timeout);
+    for e in [timeout_ok.clone(), check_max_tokens(sampling.max_tokens)]
+        .into_iter()
+        .filter_map(Result::err)
+    {
+        problems.push(format!("{}: {e}", flag(e.field())));
+    }
+    // Taken apart whole, so that a flag added to `CommentaryArgs` does not compile until
+    // it reaches the defaults.
+    let CommentaryArgs {
+        profile,
+        instruction,
+        capture_fps,
+        frames_per_inference,
+        frame_stride,
+        inference_interval,
+        scene_change_threshold,
+        cycle_timeout,
+    } = commentary.clone();
+    StreamDefaults {
+        profile,
+        instruction,
+        capture_fps,
+        frames_per_inference,
+        frame_stride,
+        inference_interval,
+        scene_change_threshold,
+        language: language.to_string(),
+        cycle_timeout: match timeout_ok {
+            Ok(()) => Duration::from_secs_f64(cycle_timeout),
+            Err(_) => StreamDefaults::default().cycle_timeout, // refused above
+        },
+        max_tokens: sampling.max_tokens,
+        sampling: crate::engine::sampling(sampling),
+        ..StreamDefaults::default()
+    }
+}
+
+/// A stream made of the defaults alone, checked by `StreamSpec` (the one owner of the
+/// per-stream rules); its problems are named by the flag that set the value, so
+/// `--capture-fps 0` reads `--capture-fps (CAPTURE_FPS): must be above 0 …`, the same words
+/// a streams file or the API gets under `capture_fps`.
+pub fn default_stream(defaults: &StreamDefaults) -> Result<StreamSpec, Vec<String>> {
+    let probe = StreamSettings {
+        source: Some("-".into()),
+        ..StreamSettings::default()
     };
-    format!("--{} ({env})", field.replace('_', "-"))
+    StreamSpec::resolve(&probe, Some(StreamId::nth(1)), defaults).map_err(|e| {
+        e.0.iter()
+            .map(|p| format!("{}: {}", flag(p.field), p.message))
+            .collect()
+    })
+}
+
+/// The server's own flags: address, token, limits, webhook. Returns the address to bind.
+fn check_server(args: &ServeArgs, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    if args.max_streams == 0 {
+        problems.push("--max-streams (MAX_STREAMS) must be at least 1".into());
+    }
+    let bind = args.bind.parse::<SocketAddr>().ok();
+    if bind.is_none() {
+        problems.push(format!(
+            "--bind (BIND) '{}' is not an address like 127.0.0.1:8199",
+            args.bind
+        ));
+    }
+    if let Some(url) = &args.webhook {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(format!(
+                "--webhook (WEBHOOK) '{url}' is not an http:// or https:// URL"
+            ));
+        }
+    }
+    if args.webhook_secret.is_some() && args.webhook.is_none() {
+        problems.push("--webhook-secret needs --webhook URL".into());
+    }
+    if args.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        problems.push("--token (KIBITZ_TOKEN) is empty: give a long random string".into());
+    }
+    if let Some(addr) = bind {
+        if !addr.ip().is_loopback() && args.token.is_none() && !args.allow_no_token {
+            problems.push(format!(
+                "--bind {addr} reaches beyond this machine, and without --token anyone who \
+                 reaches it can add sources and change streams; set --token (KIBITZ_TOKEN), \
+                 or --allow-no-token if you mean it"
+            ));
+        }
+    }
+    bind
+}
+
+/// Where the history goes (`--history`, `off` for none) and how long it keeps entries.
+fn history(args: &ServeArgs, problems: &mut Vec<String>) -> Option<(PathBuf, Duration)> {
+    let days = args.history_days;
+    if !(days.is_finite() && days >= 0.0) {
+        problems.push(format!(
+            "--history-days (HISTORY_DAYS) must be 0 (keep all) or more, got {days}"
+        ));
+    }
+    let path = match args.history.as_deref().map(str::trim) {
+        Some("off") => None,
+        Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+        _ => kibitz_history::default_path(),
+    }?;
+    let keep = if days.is_finite() && days > 0.0 {
+        Duration::from_secs_f64(days * 86_400.0)
+    } else {
+        Duration::ZERO
+    };
+    Some((path, keep))
+}
+
+/// Every stream's defaults: the commentary flags, and what only `serve` has (the picture
+/// shown, the sync delay, the voice, the alerts).
+fn serve_defaults(args: &ServeArgs, problems: &mut Vec<String>) -> StreamDefaults {
+    let mut positive = |name: &str, value: f64| {
+        if !(value.is_finite() && value > 0.0) {
+            problems.push(format!("{name} must be a positive number, got {value}"));
+        }
+    };
+    positive(
+        "--display-buffer-seconds (DISPLAY_BUFFER_SECONDS)",
+        args.display_buffer_seconds,
+    );
+    positive("--mjpeg-fps (MJPEG_FPS)", args.mjpeg_fps);
+    if !(1..=100).contains(&args.jpeg_quality) {
+        problems.push(format!(
+            "--jpeg-quality (JPEG_QUALITY) must be between 1 and 100, got {}",
+            args.jpeg_quality
+        ));
+    }
+    if args.window_size == 0 {
+        problems.push("--window-size (WINDOW_SIZE) must be at least 1".into());
+    }
+    let commentary = commentary_defaults(
+        &args.commentary,
+        &args.sampling,
+        &args.voice.language,
+        problems,
+    );
+    StreamDefaults {
+        stream_delay_init: args.stream_delay_init,
+        stream_delay_ema_alpha: args.stream_delay_ema_alpha,
+        voice: args.voice.voice.to_string(),
+        alerts: args.alerts.clone(),
+        window_size: args.window_size.max(1),
+        display_span: Duration::from_secs_f64(if args.display_buffer_seconds > 0.0 {
+            args.display_buffer_seconds
+        } else {
+            15.0
+        }),
+        jpeg_quality: args.jpeg_quality.clamp(1, 100) as u8,
+        display_max_width: (args.display_max_width > 0).then_some(args.display_max_width),
+        max_slices: args.engine.max_slice_nums,
+        mjpeg_fps: args.mjpeg_fps,
+        ..commentary
+    }
+}
+
+/// The streams `--source` and the `--streams` file ask for, in that order.
+fn stream_inputs(args: &ServeArgs, problems: &mut Vec<String>) -> Vec<StreamInput> {
+    let mut inputs: Vec<StreamInput> = args
+        .source
+        .iter()
+        .map(|s| StreamInput::from_source_flag(s))
+        .collect();
+    if let Some(path) = &args.streams {
+        match streams_file(path) {
+            Ok(streams) => inputs.extend(streams),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    if inputs.len() > args.max_streams.max(1) {
+        problems.push(format!(
+            "{} streams asked for, more than --max-streams {}",
+            inputs.len(),
+            args.max_streams
+        ));
+    }
+    inputs
+}
+
+fn streams_file(path: &Path) -> Result<Vec<StreamInput>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--streams {}: cannot read it: {e}", path.display()))?;
+    let streams = kibitz_stream::parse_streams_file(&text)
+        .map_err(|e| format!("--streams {}: {e}", path.display()))?;
+    Ok(streams
+        .into_iter()
+        .map(|(id, settings)| StreamInput {
+            id: Some(id),
+            settings,
+        })
+        .collect())
 }
 
 #[cfg(test)]

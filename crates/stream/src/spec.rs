@@ -10,17 +10,16 @@
 use std::fmt;
 use std::time::Duration;
 
-use kibitz_commentator::{check_instruction, CommentatorConfig, Language, Profiles, Style};
+use kibitz_commentator::{
+    check_alpha, check_capture_fps, check_delay_init, check_frame_stride,
+    check_frames_per_inference, check_instruction, check_interval, check_scene_change_threshold,
+    CommentatorConfig, Language, Profiles, Style,
+};
 use kibitz_engine::Sampling;
 use serde::{Deserialize, Serialize};
 
 use crate::id::StreamId;
 
-/// Bounds a hostile or mistaken request cannot get past. Generous for real use.
-const MAX_CAPTURE_FPS: f64 = 30.0;
-const MAX_FRAMES_PER_INFERENCE: usize = 16;
-const MAX_INTERVAL_S: f64 = 3600.0;
-const MAX_DELAY_INIT_S: f64 = 600.0;
 /// A source string longer than this is not a URL anyone typed.
 const MAX_SOURCE_LEN: usize = 4096;
 
@@ -271,67 +270,60 @@ impl StreamSpec {
         change: &StreamSettings,
         defaults: &StreamDefaults,
     ) -> Result<StreamSpec, Problems> {
-        let mut problems = Vec::new();
-        let fixed = |field: &'static str, problems: &mut Vec<FieldError>| {
-            problems.push(FieldError {
+        // What only a new stream can change, and whether `change` asks to (the same
+        // value again is no change).
+        let differs = |given: Option<&str>, now: &str| given.is_some_and(|v| v.trim() != now);
+        let fixed = [
+            ("id", differs(change.id.as_deref(), self.id.as_str())),
+            ("source", differs(change.source.as_deref(), &self.source)),
+            (
+                "capture_fps",
+                change.capture_fps.is_some_and(|v| v != self.capture_fps),
+            ),
+            (
+                "frames_per_inference",
+                change
+                    .frames_per_inference
+                    .is_some_and(|v| v != self.frames_per_inference),
+            ),
+            (
+                "frame_stride",
+                change.frame_stride.is_some_and(|v| v != self.frame_stride),
+            ),
+            (
+                "stream_delay_init",
+                change
+                    .stream_delay_init
+                    .is_some_and(|v| v != self.stream_delay_init),
+            ),
+            (
+                "stream_delay_ema_alpha",
+                change
+                    .stream_delay_ema_alpha
+                    .is_some_and(|v| v != self.stream_delay_ema_alpha),
+            ),
+            (
+                "scene_change_threshold",
+                change
+                    .scene_change_threshold
+                    .is_some_and(|v| v != self.scene_change_threshold),
+            ),
+            (
+                "language",
+                differs(change.language.as_deref(), &self.language),
+            ),
+        ];
+        let mut problems: Vec<FieldError> = fixed
+            .into_iter()
+            .filter(|(_, asked)| *asked)
+            .map(|(field, _)| FieldError {
                 field,
                 message: format!(
                     "cannot change while the stream runs (live: {}); delete the stream and add it again",
                     LIVE_FIELDS.join(", ")
                 ),
             })
-        };
-        if change
-            .id
-            .as_deref()
-            .is_some_and(|id| id != self.id.as_str())
-        {
-            fixed("id", &mut problems);
-        }
-        if change
-            .source
-            .as_deref()
-            .is_some_and(|s| s.trim() != self.source)
-        {
-            fixed("source", &mut problems);
-        }
-        if change.capture_fps.is_some_and(|v| v != self.capture_fps) {
-            fixed("capture_fps", &mut problems);
-        }
-        if change
-            .frames_per_inference
-            .is_some_and(|v| v != self.frames_per_inference)
-        {
-            fixed("frames_per_inference", &mut problems);
-        }
-        if change.frame_stride.is_some_and(|v| v != self.frame_stride) {
-            fixed("frame_stride", &mut problems);
-        }
-        if change
-            .stream_delay_init
-            .is_some_and(|v| v != self.stream_delay_init)
-        {
-            fixed("stream_delay_init", &mut problems);
-        }
-        if change
-            .stream_delay_ema_alpha
-            .is_some_and(|v| v != self.stream_delay_ema_alpha)
-        {
-            fixed("stream_delay_ema_alpha", &mut problems);
-        }
-        if change
-            .scene_change_threshold
-            .is_some_and(|v| v != self.scene_change_threshold)
-        {
-            fixed("scene_change_threshold", &mut problems);
-        }
-        if change
-            .language
-            .as_deref()
-            .is_some_and(|v| v.trim() != self.language)
-        {
-            fixed("language", &mut problems);
-        }
+            .collect();
         let mut next = self.clone();
         if let Some(profile) = &change.profile {
             next.profile = profile.clone();
@@ -369,85 +361,40 @@ impl StreamSpec {
                 format!("must be one line of at most {MAX_SOURCE_LEN} bytes"),
             );
         }
-        if let Err(e) = Profiles::get(&self.profile) {
-            bad("profile", e.to_string());
+        // The commentary's own rules, bounds and words live beside the loop they drive
+        // (`kibitz_commentator::check_*`); each names its field.
+        let commentary = [
+            Profiles::get(&self.profile).map(|_| ()),
+            check_instruction(&self.instruction),
+            check_capture_fps(self.capture_fps),
+            check_frames_per_inference(self.frames_per_inference),
+            check_frame_stride(self.frame_stride),
+            check_interval(self.inference_interval),
+            check_delay_init(self.stream_delay_init),
+            check_alpha(self.stream_delay_ema_alpha),
+            check_scene_change_threshold(self.scene_change_threshold),
+            Language::parse(&self.language).map(|_| ()),
+        ];
+        for e in commentary.into_iter().filter_map(Result::err) {
+            bad(e.field(), e.to_string());
         }
-        if let Err(e) = check_instruction(&self.instruction) {
-            bad("instruction", e.to_string());
-        }
-        if !(self.capture_fps > 0.0 && self.capture_fps <= MAX_CAPTURE_FPS) {
-            bad(
-                "capture_fps",
-                format!(
-                    "must be above 0 and at most {MAX_CAPTURE_FPS} frames a second, got {}",
-                    self.capture_fps
-                ),
-            );
-        }
-        if !(1..=MAX_FRAMES_PER_INFERENCE).contains(&self.frames_per_inference) {
-            bad(
-                "frames_per_inference",
-                format!(
-                    "must be 1 to {MAX_FRAMES_PER_INFERENCE}, got {}",
-                    self.frames_per_inference
-                ),
-            );
-        }
-        if self.frame_stride == 0 {
+        // The frames a cycle takes must fit the window the stream keeps (a stream's rule:
+        // the window is the stream's, not the loop's); asked only of counts that are good.
+        let counts_ok = check_frames_per_inference(self.frames_per_inference).is_ok()
+            && check_frame_stride(self.frame_stride).is_ok();
+        let reach = self
+            .frames_per_inference
+            .saturating_sub(1)
+            .saturating_mul(self.frame_stride)
+            .saturating_add(1);
+        if counts_ok && reach > d.window_size {
             bad(
                 "frame_stride",
-                "must be at least 1 (1 takes every captured frame, 2 every other one)".into(),
-            );
-        } else {
-            let reach = self.frames_per_inference.saturating_sub(1) * self.frame_stride + 1;
-            if reach > d.window_size {
-                bad(
-                    "frame_stride",
-                    format!(
-                        "{} frames every {} need a window of {reach} frames, but --window-size is {}",
-                        self.frames_per_inference, self.frame_stride, d.window_size
-                    ),
-                );
-            }
-        }
-        if !(self.inference_interval >= 0.0 && self.inference_interval <= MAX_INTERVAL_S) {
-            bad(
-                "inference_interval",
                 format!(
-                    "must be 0 to {MAX_INTERVAL_S} seconds, got {}",
-                    self.inference_interval
+                    "{} frames every {} need a window of {reach} frames, but --window-size is {}",
+                    self.frames_per_inference, self.frame_stride, d.window_size
                 ),
             );
-        }
-        if !(self.stream_delay_init >= 0.0 && self.stream_delay_init <= MAX_DELAY_INIT_S) {
-            bad(
-                "stream_delay_init",
-                format!(
-                    "must be 0 (sync off) to {MAX_DELAY_INIT_S} seconds, got {}",
-                    self.stream_delay_init
-                ),
-            );
-        }
-        if !(self.stream_delay_ema_alpha > 0.0 && self.stream_delay_ema_alpha <= 1.0) {
-            bad(
-                "stream_delay_ema_alpha",
-                format!(
-                    "must be above 0 and at most 1, got {}",
-                    self.stream_delay_ema_alpha
-                ),
-            );
-        }
-        if !(self.scene_change_threshold >= 0.0 && self.scene_change_threshold <= 255.0) {
-            bad(
-                "scene_change_threshold",
-                format!(
-                    "must be 0 (ask every cycle) to 255 grey levels, got {}",
-                    self.scene_change_threshold
-                ),
-            );
-        }
-        if let Err(e) = Language::parse(&self.language) {
-            bad("language", e.to_string());
         }
         if let Err(e) = kibitz_voice::VoiceSpec::parse(&self.voice) {
             bad("voice", e.to_string());
