@@ -74,8 +74,8 @@ libraries() {
 
 # The pair make-test-model wrote: the LLM and the projector (its name says mmproj).
 model_files() {
-  llm=$(find "$work/model-$model_size" -name '*.gguf' ! -iname '*mmproj*' | head -1)
-  mmproj=$(find "$work/model-$model_size" -name '*.gguf' -iname '*mmproj*' | head -1)
+  llm=$(find "$work/model-$model_size" -name '*.gguf' ! -iname '*mmproj*' 2>/dev/null | head -1)
+  mmproj=$(find "$work/model-$model_size" -name '*.gguf' -iname '*mmproj*' 2>/dev/null | head -1)
   [ -n "$llm" ] && [ -n "$mmproj" ]
 }
 
