@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kibitz_engine::{Engine, Frame, Image, Request, Stats};
-
 use kibitz_commentator::{CommentatorConfig, ConfigError};
+use kibitz_engine::{Engine, Frame, Image, Request, Stats};
 
 use crate::flags::{flag, BenchArgs, CommentaryArgs};
 use crate::selftest::test_frame;

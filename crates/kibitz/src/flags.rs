@@ -40,6 +40,8 @@ pub enum Command {
     Say(SayArgs),
     /// Comment a video file as fast as the engine goes, into subtitles (.vtt, .srt), every
     /// cycle as JSON (.json), or a copy of the video with a subtitle track (.mkv, .mp4).
+    /// Its times are the video's: --capture-fps counts frames a second of the video and
+    /// --inference-interval its seconds.
     #[cfg(feature = "media")]
     Annotate(AnnotateArgs),
 }
@@ -318,7 +320,7 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub mjpeg_fps: f64,
-    /// Every stream's defaults (a streams-file table or an API request may set its own).
+    // Every stream's defaults (a streams-file table or an API request may set its own).
     #[command(flatten)]
     pub commentary: CommentaryArgs,
     #[command(flatten)]
@@ -392,8 +394,10 @@ pub struct BenchArgs {
     /// Print the results as JSON too.
     #[arg(long)]
     pub json: bool,
-    /// Run the live commentary loop instead, on synthetic 448x252 frames captured at 2 fps
-    /// in real time, for this many cycles: measures newest frame -> first token.
+    /// Run the live commentary loop instead, on synthetic 448x252 frames captured at
+    /// --capture-fps in real time, with the commentary flags (--profile,
+    /// --frames-per-inference, …), for this many cycles: measures newest frame -> first
+    /// token.
     #[arg(long, value_name = "CYCLES")]
     pub live: Option<usize>,
     /// Run N live streams at once on one engine (each its own synthetic 2 fps source and
@@ -410,8 +414,8 @@ pub struct BenchArgs {
     /// With --streams: one KV buffer per stream instead of one shared (llama engine).
     #[arg(long)]
     pub kv_split: bool,
-    /// The loop's settings for `--live` (`--streams` runs every stream back to back on
-    /// each frame: interval 0, stride 1, no scene gate, whatever these say).
+    // The loop's settings for `--live` (`--streams` runs every stream back to back on
+    // each frame: interval 0, stride 1, no scene gate, whatever these say; see `--live`).
     #[command(flatten)]
     pub commentary: CommentaryArgs,
     #[command(flatten)]
@@ -487,8 +491,8 @@ pub struct AnnotateArgs {
     /// cycle), `.mkv` or `.mp4` (the video and audio copied as they are, plus subtitles).
     #[arg(short, long, value_name = "OUT")]
     pub output: PathBuf,
-    /// In media time: `--capture-fps` counts frames a second of the video, and
-    /// `--inference-interval` its seconds.
+    // In media time: `--capture-fps` counts frames a second of the video, and
+    // `--inference-interval` its seconds (said in the command's help).
     #[command(flatten)]
     pub commentary: CommentaryArgs,
     /// Language of the commentary (and of the subtitle track): `en`, `de`, `fr`, …
