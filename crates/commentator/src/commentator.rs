@@ -438,12 +438,17 @@ impl Commentator {
         let pts = media_times(&frames);
         let request = Request {
             system: self.profile.system_prompt_in(&self.config.style),
-            user: self.profile.user_prompt(
-                frames.len(),
-                span,
-                self.last_comment.as_deref(),
-                &self.instruction,
-            ),
+            user: if self.config.short_question {
+                self.profile
+                    .cue(self.last_comment.as_deref(), &self.instruction)
+            } else {
+                self.profile.user_prompt(
+                    frames.len(),
+                    span,
+                    self.last_comment.as_deref(),
+                    &self.instruction,
+                )
+            },
             frames: frames
                 .into_iter()
                 .map(|(stamp, rgb)| Frame {
@@ -871,9 +876,10 @@ mod tests {
             request.system,
             Profiles::get("default").unwrap().system_prompt()
         );
-        assert!(request
-            .user
-            .contains("4 frames, oldest first, covering the last 3.0 seconds"));
+        assert_eq!(
+            request.user, "What is new now?",
+            "the first cue: no comment yet"
+        );
         assert!(!request.user.contains("last comment"));
         assert!(
             matches!(&sim.events[0].1, Event::CycleStart { cycle: 1, frames } if *frames == pts)

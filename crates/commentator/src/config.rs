@@ -94,6 +94,10 @@ pub struct CommentatorConfig {
     pub scene_change_threshold: f64,
     /// The answers' language and whether a voice speaks them.
     pub style: Style,
+    /// A cycle's question is only the last comment, the instruction and a short cue, the
+    /// rest being in the system prompt (`Profile::cue`); false: the long wording of
+    /// `Profile::user_prompt`, for benchmarks that measure the difference.
+    pub short_question: bool,
 }
 
 impl Default for CommentatorConfig {
@@ -112,6 +116,7 @@ impl Default for CommentatorConfig {
             instruction: String::new(),
             scene_change_threshold: SCENE_CHANGE_THRESHOLD,
             style: Style::default(),
+            short_question: true,
         }
     }
 }

@@ -1,8 +1,13 @@
 //! Prompt profiles: what the model is told to be, and how one cycle's question is worded.
 //!
-//! The system prompt depends only on the profile, so an engine can keep its evaluated
-//! prefix between cycles; everything that changes per cycle (the previous comment, the
-//! user's instruction, how many seconds the frames cover) goes into the user text.
+//! The system prompt depends only on the profile and the style, so an engine can keep its
+//! evaluated prefix between cycles, and streams with the same profile can share it. It
+//! holds everything that does not change between cycles: the rules, the answer format, the
+//! language, and how a turn is laid out (frames labelled with their time, then the last
+//! comment). A cycle's own text is then only what changes: the previous comment, the
+//! viewer's instruction, and a short cue ([`Profile::cue`], ~15 tokens without the comment).
+//! [`Profile::user_prompt`] is the older, long wording (frame count and span, the answer
+//! rule again), kept so a benchmark can measure what the short one saves.
 //! The model answers exactly "..." when nothing changed; [`is_skip`] recognises that.
 
 use serde::Serialize;
@@ -25,7 +30,9 @@ pub struct Profile {
 const RULES: &str = "\
 You are a live commentator watching a video as it happens. Each turn you are shown the last \
 few seconds as a short series of frames in time order: the first is the oldest, the last is \
-what is on screen right now.
+what is on screen right now. Each frame is labelled with its time on the video in seconds. \
+After the frames comes your last comment, if there is one, and sometimes what the viewer asks \
+you to watch for.
 Rules:
 - Answer with one or two short sentences, 25 words at most, in the present tense.
 - Talk about what is new or changing; never repeat something you already said.
@@ -237,7 +244,23 @@ impl Profile {
         text
     }
 
-    /// The user text of one cycle. `span` is how many seconds the frames cover.
+    /// The user text of one cycle, short: the previous comment, the viewer's instruction and
+    /// a cue. The rest (what the frames are, the answer rules) is in the system prompt.
+    pub fn cue(&self, last_comment: Option<&str>, instruction: &str) -> String {
+        let mut text = String::new();
+        if let Some(last) = last_comment {
+            text.push_str(&format!("Your last comment was: \"{last}\".\n"));
+        }
+        let instruction = instruction.trim();
+        if !instruction.is_empty() {
+            text.push_str(&format!("The viewer asks: {instruction}\n"));
+        }
+        text.push_str("What is new now?");
+        text
+    }
+
+    /// The user text of one cycle in the long wording (before [`Profile::cue`]). `span` is
+    /// how many seconds the frames cover.
     pub fn user_prompt(
         &self,
         frames: usize,
@@ -345,6 +368,30 @@ mod tests {
             "{full}"
         );
         assert!(full.contains("The viewer asks: watch the dog"), "{full}");
+    }
+
+    #[test]
+    fn the_cue_carries_only_what_changes() {
+        let profile = Profiles::get("default").unwrap();
+        assert_eq!(profile.cue(None, " "), "What is new now?");
+        let full = profile.cue(Some("A dog runs."), "watch the dog");
+        assert!(
+            full.starts_with("Your last comment was: \"A dog runs.\".\n"),
+            "{full}"
+        );
+        assert!(full.contains("The viewer asks: watch the dog\n"), "{full}");
+        assert!(full.ends_with("What is new now?"));
+        // What the long wording repeats every cycle is in the system prompt once.
+        let long = profile.user_prompt(4, 3.0, Some("A dog runs."), "watch the dog");
+        assert!(
+            full.len() * 2 < long.len(),
+            "{} vs {}",
+            full.len(),
+            long.len()
+        );
+        let system = profile.system_prompt();
+        assert!(system.contains("labelled with its time"), "{system}");
+        assert!(system.contains("answer exactly: ..."), "{system}");
     }
 
     #[test]

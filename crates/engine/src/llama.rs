@@ -55,8 +55,11 @@ pub struct LlamaConfig {
     pub mmproj: PathBuf,
     /// Layers to offload; `None` = all of them when llama.cpp has a GPU backend.
     pub gpu_layers: Option<u32>,
-    /// Positions one stream's sequence may use: system prompt + window frames + question +
-    /// answer. The context holds `context_size` x (`max_streams` + 1) cells.
+    /// KV cells one stream's sequence may hold: system prompt + window frames + question +
+    /// answer. The context holds `context_size` x its sequences' count cells. 0 (the
+    /// default) derives it from what a sequence holds: [`SYSTEM_ALLOWANCE`] + `window_frames`
+    /// frames of `max_slices` slices + [`QUESTION_ALLOWANCE`] + [`ANSWER_ALLOWANCE`],
+    /// rounded up to 256.
     pub context_size: u32,
     /// CPU threads; `None` = all cores.
     pub threads: Option<u32>,
@@ -85,7 +88,26 @@ pub struct LlamaConfig {
     /// Call `llama_synchronize` after each decode so the step profile separates the GPU's
     /// time from the host's (see [`StepProfile`]); costs the overlap, so for benchmarks.
     pub profile_sync: bool,
+    /// Streams whose system piece is the same share its KV cells: it is evaluated once and
+    /// copied into each stream's sequence with `llama_memory_seq_cp` (which, in the unified
+    /// cache, adds a sequence id to the cells and copies nothing), kept in a template
+    /// sequence of its own. Only with `kv_unified` (across split buffers llama.cpp would copy
+    /// whole buffers); off or split: each stream evaluates its own.
+    pub share_system: bool,
+    /// A frame leaving the window is removed without shifting the later positions down
+    /// (positions may have gaps); a sequence is compacted, one shift for many frames, only
+    /// when it nears its position limit. False: every removal shifts at once (the old way).
+    pub lazy_shifts: bool,
 }
+
+/// Cells allowed for a system piece when `context_size` is derived (the profiles' are ~300
+/// tokens).
+pub const SYSTEM_ALLOWANCE: u32 = 512;
+/// Cells allowed for a cycle's question when `context_size` is derived.
+pub const QUESTION_ALLOWANCE: u32 = 128;
+/// Cells allowed for an answer when `context_size` is derived (commentary asks for 64
+/// tokens, a viewer's question for more).
+pub const ANSWER_ALLOWANCE: u32 = 256;
 
 impl LlamaConfig {
     pub fn new(llm: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> Self {
@@ -93,7 +115,7 @@ impl LlamaConfig {
             llm: llm.into(),
             mmproj: mmproj.into(),
             gpu_layers: None,
-            context_size: 4096,
+            context_size: 0,
             threads: None,
             flash_attention: FlashAttention::Auto,
             max_slices: 1,
@@ -104,6 +126,8 @@ impl LlamaConfig {
             rebuild_every: 0,
             gpu: None,
             profile_sync: false,
+            share_system: true,
+            lazy_shifts: true,
         }
     }
 }
@@ -135,8 +159,13 @@ pub struct SequenceState {
     pub seq: i32,
     /// Frames in the sequence (evaluated or queued).
     pub frames: usize,
-    /// Next position to evaluate: what the sequence spans once its queue is evaluated.
+    /// Next position to evaluate: what the sequence spans once its queue is evaluated
+    /// (gaps included: see `LlamaConfig::lazy_shifts`).
     pub positions: i32,
+    /// Cells it holds once its queue is evaluated: system piece and frames, no gaps.
+    pub held: i32,
+    /// Its system piece came from another sequence (shared cells).
+    pub shared_system: bool,
     /// Cells llama.cpp holds for it (largest - smallest position + 1; 0 when empty).
     pub cells: i32,
     pub generating: bool,

@@ -136,6 +136,12 @@ impl Model {
         unsafe { sys::llama_vocab_n_tokens(self.vocab()) as usize }
     }
 
+    /// Positions the model was trained on.
+    pub fn n_ctx_train(&self) -> i32 {
+        // SAFETY: `self.0` is a live model; a read-only getter.
+        unsafe { sys::llama_model_n_ctx_train(self.0.as_ptr()) }
+    }
+
     pub fn n_layer(&self) -> i32 {
         // SAFETY: `self.0` is a live model; a read-only getter.
         unsafe { sys::llama_model_n_layer(self.0.as_ptr()) }
@@ -304,6 +310,17 @@ impl Context {
         // SAFETY: `self.memory()` is the live context's KV memory; llama.cpp ignores cells
         // outside the range.
         unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, -1, delta) }
+    }
+
+    /// Makes `dst` hold `src`'s cells at positions `p0..p1` too. In a unified KV cache this
+    /// adds `dst` to the cells' sequence set and copies nothing (see `llama_kv_cache::seq_cp`);
+    /// across split buffers llama.cpp would copy whole buffers, so callers share only when
+    /// the cache is unified.
+    pub fn seq_cp(&mut self, src: i32, dst: i32, p0: i32, p1: i32) {
+        self.edits.copies += 1;
+        // SAFETY: `self.memory()` is the live context's KV memory; `src` and `dst` are below
+        // `n_seq_max` (the worker hands out ids in range), which llama.cpp asserts.
+        unsafe { sys::llama_memory_seq_cp(self.memory(), src, dst, p0, p1) }
     }
 
     /// The KV edits since the last call.

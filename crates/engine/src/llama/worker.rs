@@ -42,6 +42,7 @@ use super::{ms, EngineState, FlashAttention, LlamaConfig, SequenceState};
 use crate::{EngineError, EngineInfo, Frame, Output, Priority, Request};
 use embeddings::EmbeddingCache;
 use reconcile::Shifts;
+
 use sequence::{trim, End, Input, Seq};
 use vision::check_plain_embeddings;
 
@@ -80,12 +81,14 @@ pub(super) struct Worker {
     marker: String,
     max_slices: u32,
     width: usize,
-    /// Positions one sequence may use.
+    /// Cells one sequence may hold.
     seq_ctx: i32,
     window: usize,
     rebuild_every: u32,
     /// When removed frames' positions are closed up (see `reconcile`).
     shifts: Shifts,
+    /// The sequence that keeps a shared system piece (`None`: pieces are not shared).
+    template: Option<Template>,
     embeddings: EmbeddingCache,
     seqs: HashMap<u64, Seq>,
     free: Vec<i32>,
@@ -107,6 +110,37 @@ pub(super) struct Worker {
 struct Waiting {
     serial: u64,
     job: Job,
+}
+
+/// The spare sequence that keeps the system piece streams last shared, so it outlives the
+/// streams that evaluated it.
+struct Template {
+    id: i32,
+    /// The piece it holds and its length.
+    system: Option<(String, i32)>,
+}
+
+/// llama.cpp's `LLAMA_MAX_SEQ`.
+const MAX_SEQ: u32 = 256;
+
+/// How far positions may run with lazy shifts (within the model's training context).
+const LAZY_POSITIONS: i32 = 4096;
+
+/// Cells a stream's sequence needs: what it holds between requests (system piece and the
+/// window's frames, sized by a 16:9 frame of `max_slices` slices) and a cycle's question
+/// and answer (see `LlamaConfig::context_size`).
+fn derived_cells(
+    mtmd: &mut ffi::Mtmd,
+    marker: &str,
+    max_slices: u32,
+    window: usize,
+) -> Result<u32, String> {
+    let frame = vision::frame_positions(mtmd, marker, max_slices)? as u32;
+    let need = super::SYSTEM_ALLOWANCE
+        + window as u32 * frame
+        + super::QUESTION_ALLOWANCE
+        + super::ANSWER_ALLOWANCE;
+    Ok(need.div_ceil(256) * 256)
 }
 
 impl Worker {
@@ -146,11 +180,25 @@ impl Worker {
         };
         let pin = config.gpu.map(|i| i as usize);
         let model = ffi::Model::load(&config.llm, gpu_layers, pin)?;
-        let n_seq = config.max_streams.max(1) + 1;
+        let use_gpu = gpu.is_some() && gpu_layers != 0;
+        let mut mtmd = ffi::Mtmd::load(&config.mmproj, &model, use_gpu, threads, flash_attn, pin)?;
+        let marker = ffi::Mtmd::marker();
+        check_plain_embeddings(&mut mtmd, &marker)?;
+        let max_slices = config.max_slices.max(1);
+        let window = config.window_frames.max(1);
+        // One sequence a stream, one for requests without a stream, and the template of a
+        // shared system piece (llama.cpp allows `LLAMA_MAX_SEQ`, 256).
+        let streams = config.max_streams.max(1) + 1;
+        let share = config.share_system && config.kv_unified && streams < MAX_SEQ;
+        let n_seq = streams + u32::from(share);
+        let seq_cells = match config.context_size {
+            0 => derived_cells(&mut mtmd, &marker, max_slices, window)?,
+            n => n,
+        };
         let ctx = ffi::Context::new(
             &model,
             &ffi::ContextParams {
-                n_ctx: config.context_size.saturating_mul(n_seq),
+                n_ctx: seq_cells.saturating_mul(n_seq),
                 n_batch: config.batch_size,
                 n_seq_max: n_seq,
                 kv_unified: config.kv_unified,
@@ -158,23 +206,30 @@ impl Worker {
                 flash_attn,
             },
         )?;
-        let use_gpu = gpu.is_some() && gpu_layers != 0;
-        let mut mtmd = ffi::Mtmd::load(&config.mmproj, &model, use_gpu, threads, flash_attn, pin)?;
-        let marker = ffi::Mtmd::marker();
-        check_plain_embeddings(&mut mtmd, &marker)?;
         let backend = match (&gpu, use_gpu) {
             (Some(dev), true) => format!("CUDA: {dev}"),
             _ => format!("CPU ({threads} threads)"),
         };
         let seq_ctx = (ctx.n_ctx() / n_seq) as i32;
+        let shifts = if config.lazy_shifts {
+            // Gaps cost positions, not cells: let positions run past the cells a sequence
+            // holds, within what the model was trained on.
+            let limit = seq_ctx.max(LAZY_POSITIONS.min(model.n_ctx_train()));
+            Shifts::AtLimit { limit }
+        } else {
+            Shifts::Eager
+        };
         tracing::info!(
             model = %model.describe(),
             layers = model.n_layer(),
             offloaded = if gpu_layers < 0 { model.n_layer() } else { gpu_layers.min(model.n_layer()) },
             %backend,
             streams = config.max_streams,
-            positions_per_stream = seq_ctx,
+            cells_per_stream = seq_ctx,
+            derived = config.context_size == 0,
             kv_unified = config.kv_unified,
+            shared_system = share,
+            ?shifts,
             "llama engine ready"
         );
         let info = EngineInfo {
@@ -195,15 +250,19 @@ impl Worker {
             ctx,
             model,
             marker,
-            max_slices: config.max_slices.max(1),
+            max_slices,
             width,
             seq_ctx,
-            window: config.window_frames.max(1),
+            window,
             rebuild_every: config.rebuild_every,
-            shifts: Shifts::Eager,
+            shifts,
+            template: share.then_some(Template {
+                id: streams as i32,
+                system: None,
+            }),
             embeddings: EmbeddingCache::new(64 + 8 * n_seq as usize),
             seqs: HashMap::new(),
-            free: (0..n_seq as i32).rev().collect(),
+            free: (0..streams as i32).rev().collect(),
             waiting: Vec::new(),
             next_serial: 0,
             inspect: Vec::new(),
@@ -289,6 +348,8 @@ impl Worker {
                     frames: s.frames.len(),
                     positions: s.next_pos,
                     cells: if hi < 0 { 0 } else { hi - lo + 1 },
+                    held: s.layout().held(),
+                    shared_system: s.shared_system,
                     generating: s.generation.is_some(),
                     pending: s.pending.len(),
                 }
@@ -363,6 +424,16 @@ impl Worker {
                 seq.append(p);
             }
             trim(&mut self.ctx, seq, self.shifts);
+            // The new frames take positions after the last; close the gaps first if they
+            // would pass the limit.
+            let queued: i32 = seq.frames[seq.frames.len() - seq.queued_frames..]
+                .iter()
+                .map(|f| f.n_pos)
+                .sum();
+            if let Some(plan) = reconcile::make_room(&seq.layout(), queued, self.shifts) {
+                let all = 0..seq.frames.len();
+                seq.apply(&mut self.ctx, plan, all);
+            }
         }
     }
 

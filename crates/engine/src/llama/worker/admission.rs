@@ -31,7 +31,7 @@ impl Worker {
                 system: system_hash(&w.job.request.system),
             })
             .collect();
-        let slots: Vec<Slot> = self
+        let mut slots: Vec<Slot> = self
             .seqs
             .iter()
             .map(|(&stream, s)| Slot {
@@ -44,7 +44,16 @@ impl Worker {
                     .map(|t| (system_hash(t), s.next_pos >= s.sys_len)),
             })
             .collect();
-        let starts = admit(&wants, &slots, self.free.len(), false);
+        // The template counts as a sequence that holds its piece evaluated and never idles.
+        if let Some((system, _)) = self.template.as_ref().and_then(|t| t.system.as_ref()) {
+            slots.push(Slot {
+                stream: TEMPLATE,
+                idle: false,
+                last_used: Instant::now(),
+                system: Some((system_hash(system), true)),
+            });
+        }
+        let starts = admit(&wants, &slots, self.free.len(), self.template.is_some());
         if starts.is_empty() {
             return;
         }
@@ -75,6 +84,9 @@ impl Worker {
         self.waiting = taken.into_iter().flatten().collect();
     }
 }
+
+/// The template's place among the slots (no stream has this id: `ANONYMOUS` is `u64::MAX`).
+const TEMPLATE: u64 = u64::MAX - 1;
 
 /// A request that could not start: its caller gets the error, and it is no longer in flight.
 fn fail_start(in_flight: &std::sync::atomic::AtomicUsize, tx: &super::Reply, error: EngineError) {

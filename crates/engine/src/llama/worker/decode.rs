@@ -51,7 +51,7 @@ impl Worker {
             .count() as u32;
         self.decode_tokens(&order);
         self.sample.tokens = self.tokens.len() as u32;
-        self.sample.cells = self.seqs.values().map(|s| s.next_pos.max(0) as u32).sum();
+        self.sample.cells = self.cells_in_use();
         let edits = self.ctx.take_edits();
         self.sample.shifts = edits.shifts;
         self.sample.removes = edits.removes;
@@ -62,6 +62,25 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(now, total, self.sample, ms(images));
+    }
+
+    /// Cells the sequences hold (evaluated or being evaluated); a system piece copied from
+    /// another sequence holds none of its own (its cells are the source's).
+    fn cells_in_use(&self) -> u32 {
+        let cells: i32 = self
+            .seqs
+            .values()
+            .map(|s| {
+                let frames = (s.next_pos - s.frames_from).max(0);
+                let system = if s.shared_system {
+                    0
+                } else {
+                    s.next_pos.min(s.sys_len)
+                };
+                frames + system
+            })
+            .sum();
+        cells.max(0) as u32
     }
 
     /// One `llama_decode` of `batch`, timed into the step's sample; with `profile_sync`, the

@@ -12,9 +12,6 @@
 //! relative positions; the frames keep theirs among themselves and to the question), and
 //! llama.cpp requires only that new positions follow the sequence's largest one.
 
-// Lazy shifts use the rest of this module (the next commit).
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::ops::Range;
 
 use std::time::{Duration, Instant};
@@ -74,11 +71,16 @@ impl Worker {
         }
 
         let rebuilt = self.keep_frames(stream, same_system, first..first + kept)?;
+        let copied = self.seqs[&stream].system.is_none()
+            && self.copy_system(stream, &request.system, sys_len);
+        let limit = self.position_limit();
+        let (shifts, seq_ctx) = (self.shifts, self.seq_ctx);
         let seq = self.seqs.get_mut(&stream).unwrap();
         seq.last_used = started;
         seq.window = seq.window.max(request.frames.len());
         let cached = match (&seq.system, rebuilt) {
             (None, _) => 0,
+            (Some(_), _) if copied => seq.sys_len,
             (Some(_), true) => seq.sys_len,
             (Some(_), false) => seq.sys_len + kept_pos,
         };
@@ -92,6 +94,17 @@ impl Worker {
                 ends_frame: false,
             });
         }
+        let question_len = question.len() as i32;
+        // The answer's room, in cells and then in positions: close the gaps if the fresh
+        // frames, the question and the answer would pass the position limit.
+        let room = (seq_ctx - needed).max(0);
+        let answer = (job.request.max_tokens as i32).min(room);
+        let fresh_pos: i32 = fresh.iter().map(|p| p.n_pos).sum();
+        let extra = fresh_pos + question_len + answer;
+        if let Some(plan) = make_room(&seq.layout(), extra, shifts) {
+            let all = 0..seq.frames.len();
+            seq.apply(&mut self.ctx, plan, all);
+        }
         let reused = kept as u32 + fresh.iter().map(|p| p.reused).sum::<u32>();
         let image_tokens = kept_image_tokens + fresh.iter().map(|p| p.image_tokens).sum::<u32>();
         let last_pts = request.frames.last().map(|f| f.pts);
@@ -103,16 +116,12 @@ impl Worker {
             .retain(|p| last_pts.is_some_and(|last| p.frame.pts > last));
         let tail_from = seq.frame_start(seq.frames.len());
         debug_assert_eq!(tail_from, seq.frames_from + frames_pos);
-        let question_len = question.len() as i32;
         seq.queue.push_back(Input::Text {
             tokens: question,
             logits: true,
             ends_frame: false,
         });
-        let budget = job
-            .request
-            .max_tokens
-            .min((self.seq_ctx - tail_from - question_len).max(0) as u32);
+        let budget = answer.min(limit - tail_from - question_len).max(0) as u32;
         seq.generation = Some(Gen {
             ignore_eos: job.request.ignore_eos,
             submitted: job.submitted,
@@ -141,6 +150,61 @@ impl Worker {
             tx: job.tx,
         });
         Ok(())
+    }
+
+    /// Positions a sequence may use: its cells, or more with lazy shifts (gaps).
+    fn position_limit(&self) -> i32 {
+        match self.shifts {
+            Shifts::Eager => self.seq_ctx,
+            Shifts::AtLimit { limit } => limit,
+        }
+    }
+
+    /// Gives the stream's empty sequence the system piece `system` (`sys_len` tokens) from
+    /// a sequence that holds it evaluated: the template, or another stream's (which then
+    /// becomes the template's too). With a unified KV cache `seq_cp` only adds the sequence
+    /// id to the piece's cells, so all streams of one profile attend to one copy. False when
+    /// pieces are not shared or none holds it: the stream evaluates its own.
+    fn copy_system(&mut self, stream: u64, system: &str, sys_len: i32) -> bool {
+        let Some(template) = &self.template else {
+            return false;
+        };
+        let template_id = template.id;
+        let in_template = template
+            .system
+            .as_ref()
+            .is_some_and(|(t, n)| t == system && *n == sys_len);
+        let source = if in_template {
+            Some(template_id)
+        } else {
+            self.seqs
+                .iter()
+                .find(|(&k, s)| {
+                    k != stream
+                        && s.system.as_deref() == Some(system)
+                        && s.sys_len == sys_len
+                        && s.next_pos >= s.sys_len
+                })
+                .map(|(_, s)| s.id)
+        };
+        let Some(source) = source else {
+            return false;
+        };
+        if source != template_id {
+            self.ctx.seq_rm(template_id, -1, -1);
+            self.ctx.seq_cp(source, template_id, 0, sys_len);
+            if let Some(t) = &mut self.template {
+                t.system = Some((system.to_string(), sys_len));
+            }
+        }
+        let seq = self.seqs.get_mut(&stream).unwrap();
+        self.ctx.seq_cp(source, seq.id, 0, sys_len);
+        seq.system = Some(system.to_string());
+        seq.sys_len = sys_len;
+        seq.shared_system = true;
+        seq.frames_from = sys_len;
+        seq.next_pos = sys_len;
+        true
     }
 
     /// Keeps frames `keep` of the stream's sequence when its system piece is the request's
@@ -271,6 +335,7 @@ pub fn keep_run(layout: &Layout, keep: Range<usize>, shifts: Shifts) -> Plan {
         edits.push(KvEdit::Remove { from, to: -1 });
         after.frames.truncate(keep.end);
         after.next_pos = from;
+        after = closed_when_empty(after);
     }
     let front = drop_front(&after, keep.start, shifts);
     edits.extend(front.edits);
@@ -310,8 +375,19 @@ pub fn drop_front(layout: &Layout, n: usize, shifts: Shifts) -> Plan {
     }
     Plan {
         edits,
-        layout: after,
+        layout: closed_when_empty(after),
     }
+}
+
+/// With no frame left in the cache, the next input goes right after the system piece: a
+/// gap may lie between cells, never after the last one (llama.cpp wants new positions to
+/// follow the largest one).
+fn closed_when_empty(mut layout: Layout) -> Layout {
+    if layout.frames.len() == layout.queued {
+        layout.frames_from = layout.sys_len;
+        layout.next_pos = layout.sys_len;
+    }
+    layout
 }
 
 /// Before `extra` more positions go in after `next_pos`: if they would pass the limit and
@@ -413,6 +489,16 @@ mod tests {
             "no run: every frame goes"
         );
         assert!(none.layout.frames.is_empty());
+        // After a gap, too, an empty sequence goes on right after its system piece.
+        let gapped = keep_run(&layout(), 1..3, GAPS).layout;
+        let emptied = keep_run(&gapped, 0..0, GAPS);
+        assert_eq!(emptied.edits, [KvEdit::Remove { from: 15, to: -1 }]);
+        assert_eq!(
+            (emptied.layout.frames_from, emptied.layout.next_pos),
+            (10, 10)
+        );
+        let dropped = drop_front(&gapped, 2, GAPS).layout;
+        assert_eq!((dropped.frames_from, dropped.next_pos), (10, 10));
         let all = keep_run(&layout(), 0..3, GAPS);
         assert!(all.edits.is_empty() && all.layout == layout());
     }

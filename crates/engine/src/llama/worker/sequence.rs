@@ -18,6 +18,8 @@ pub(super) struct Seq {
     /// The system prompt at the start of the sequence (`None`: nothing there yet).
     pub(super) system: Option<String>,
     pub(super) sys_len: i32,
+    /// The system piece's cells came from another sequence (see `Worker::copy_system`).
+    pub(super) shared_system: bool,
     /// Where the first frame lies: `sys_len`, or later when frames left without a shift
     /// (see `reconcile`).
     pub(super) frames_from: i32,
@@ -108,6 +110,7 @@ impl Seq {
             id,
             system: None,
             sys_len: 0,
+            shared_system: false,
             frames_from: 0,
             frames: Vec::new(),
             queued_frames: 0,
@@ -182,6 +185,7 @@ impl Seq {
         ctx.seq_rm(self.id, -1, -1);
         self.system = None;
         self.sys_len = 0;
+        self.shared_system = false;
         self.frames_from = 0;
         self.frames.clear();
         self.queued_frames = 0;

@@ -152,3 +152,17 @@ pub(super) fn check_plain_embeddings(mtmd: &mut ffi::Mtmd, marker: &str) -> Resu
         None => Err("the vision projector gave no image chunk for a test image".into()),
     }
 }
+
+/// Positions one frame takes (its label and image) when cut into at most `max_slices`
+/// slices, for a 16:9 picture (the common case; taller ones may take a slice more).
+pub(super) fn frame_positions(
+    mtmd: &mut ffi::Mtmd,
+    marker: &str,
+    max_slices: u32,
+) -> Result<i32, String> {
+    let (w, h) = kibitz_frames::model_size(1920, 1080, max_slices);
+    let grey = vec![128u8; w as usize * h as usize * 3];
+    let bitmap = ffi::Bitmap::rgb(w, h, &grey)?;
+    let piece = frame_piece(std::time::Duration::from_secs(99_999), marker);
+    Ok(mtmd.tokenize(&piece, &[bitmap])?.n_positions())
+}
