@@ -120,6 +120,51 @@ struct Template {
     system: Option<(String, i32)>,
 }
 
+/// Where the model runs: which GPU (if any), how many layers on it, CPU threads, attention.
+struct Placement {
+    gpu: Option<String>,
+    gpu_layers: i32,
+    threads: i32,
+    flash_attn: llama_cpp_sys_2::llama_flash_attn_type,
+}
+
+fn placement(config: &LlamaConfig) -> Result<Placement, String> {
+    let gpus = ffi::gpu_devices();
+    if let Some(i) = config.gpu {
+        if i as usize >= gpus.len() {
+            return Err(format!(
+                "GPU {i} asked for, but llama.cpp sees {} GPU(s)",
+                gpus.len()
+            ));
+        }
+    }
+    let gpu = match config.gpu {
+        Some(i) => gpus.get(i as usize).cloned(),
+        None => gpus.first().cloned(),
+    };
+    let gpu_layers = match (config.gpu_layers, &gpu) {
+        (Some(n), _) => n as i32,
+        (None, Some(_)) => -1, // all
+        (None, None) => 0,
+    };
+    let threads = config.threads.map(|t| t as i32).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as i32)
+            .unwrap_or(4)
+    });
+    let flash_attn = match config.flash_attention {
+        FlashAttention::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    };
+    Ok(Placement {
+        gpu,
+        gpu_layers,
+        threads,
+        flash_attn,
+    })
+}
+
 /// llama.cpp's `LLAMA_MAX_SEQ`.
 const MAX_SEQ: u32 = 256;
 
@@ -150,34 +195,12 @@ impl Worker {
         profile: Arc<std::sync::Mutex<Steps>>,
     ) -> Result<Worker, String> {
         ffi::route_logs();
-        let gpus = ffi::gpu_devices();
-        if let Some(i) = config.gpu {
-            if i as usize >= gpus.len() {
-                return Err(format!(
-                    "GPU {i} asked for, but llama.cpp sees {} GPU(s)",
-                    gpus.len()
-                ));
-            }
-        }
-        let gpu = match config.gpu {
-            Some(i) => gpus.get(i as usize).cloned(),
-            None => gpus.first().cloned(),
-        };
-        let gpu_layers = match (config.gpu_layers, &gpu) {
-            (Some(n), _) => n as i32,
-            (None, Some(_)) => -1, // all
-            (None, None) => 0,
-        };
-        let threads = config.threads.map(|t| t as i32).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get() as i32)
-                .unwrap_or(4)
-        });
-        let flash_attn = match config.flash_attention {
-            FlashAttention::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
-            FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        };
+        let Placement {
+            gpu,
+            gpu_layers,
+            threads,
+            flash_attn,
+        } = placement(config)?;
         let pin = config.gpu.map(|i| i as usize);
         let model = ffi::Model::load(&config.llm, gpu_layers, pin)?;
         let use_gpu = gpu.is_some() && gpu_layers != 0;

@@ -18,11 +18,30 @@ use std::time::{Duration, Instant};
 
 use super::super::sampling::Sampler;
 
+use super::super::ffi::Token;
 use super::super::{content_key, frame_key, ms, question_piece, system_piece};
-use super::sequence::{Gen, Input};
+use super::sequence::{Gen, Input, Prepared};
 use super::vision::prepare;
 use super::{Job, Worker};
-use crate::{EngineError, Stats};
+use crate::{EngineError, Request, Stats};
+
+/// A request matched against its stream's sequence (see `Worker::match_request`).
+struct Matched {
+    system_tokens: Vec<Token>,
+    question: Vec<Token>,
+    same_system: bool,
+    /// The run of the sequence's frames it keeps: `first..first + kept`.
+    first: usize,
+    kept: usize,
+    kept_pos: i32,
+    kept_image_tokens: u32,
+    /// The request's frames after the run, prepared.
+    fresh: Vec<Prepared>,
+    sys_len: i32,
+    /// Positions of all its frames, and of its whole prompt without gaps.
+    frames_pos: i32,
+    needed: i32,
+}
 
 impl Worker {
     /// Reconciles the stream's sequence with the request's frames and queues the rest:
@@ -30,46 +49,19 @@ impl Worker {
     pub(super) fn start(&mut self, stream: u64, serial: u64, job: Job) -> Result<(), EngineError> {
         let started = Instant::now();
         let request = &job.request;
-        let keys: Vec<String> = request
-            .frames
-            .iter()
-            .map(|f| frame_key(f.pts, &content_key(&f.image)))
-            .collect();
-        let system_tokens = self.model.tokenize(&system_piece(&request.system), true);
-        let question = self.model.tokenize(&question_piece(&request.user), false);
-
-        // What the sequence keeps: the system prompt if unchanged, then the longest run of
-        // its frames that the request's frames start with.
-        let seq = &self.seqs[&stream];
-        let same_system = seq.system.as_deref() == Some(request.system.as_str());
-        let (first, kept) = if same_system {
-            let held: Vec<&str> = seq.frames.iter().map(|f| f.key.as_str()).collect();
-            let wanted: Vec<&str> = keys.iter().map(String::as_str).collect();
-            matching_run(&held, &wanted)
-        } else {
-            (seq.frames.len(), 0)
-        };
-        let kept_frames = &seq.frames[first..first + kept];
-        let kept_pos: i32 = kept_frames.iter().map(|f| f.n_pos).sum();
-        let kept_image_tokens: u32 = kept_frames.iter().map(|f| f.image_tokens).sum();
-        let fresh = request.frames[kept..]
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                self.prepare(f)
-                    .map_err(|e| EngineError::BadRequest(format!("frame {}: {e}", kept + i)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let sys_len = system_tokens.len() as i32;
-        let frames_pos: i32 = kept_pos + fresh.iter().map(|p| p.n_pos).sum::<i32>();
-        let needed = sys_len + frames_pos + question.len() as i32;
-        if needed + 1 > self.seq_ctx {
-            return Err(EngineError::BadRequest(format!(
-                "the prompt needs {needed} positions but a stream's context holds {}; raise --context-size or send fewer frames",
-                self.seq_ctx
-            )));
-        }
-
+        let Matched {
+            system_tokens,
+            question,
+            same_system,
+            first,
+            kept,
+            kept_pos,
+            kept_image_tokens,
+            fresh,
+            sys_len,
+            frames_pos,
+            needed,
+        } = self.match_request(stream, request)?;
         let rebuilt = self.keep_frames(stream, same_system, first..first + kept)?;
         let copied = self.seqs[&stream].system.is_none()
             && self.copy_system(stream, &request.system, sys_len);
@@ -150,6 +142,61 @@ impl Worker {
             tx: job.tx,
         });
         Ok(())
+    }
+
+    /// What the stream's sequence keeps for `request` (the system prompt if unchanged, then
+    /// the longest run of its frames that the request's frames start with) and what it lacks
+    /// (prepared); refuses a prompt that can't fit a sequence's cells.
+    fn match_request(&mut self, stream: u64, request: &Request) -> Result<Matched, EngineError> {
+        let keys: Vec<String> = request
+            .frames
+            .iter()
+            .map(|f| frame_key(f.pts, &content_key(&f.image)))
+            .collect();
+        let system_tokens = self.model.tokenize(&system_piece(&request.system), true);
+        let question = self.model.tokenize(&question_piece(&request.user), false);
+        let seq = &self.seqs[&stream];
+        let same_system = seq.system.as_deref() == Some(request.system.as_str());
+        let (first, kept) = if same_system {
+            let held: Vec<&str> = seq.frames.iter().map(|f| f.key.as_str()).collect();
+            let wanted: Vec<&str> = keys.iter().map(String::as_str).collect();
+            matching_run(&held, &wanted)
+        } else {
+            (seq.frames.len(), 0)
+        };
+        let kept_frames = &seq.frames[first..first + kept];
+        let kept_pos: i32 = kept_frames.iter().map(|f| f.n_pos).sum();
+        let kept_image_tokens: u32 = kept_frames.iter().map(|f| f.image_tokens).sum();
+        let fresh = request.frames[kept..]
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                self.prepare(f)
+                    .map_err(|e| EngineError::BadRequest(format!("frame {}: {e}", kept + i)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let sys_len = system_tokens.len() as i32;
+        let frames_pos: i32 = kept_pos + fresh.iter().map(|p| p.n_pos).sum::<i32>();
+        let needed = sys_len + frames_pos + question.len() as i32;
+        if needed + 1 > self.seq_ctx {
+            return Err(EngineError::BadRequest(format!(
+                "the prompt needs {needed} positions but a stream's context holds {}; raise --context-size or send fewer frames",
+                self.seq_ctx
+            )));
+        }
+        Ok(Matched {
+            system_tokens,
+            question,
+            same_system,
+            first,
+            kept,
+            kept_pos,
+            kept_image_tokens,
+            fresh,
+            sys_len,
+            frames_pos,
+            needed,
+        })
     }
 
     /// Positions a sequence may use: its cells, or more with lazy shifts (gaps).
