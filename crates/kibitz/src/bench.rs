@@ -24,6 +24,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.frames > 0 && args.frame_size >= 14,
         "--frames must be at least 1 and --frame-size at least 14"
     );
+    if args.print_prompt {
+        return print_prompt(&args);
+    }
     if !args.streams.is_empty() {
         return streams(&args).await;
     }
@@ -411,6 +414,29 @@ async fn streams(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The prompt text `--streams` sends each cycle, as JSON, so a client that drives another
+/// server (scripts/peer-client.py) sends exactly the same words: `system`, the `first`
+/// cycle's question and the `next` ones' with `{last}` where the previous answer goes.
+/// Frames are labelled by the engine (`Frame at 12.0s: <image>`), not here.
+fn print_prompt(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let profile = kibitz_commentator::Profiles::get(kibitz_commentator::DEFAULT_PROFILE)?;
+    let question = |last: Option<&str>| {
+        if args.long_question {
+            // The bench's frames are a second apart, so 4 of them span 3 seconds.
+            profile.user_prompt(args.frames, (args.frames as f64 - 1.0).max(0.0), last, "")
+        } else {
+            profile.cue(last, "")
+        }
+    };
+    let prompt = serde_json::json!({
+        "system": profile.system_prompt(),
+        "first": question(None),
+        "next": question(Some("{last}")),
+    });
+    println!("{prompt}");
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run_streams(
     engine: Arc<dyn Engine>,
     n: usize,
@@ -472,6 +498,7 @@ async fn run_streams(
             interval: Duration::ZERO,
             frame_stride: 1,
             scene_change_threshold: 0.0,
+            short_question: !args.long_question,
             ..CommentatorConfig::default()
         };
         let commentator = Commentator::new(config, Instant::now())?;
@@ -586,8 +613,12 @@ async fn streams_engine(args: &BenchArgs, most: usize) -> anyhow::Result<Arc<dyn
         let files = models::resolve(&query).await?;
         let mut config = LlamaConfig::new(files.llm, files.mmproj);
         config.gpu_layers = e.gpu_layers;
-        // Per stream: the bench's system prompt, 4 frames, the question and the answer.
-        config.context_size = e.context_size.min(2048);
+        // Per stream: derived from the system prompt, 4 frames, the question and the answer
+        // unless --context-size says otherwise.
+        config.context_size = e.context_size.unwrap_or(0);
+        config.profile_sync = args.profile_sync;
+        config.share_system = !args.no_share_system;
+        config.lazy_shifts = !args.eager_shifts;
         config.threads = e.threads;
         config.max_slices = e.max_slice_nums;
         config.max_streams = most as u32;

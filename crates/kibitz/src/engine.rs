@@ -31,11 +31,8 @@ pub fn sampling(args: &SamplingArgs) -> Sampling {
 /// Checks the engine flags on their own; returns one line per problem.
 pub fn problems(args: &EngineArgs) -> Vec<String> {
     let mut p = Vec::new();
-    if args.context_size < 512 {
-        p.push(format!(
-            "--context-size {} is too small; at least 512",
-            args.context_size
-        ));
+    if let Some(n) = args.context_size.filter(|&n| n < 512) {
+        p.push(format!("--context-size {n} is too small; at least 512"));
     }
     if args.max_slice_nums == 0 || args.max_slice_nums > 9 {
         p.push(format!(
@@ -217,7 +214,8 @@ async fn build_llama(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<dy
     tracing::info!(llm = %files.llm.display(), mmproj = %files.mmproj.display(), "loading model");
     let mut config = LlamaConfig::new(files.llm, files.mmproj);
     config.gpu_layers = args.gpu_layers;
-    config.context_size = args.context_size;
+    // 0: derived from what a stream's sequence holds.
+    config.context_size = args.context_size.unwrap_or(0);
     config.max_streams = streams.max(1) as u32;
     config.threads = args.threads;
     config.max_slices = args.max_slice_nums;

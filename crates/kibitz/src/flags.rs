@@ -92,9 +92,10 @@ pub struct EngineArgs {
     #[arg(long, env = "GPU_LAYERS")]
     pub gpu_layers: Option<u32>,
     /// KV positions per stream (system prompt, the window's frames, the question and the
-    /// answer); the llama context holds this many for each stream it serves.
-    #[arg(long, env = "CONTEXT_SIZE", default_value_t = 2048)]
-    pub context_size: u32,
+    /// answer); the llama context holds this many for each stream it serves [default:
+    /// derived from what a stream's sequence holds, ~1,300 with 4 one-slice frames].
+    #[arg(long, env = "CONTEXT_SIZE")]
+    pub context_size: Option<u32>,
     /// CPU threads for llama.cpp [default: all cores].
     #[arg(long, env = "THREADS")]
     pub threads: Option<u32>,
@@ -414,6 +415,26 @@ pub struct BenchArgs {
     /// With --streams: one KV buffer per stream instead of one shared (llama engine).
     #[arg(long)]
     pub kv_split: bool,
+    /// With --streams: synchronise after each llama decode so the engine's step profile
+    /// (in the JSON line under "engine") tells GPU time from host time; costs the overlap.
+    #[arg(long)]
+    pub profile_sync: bool,
+    /// With --streams: each stream evaluates its own system piece instead of sharing one
+    /// template's cells (the engine before sharing, for comparison).
+    #[arg(long)]
+    pub no_share_system: bool,
+    /// With --streams: every frame leaving the window shifts the later positions at once
+    /// (the engine before lazy shifts, for comparison).
+    #[arg(long)]
+    pub eager_shifts: bool,
+    /// With --streams: the long per-cycle question (frame count, span and the answer rule
+    /// again) instead of the short cue, for comparison.
+    #[arg(long)]
+    pub long_question: bool,
+    /// Print, as JSON, the prompt text `--streams` sends each cycle (with --long-question:
+    /// the long one), for clients that drive another server with the same words.
+    #[arg(long)]
+    pub print_prompt: bool,
     // The loop's settings for `--live` (`--streams` runs every stream back to back on
     // each frame: interval 0, stride 1, no scene gate, whatever these say; see `--live`).
     #[command(flatten)]
