@@ -42,16 +42,14 @@ pub async fn run(
     let mut controls_open = true;
     // Captures wake the machine when the window can tell of them; otherwise it polls.
     let mut captures = window.captures();
-    loop {
-        let Some(deadline) = drain(
-            &mut commentator,
-            window.as_ref(),
-            &session,
-            &events,
-            &mut pending,
-        ) else {
-            break;
-        };
+    // `None`: the session was closed, and the loop has nothing left to do.
+    while let Some(deadline) = drain(
+        &mut commentator,
+        window.as_ref(),
+        &session,
+        &events,
+        &mut pending,
+    ) {
         // Not used by a cycle: back to the scheduler for the other streams.
         pending.turn = None;
         snapshot.send_if_modified(|current| {
@@ -484,7 +482,7 @@ mod tests {
                         captured: at.into_std(),
                     };
                     let seq = window.push(stamp, crate::window::fake::moving(k));
-                    if seq % 2 == 0 {
+                    if seq.is_multiple_of(2) {
                         watched.captured(seq);
                     }
                 }

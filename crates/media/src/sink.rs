@@ -98,7 +98,7 @@ pub enum Picture<'a> {
 
 /// Called with every frame of the sampled set: each `stride`-th capture of the window (by
 /// its `seq`), the phase the commentary samples on.
-type OnSampled = Arc<dyn Fn(u64, Stamp, &Rgb) + Send + Sync>;
+pub(crate) type OnSampled = Arc<dyn Fn(u64, Stamp, &Rgb) + Send + Sync>;
 
 /// Where the frames of one source go, and what is done to them on the way. One producer
 /// owns it (`&mut self`); it may move between threads. See the module docs.
@@ -263,7 +263,7 @@ impl FrameSink {
         let seq = self.window.push(stamp, rgb.clone());
         self.status.update(|s| s.frames_captured += 1);
         if let Some((stride, on_sampled)) = &self.sampled {
-            if seq % stride == 0 {
+            if seq.is_multiple_of(*stride) {
                 on_sampled(seq, stamp, &rgb);
             }
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use kibitz_frames::{DisplayBuffer, InferenceWindow, Rgb, Stamp, CAPTURE_FPS, JPEG_QUALITY};
 
 use crate::decode::{self, Worker};
-use crate::sink::{FrameSink, SinkConfig};
+use crate::sink::{FrameSink, OnSampled, SinkConfig};
 use crate::status::StatusCell;
 use crate::{Error, Restrictions, SourceSpec, SourceState, SourceStatus};
 
@@ -86,7 +86,7 @@ pub struct SourceContext {
     pub display: Arc<DisplayBuffer>,
     pub window: Arc<InferenceWindow>,
     pub(crate) on_state: Arc<dyn Fn(&SourceState) + Send + Sync>,
-    pub(crate) on_sampled: Option<(u64, Arc<dyn Fn(u64, Stamp, &Rgb) + Send + Sync>)>,
+    pub(crate) on_sampled: Option<(u64, OnSampled)>,
 }
 
 impl SourceContext {
