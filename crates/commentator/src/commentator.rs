@@ -57,6 +57,11 @@ pub enum Input {
     /// The running cycle's request was refused or failed.
     Failed(EngineError, Instant),
     Control(Control),
+    /// A frame of the sampled set came into the window (the source tells the caller). A
+    /// cycle that is due and waiting for frames looks again at once, so it starts on the
+    /// captured frame itself. Once a caller has sent one, the machine stops polling the
+    /// window for frames ([`CommentatorConfig::poll`] is for callers that cannot tell).
+    Captured(Instant),
 }
 
 /// What the machine asks the outside world to do.
@@ -204,6 +209,9 @@ pub struct Commentator {
     /// The newest frame of the last answered cycle: what the scene-change gate compares new
     /// frames with. Not that of the last cycle looked at, so a slow change adds up.
     answered: Option<Seen>,
+    /// The caller tells of every capture (`Input::Captured`): a look that found no new
+    /// frame waits for the next capture instead of polling.
+    told_of_captures: bool,
     snapshot: Snapshot,
 }
 
@@ -227,6 +235,7 @@ impl Commentator {
             due: now,
             last_comment: None,
             answered: None,
+            told_of_captures: false,
             snapshot: Snapshot::default(),
             config,
         })
@@ -249,6 +258,7 @@ impl Commentator {
             Input::Done(stats, now) => self.done(stats, now),
             Input::Failed(err, now) => self.failed(err, now),
             Input::Control(control) => self.control(control),
+            Input::Captured(now) => self.captured(now),
         }
     }
 
@@ -317,6 +327,14 @@ impl Commentator {
         });
     }
 
+    fn captured(&mut self, now: Instant) {
+        self.told_of_captures = true;
+        let waiting_for_frames = self.waiting == Phase::WaitingForFrames;
+        if matches!(self.state, State::Pausing { .. }) && waiting_for_frames && now >= self.due {
+            self.ask_for_frames(now);
+        }
+    }
+
     fn queued(&mut self, now: Instant) {
         if let State::Looking { .. } = self.state {
             self.state = State::Queued { since: now };
@@ -347,11 +365,16 @@ impl Commentator {
             (None, _) => false,
         };
         if frames.len() < self.config.frames_per_inference || !fresh {
-            // The turn goes back (no `Infer` follows); look again shortly.
+            // The turn goes back (no `Infer` follows); look again on the next capture, or
+            // shortly when the caller does not tell of captures. The long wait only keeps a
+            // deadline on the clock.
             self.waiting = Phase::WaitingForFrames;
-            self.state = State::Pausing {
-                at: now + self.config.poll,
+            let again = if self.told_of_captures {
+                self.config.cycle_timeout
+            } else {
+                self.config.poll
             };
+            self.state = State::Pausing { at: now + again };
         } else {
             match self.scene_gate(&frames) {
                 Gate::Unchanged => self.unchanged(now, frames),

@@ -1,6 +1,6 @@
 //! The tokio task around [`Commentator`]: it waits on the engine's turn and answer, user
-//! controls, shutdown and the machine's next deadline, and carries data between them and the
-//! machine. No decisions are made here.
+//! controls, the window's captures, shutdown and the machine's next deadline, and carries
+//! data between them and the machine. No decisions are made here.
 //!
 //! The engine is reached through this stream's [`Session`] on the shared scheduler. When
 //! the machine asks for frames, the task first takes the stream's commentary turn and only
@@ -34,69 +34,24 @@ pub async fn run(
     snapshot: watch::Sender<Snapshot>,
     shutdown: CancellationToken,
 ) {
-    let mut generation: Option<Generation> = None;
-    // The turn taken for the frames just handed to the machine: used by the `Infer` that
-    // follows them, or given back.
-    let mut turn: Option<Turn> = None;
-    let mut queued: Option<Queued<'_>> = None;
+    let mut pending = Pending {
+        generation: None,
+        turn: None,
+        queued: None,
+    };
     let mut controls_open = true;
-    'run: loop {
-        let deadline = loop {
-            match commentator.poll_output() {
-                Output::Infer { cycle, request } => {
-                    let submitted = match turn.take() {
-                        Some(turn) => turn.submit(request),
-                        // The machine starts a cycle only from frames, and frames come with a turn.
-                        None => Err(EngineError::Unavailable(
-                            "the commentary loop asked without an engine turn".into(),
-                        )),
-                    };
-                    match submitted {
-                        Ok(g) => generation = Some(g),
-                        Err(err) => {
-                            tracing::warn!(cycle, %err, "engine refused the commentary request");
-                            commentator.handle_input(Input::Failed(err, now()));
-                        }
-                    }
-                }
-                Output::Cancel { cycle } => {
-                    tracing::warn!(
-                        cycle,
-                        "abandoning a commentary cycle that ran past its timeout"
-                    );
-                    generation = None;
-                }
-                Output::Emit(event) => {
-                    let _ = events.send(event);
-                }
-                Output::NeedFrames {
-                    count,
-                    stride,
-                    newest,
-                } => match session.try_turn() {
-                    Ok(granted) => {
-                        turn = Some(granted);
-                        let frames = window.sample(count, stride);
-                        commentator.handle_input(Input::Frames { now: now(), frames });
-                    }
-                    Err(EngineError::Busy(_)) => {
-                        queued = Some(Queued {
-                            turn: Box::pin(session.turn(Priority::Commentary, newest)),
-                            count,
-                            stride,
-                        });
-                        commentator.handle_input(Input::Waiting(now()));
-                    }
-                    Err(err) => {
-                        stopped(&session, &err);
-                        break 'run;
-                    }
-                },
-                Output::Timeout(at) => break at,
-            }
-        };
+    // Captures wake the machine when the window can tell of them; otherwise it polls.
+    let mut captures = window.captures();
+    // `None`: the session was closed, and the loop has nothing left to do.
+    while let Some(deadline) = drain(
+        &mut commentator,
+        window.as_ref(),
+        &session,
+        &events,
+        &mut pending,
+    ) {
         // Not used by a cycle: back to the scheduler for the other streams.
-        turn = None;
+        pending.turn = None;
         snapshot.send_if_modified(|current| {
             let fresh = commentator.snapshot();
             let changed = *current != fresh;
@@ -107,7 +62,7 @@ pub async fn run(
         let input = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            item = next_output(&mut generation) => match item {
+            item = next_output(&mut pending.generation) => match item {
                 Some(Ok(EngineOutput::Text(text))) => Input::Token(text, now()),
                 Some(Ok(EngineOutput::Done(stats))) => Input::Done(stats, now()),
                 Some(Err(err)) => Input::Failed(err, now()),
@@ -116,13 +71,13 @@ pub async fn run(
                     now(),
                 ),
             },
-            granted = next_turn(&mut queued) => {
-                let Some(Queued { count, stride, .. }) = queued.take() else {
+            granted = next_turn(&mut pending.queued) => {
+                let Some(Queued { count, stride, .. }) = pending.queued.take() else {
                     unreachable!("a turn came without being queued");
                 };
                 match granted {
                     Ok(granted) => {
-                        turn = Some(granted);
+                        pending.turn = Some(granted);
                         Input::Frames { now: now(), frames: window.sample(count, stride) }
                     }
                     Err(err) => {
@@ -138,12 +93,96 @@ pub async fn run(
                     continue;
                 }
             },
+            told = next_capture(&mut captures) => {
+                if !told {
+                    // The source is gone: nothing more will be captured.
+                    captures = None;
+                    continue;
+                }
+                Input::Captured(now())
+            },
             _ = tokio::time::sleep_until(deadline.into()) => Input::Tick(now()),
         };
         if matches!(input, Input::Done(..) | Input::Failed(..)) {
-            generation = None;
+            pending.generation = None;
         }
         commentator.handle_input(input);
+    }
+}
+
+/// What the task holds for the machine between its outputs and its next input.
+struct Pending<'a> {
+    /// The running request's answer.
+    generation: Option<Generation>,
+    /// The turn taken for the frames just handed to the machine: used by the `Infer` that
+    /// follows them, or given back.
+    turn: Option<Turn>,
+    /// A turn being waited for.
+    queued: Option<Queued<'a>>,
+}
+
+/// Carries out the machine's outputs until it asks to be woken: the deadline, or `None`
+/// once the session is closed and the loop has nothing left to do.
+fn drain<'a>(
+    commentator: &mut Commentator,
+    window: &dyn FrameWindow,
+    session: &'a Session,
+    events: &broadcast::Sender<Event>,
+    pending: &mut Pending<'a>,
+) -> Option<std::time::Instant> {
+    loop {
+        match commentator.poll_output() {
+            Output::Infer { cycle, request } => {
+                let submitted = match pending.turn.take() {
+                    Some(turn) => turn.submit(request),
+                    // The machine starts a cycle only from frames, and frames come with a turn.
+                    None => Err(EngineError::Unavailable(
+                        "the commentary loop asked without an engine turn".into(),
+                    )),
+                };
+                match submitted {
+                    Ok(g) => pending.generation = Some(g),
+                    Err(err) => {
+                        tracing::warn!(cycle, %err, "engine refused the commentary request");
+                        commentator.handle_input(Input::Failed(err, now()));
+                    }
+                }
+            }
+            Output::Cancel { cycle } => {
+                tracing::warn!(
+                    cycle,
+                    "abandoning a commentary cycle that ran past its timeout"
+                );
+                pending.generation = None;
+            }
+            Output::Emit(event) => {
+                let _ = events.send(event);
+            }
+            Output::NeedFrames {
+                count,
+                stride,
+                newest,
+            } => match session.try_turn() {
+                Ok(granted) => {
+                    pending.turn = Some(granted);
+                    let frames = window.sample(count, stride);
+                    commentator.handle_input(Input::Frames { now: now(), frames });
+                }
+                Err(EngineError::Busy(_)) => {
+                    pending.queued = Some(Queued {
+                        turn: Box::pin(session.turn(Priority::Commentary, newest)),
+                        count,
+                        stride,
+                    });
+                    commentator.handle_input(Input::Waiting(now()));
+                }
+                Err(err) => {
+                    stopped(session, &err);
+                    return None;
+                }
+            },
+            Output::Timeout(at) => return Some(at),
+        }
     }
 }
 
@@ -160,6 +199,15 @@ async fn next_output(
 ) -> Option<Result<EngineOutput, EngineError>> {
     match generation {
         Some(generation) => generation.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a frame was captured since the last call (`false` once the window can no longer
+/// tell); never resolves without a window that tells.
+async fn next_capture(captures: &mut Option<watch::Receiver<u64>>) -> bool {
+    match captures {
+        Some(captures) => captures.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }
@@ -407,6 +455,74 @@ mod tests {
         crate::profile::Profiles::get(profile)
             .unwrap()
             .system_prompt()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cycle_starts_on_the_captured_frame_itself() {
+        // A poll this long would show: the cycle would wait up to 10 s for its next look.
+        let config = CommentatorConfig {
+            poll: Duration::from_secs(10),
+            ..CommentatorConfig::default()
+        };
+        let engine = FakeEngine::saying("Here.", Duration::from_millis(300), Duration::ZERO);
+        let scheduler = Scheduler::new(Arc::new(engine));
+        let window = Arc::new(kibitz_frames::InferenceWindow::new(32));
+        let watched = Arc::new(crate::WatchedWindow::new(window.clone()));
+        let start = tokio::time::Instant::now();
+        // A 2 fps source out of step with any poll: frame k is captured at 37 ms + k * 0.5 s,
+        // and every second one (the sampled set, stride 2) is announced.
+        let feeder = tokio::spawn({
+            let watched = watched.clone();
+            async move {
+                for k in 0u64.. {
+                    let at = start + Duration::from_millis(37 + 500 * k);
+                    tokio::time::sleep_until(at).await;
+                    let stamp = kibitz_frames::Stamp {
+                        pts: Duration::from_millis(500 * k),
+                        captured: at.into_std(),
+                    };
+                    let seq = window.push(stamp, crate::window::fake::moving(k));
+                    if seq.is_multiple_of(2) {
+                        watched.captured(seq);
+                    }
+                }
+            }
+        });
+        let commentator = Commentator::new(config, now()).unwrap();
+        let (events_tx, mut events) = broadcast::channel(1024);
+        let (_controls, controls_rx) = mpsc::channel(8);
+        let (snapshot_tx, _snapshot) = watch::channel(Snapshot::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            commentator,
+            watched as Arc<dyn FrameWindow>,
+            scheduler.open_session("pushed"),
+            events_tx,
+            controls_rx,
+            snapshot_tx,
+            shutdown.clone(),
+        ));
+        let mut starts = Vec::new();
+        while starts.len() < 2 {
+            let event = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("the loop went quiet")
+                .unwrap();
+            if let Event::CycleStart { frames, .. } = event {
+                starts.push((tokio::time::Instant::now() - start, frames));
+            }
+        }
+        // Four sampled frames (seq 0, 2, 4, 6) exist once seq 6 is captured at 3.037 s: the
+        // cycle starts then, not at a poll.
+        assert_eq!(starts[0].0, Duration::from_millis(3037));
+        assert_eq!(starts[0].1, [0.0, 1.0, 2.0, 3.0]);
+        // The answer ends at 3.337 s, the next is due a second later; the first sampled frame
+        // after that is seq 10 at 5.037 s.
+        assert_eq!(starts[1].0, Duration::from_millis(5037));
+        assert_eq!(starts[1].1, [2.0, 3.0, 4.0, 5.0]);
+        shutdown.cancel();
+        task.await.unwrap();
+        feeder.abort();
     }
 
     #[tokio::test(start_paused = true)]

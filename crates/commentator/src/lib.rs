@@ -33,4 +33,4 @@ pub use event::{Control, CycleEnd, Event};
 pub use profile::{is_skip, Language, Profile, Profiles, Style, DEFAULT_PROFILE};
 pub use scene::Thumbnail;
 pub use sync::SyncDelay;
-pub use window::FrameWindow;
+pub use window::{FrameWindow, WatchedWindow};

@@ -1,12 +1,53 @@
 //! What the loop needs from the inference window, as a trait so tests can drive the loop
 //! with a fake source on fake time.
 
+use std::sync::Arc;
+
 use kibitz_frames::{InferenceWindow, Rgb, Stamp};
+use tokio::sync::watch;
 
 pub trait FrameWindow: Send + Sync {
     /// Up to `n` frames: the newest one and every `stride`-th frame before it, returned
     /// oldest first. Fewer than `n` when the window does not hold that many yet.
     fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)>;
+
+    /// Changes whenever a frame of the sampled set comes in, so the loop starts a cycle on
+    /// the captured frame itself; `None` (the default) has the loop poll instead.
+    fn captures(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// The inference window plus a notice of every capture of its sampled set: what a stream
+/// gives its commentary loop. The source's sampled-frame callback calls
+/// [`WatchedWindow::captured`].
+pub struct WatchedWindow {
+    window: Arc<InferenceWindow>,
+    newest: watch::Sender<u64>,
+}
+
+impl WatchedWindow {
+    pub fn new(window: Arc<InferenceWindow>) -> Self {
+        Self {
+            window,
+            newest: watch::Sender::new(0),
+        }
+    }
+
+    /// The window took frame `seq` of the sampled set. Never blocks (any thread).
+    pub fn captured(&self, seq: u64) {
+        self.newest.send_replace(seq);
+    }
+}
+
+impl FrameWindow for WatchedWindow {
+    fn sample(&self, n: usize, stride: usize) -> Vec<(Stamp, Rgb)> {
+        self.window.sample_phased(n, stride)
+    }
+
+    fn captures(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.newest.subscribe())
+    }
 }
 
 /// The live window samples on a fixed phase (every stride-th capture), so the frames of one

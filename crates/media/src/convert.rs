@@ -18,6 +18,12 @@ pub(crate) struct Scaler {
     flags: scaling::Flags,
 }
 
+// SAFETY: an `SwsContext` is plain heap state with no tie to the thread that made it (FFmpeg
+// keeps no thread-local state for it); the `Scaler` owns it alone and uses it only through
+// `&mut self`, so moving it to another thread never lets two threads touch it at once. This
+// is what lets a `FrameSink` go to whichever thread produces the frames.
+unsafe impl Send for Scaler {}
+
 impl Scaler {
     pub(crate) fn new(flags: scaling::Flags) -> Self {
         Self {

@@ -1,5 +1,6 @@
-//! The decode thread: open, read, decode, pace, and fill the stores; reopen when a live
-//! source drops, loop when a file ends.
+//! The decode thread: open, read, decode and wait for each frame's time; reopen when a live
+//! source drops, loop when a file ends. Every frame goes to the source's [`FrameSink`],
+//! which makes the display JPEG and the model's copy and counts them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,10 +15,11 @@ use ff::util::frame::Video as VideoFrame;
 use ff::{Dictionary, Packet};
 use ffmpeg_next as ff;
 
-use kibitz_frames::{model_size, DisplayBuffer, InferenceWindow, Jpeg, JpegEncoder, Stamp};
+use kibitz_frames::{Jpeg, Stamp};
 
-use crate::convert::{jpeg_info, to_rgb, DisplayEncoder, Scaler};
-use crate::pacing::{Backoff, Capture, MediaClock, Pacer};
+use crate::convert::jpeg_info;
+use crate::pacing::{Backoff, MediaClock};
+use crate::sink::FrameSink;
 use crate::status::StatusCell;
 use crate::{Error, SourceConfig, SourceSpec, SourceState};
 
@@ -141,8 +143,7 @@ pub(crate) fn describe(e: ff::Error) -> String {
 /// Everything the decode thread needs that can cross into it.
 pub(crate) struct Worker {
     config: SourceConfig,
-    display: Arc<DisplayBuffer>,
-    window: Arc<InferenceWindow>,
+    sink: FrameSink,
     status: StatusCell,
     stop: Arc<AtomicBool>,
 }
@@ -150,38 +151,32 @@ pub(crate) struct Worker {
 impl Worker {
     pub(crate) fn new(
         config: SourceConfig,
-        display: Arc<DisplayBuffer>,
-        window: Arc<InferenceWindow>,
+        sink: FrameSink,
         status: StatusCell,
         stop: Arc<AtomicBool>,
-    ) -> Result<Self, Error> {
-        // Checked here so a bad quality is an error of `build`, not of the thread.
-        JpegEncoder::new(config.jpeg_quality)?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             config,
-            display,
-            window,
+            sink,
             status,
             stop,
-        })
+        }
     }
 
     pub(crate) fn run(self, first: Option<Opened>) {
-        let encoder =
-            match DisplayEncoder::new(self.config.jpeg_quality, self.config.display_max_width) {
-                Ok(e) => e,
-                Err(e) => return self.status.set_state(SourceState::Failed(e.to_string())),
-            };
-        let live = self.config.spec.is_live();
+        let Worker {
+            config,
+            sink,
+            status,
+            stop,
+        } = self;
         let mut player = Player {
+            config,
+            status,
+            stop,
             clock: MediaClock::new(Duration::from_millis(40)),
-            pacer: Pacer::new(live),
-            capture: Capture::new(self.config.capture_fps),
             backoff: Backoff::new(),
-            encoder,
-            model: Scaler::new(ff::software::scaling::Flags::BILINEAR),
-            delivered: false,
-            worker: self,
+            sink,
         };
         player.run(first);
     }
@@ -211,26 +206,24 @@ enum Flow {
     Stop,
 }
 
-/// The decode thread's state (not `Send`: swscale contexts live here).
+/// The decode thread's state: reading, decoding and timestamps here; what becomes of each
+/// frame is the sink's.
 struct Player {
-    worker: Worker,
+    config: SourceConfig,
+    status: StatusCell,
+    stop: Arc<AtomicBool>,
     clock: MediaClock,
-    pacer: Pacer,
-    capture: Capture,
     backoff: Backoff,
-    encoder: DisplayEncoder,
-    model: Scaler,
-    /// A frame was shown in the current session.
-    delivered: bool,
+    sink: FrameSink,
 }
 
 impl Player {
     fn run(&mut self, mut first: Option<Opened>) {
-        let live = self.worker.config.spec.is_live();
+        let live = self.config.spec.is_live();
         while !self.stopped() {
             let outcome = match first
                 .take()
-                .map_or_else(|| open(&self.worker.config, &self.worker.stop), Ok)
+                .map_or_else(|| open(&self.config, &self.stop), Ok)
             {
                 Ok(opened) => self.session(opened),
                 Err(_) if self.stopped() => Outcome::Stopped,
@@ -239,20 +232,19 @@ impl Player {
             match outcome {
                 Outcome::Stopped => break,
                 Outcome::Ended => {
-                    self.worker.status.set_state(SourceState::Ended);
+                    self.status.set_state(SourceState::Ended);
                     break;
                 }
                 Outcome::Failed(reason) => return self.fail(reason),
                 Outcome::Lost(reason) if !live => return self.fail(reason),
                 Outcome::Lost(reason) => {
-                    tracing::warn!(source = %self.worker.config.spec, %reason, "source lost");
+                    tracing::warn!(source = %self.config.spec, %reason, "source lost");
                     let (attempt, retry_in) = self.backoff.next();
-                    self.worker.status.update(|s| {
+                    self.status.update(|s| {
                         s.last_error = Some(reason);
                         s.reconnects += 1;
                     });
-                    self.worker
-                        .status
+                    self.status
                         .set_state(SourceState::Reconnecting { attempt, retry_in });
                     if !self.sleep_until(Instant::now() + retry_in) {
                         break;
@@ -263,16 +255,14 @@ impl Player {
     }
 
     fn fail(&self, reason: String) {
-        tracing::error!(source = %self.worker.config.spec, %reason, "source failed");
-        self.worker
-            .status
-            .update(|s| s.last_error = Some(reason.clone()));
-        self.worker.status.set_state(SourceState::Failed(reason));
+        tracing::error!(source = %self.config.spec, %reason, "source failed");
+        self.status.update(|s| s.last_error = Some(reason.clone()));
+        self.status.set_state(SourceState::Failed(reason));
     }
 
     fn session(&mut self, mut o: Opened) -> Outcome {
         let (w, h) = (o.decoder.width(), o.decoder.height());
-        self.worker.status.update(|s| {
+        self.status.update(|s| {
             s.codec = Some(o.codec.clone());
             (s.width, s.height) = (w, h);
             s.source_fps = o.fps;
@@ -283,9 +273,8 @@ impl Player {
                 .set_frame_duration(Duration::from_secs_f64(1.0 / fps));
         }
         self.clock.new_segment();
-        self.pacer.reset();
-        self.delivered = false;
-        let live = self.worker.config.spec.is_live();
+        self.sink.restart();
+        let live = self.config.spec.is_live();
         loop {
             let mut shown = 0u64;
             let pass = self.pass(&mut o, &mut shown);
@@ -300,19 +289,19 @@ impl Player {
             if shown == 0 {
                 return Outcome::Failed(format!(
                     "no picture could be decoded from '{}' ({reason})",
-                    self.worker.config.spec
+                    self.config.spec
                 ));
             }
-            if !self.worker.config.looping {
+            if !self.config.looping {
                 return Outcome::Ended;
             }
             // Start over; the media clock carries on from the last frame, so to viewers and
             // the model the file is one endless stream.
-            self.worker.status.update(|s| s.loops += 1);
+            self.status.update(|s| s.loops += 1);
             if o.input.seek(0, ..).is_ok() {
                 o.decoder.flush();
             } else {
-                o = match open(&self.worker.config, &self.worker.stop) {
+                o = match open(&self.config, &self.stop) {
                     Ok(o) => o,
                     Err(e) => return Outcome::Lost(e.to_string()),
                 };
@@ -405,7 +394,7 @@ impl Player {
             self.dropped("damaged frame (shown concealed)".to_owned());
         }
         // Encode before waiting, so the wait absorbs the encode time.
-        let jpeg = match self.encoder.encode(frame) {
+        let jpeg = match self.sink.encode(frame) {
             Ok(j) => j,
             Err(e) => {
                 self.dropped(format!("frame not encoded: {e}"));
@@ -416,9 +405,8 @@ impl Player {
             return Flow::Stop;
         };
         let stamp = Stamp { pts, captured };
-        self.push_display(stamp, jpeg, (frame.width(), frame.height()));
-        if self.capture.take(captured) {
-            self.capture(frame, stamp);
+        if self.show_display(stamp, jpeg, (frame.width(), frame.height())) {
+            self.sink.capture(frame, stamp);
         }
         Flow::Go
     }
@@ -442,8 +430,7 @@ impl Player {
             return Some(Flow::Stop);
         };
         let stamp = Stamp { pts, captured };
-        self.push_display(stamp, jpeg, (info.width, info.height));
-        if self.capture.take(captured) {
+        if self.show_display(stamp, jpeg, (info.width, info.height)) {
             // Only the frames the model gets are decoded at all.
             let mut frame = VideoFrame::empty();
             match o
@@ -451,49 +438,30 @@ impl Player {
                 .send_packet(packet)
                 .and_then(|()| o.decoder.receive_frame(&mut frame))
             {
-                Ok(()) => self.capture(&frame, stamp),
+                Ok(()) => self.sink.capture(&frame, stamp),
                 Err(e) => self.dropped(format!("frame for the model not decoded: {e}")),
             }
         }
         Some(Flow::Go)
     }
 
-    fn push_display(&mut self, stamp: Stamp, jpeg: Jpeg, size: (u32, u32)) {
-        self.worker.display.push(stamp, jpeg);
-        self.worker.status.update(|s| {
-            s.frames_decoded += 1;
-            (s.width, s.height) = size;
-        });
-        if !self.delivered {
-            self.delivered = true;
+    /// The frame to viewers; whether the model takes it too. The first frame since the
+    /// source (re)opened means it works again: the next drop starts the backoff over.
+    fn show_display(&mut self, stamp: Stamp, jpeg: Jpeg, size: (u32, u32)) -> bool {
+        if !self.sink.delivered() {
             self.backoff.reset();
-            self.worker.status.set_state(SourceState::Live);
         }
-    }
-
-    fn capture(&mut self, frame: &VideoFrame, stamp: Stamp) {
-        let (w, h) = model_size(frame.width(), frame.height(), self.worker.config.max_slices);
-        match to_rgb(&mut self.model, frame, w, h) {
-            Ok(rgb) => {
-                self.worker.window.push(stamp, rgb);
-                self.worker.status.update(|s| s.frames_captured += 1);
-            }
-            Err(e) => self.dropped(format!("frame for the model not converted: {e}")),
-        }
+        self.sink.show(stamp, jpeg, size)
     }
 
     fn dropped(&self, reason: String) {
-        tracing::debug!(source = %self.worker.config.spec, %reason);
-        self.worker.status.update(|s| {
-            s.frames_dropped += 1;
-            s.last_error = Some(reason);
-        });
+        self.sink.dropped(reason);
     }
 
     /// Waits until the frame at media time `pts` is due; its capture time, or `None` when
     /// stopped meanwhile.
     fn wait(&mut self, pts: Duration) -> Option<Instant> {
-        let due = self.pacer.due(pts, Instant::now());
+        let due = self.sink.due(pts, Instant::now());
         self.sleep_until(due).then(Instant::now)
     }
 
@@ -512,6 +480,6 @@ impl Player {
     }
 
     fn stopped(&self) -> bool {
-        self.worker.stop.load(Ordering::Relaxed)
+        self.stop.load(Ordering::Relaxed)
     }
 }

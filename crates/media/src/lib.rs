@@ -1,7 +1,10 @@
 //! Video sources: FFmpeg opens and decodes them on a thread of their own and fills the two
-//! frame stores of `kibitz-frames`.
+//! frame stores of `kibitz-frames`; a [`PushedSource`] lets code in this process feed them
+//! instead.
 //!
-//! The decode thread never touches async code: it pushes into the [`DisplayBuffer`] and the
+//! Every producer hands its frames to a [`FrameSink`], the one fan-out: display JPEG,
+//! capture-rate copy for the model, sampled-frame notices, counters. The decode thread never
+//! touches async code: through its sink it pushes into the [`DisplayBuffer`] and the
 //! [`InferenceWindow`] (both plain, lock-protected stores) and publishes a [`SourceStatus`]
 //! snapshot plus state-change callbacks. A file plays at its native rate and loops as if
 //! live; a live source that drops is reopened with backoff, forever. Only a file that cannot
@@ -18,6 +21,7 @@ mod mux;
 mod pacing;
 mod policy;
 mod reader;
+mod sink;
 mod source;
 mod spec;
 mod status;
@@ -27,6 +31,7 @@ pub use mix::SpeechTrack;
 pub use mux::{check_remux, remux_with_subtitles, Cue, MuxError};
 pub use policy::{Allowed, PolicyError, Restrictions, SourcePolicy};
 pub use reader::{Captured, ReadSummary, VideoFile, VideoInfo};
+pub use sink::{FrameSink, Picture, PushedSource, SinkConfig, PUSHED};
 pub use source::{Source, SourceConfig, SourceContext, StatusReader};
 pub use spec::SourceSpec;
 pub use status::{SourceState, SourceStatus};
@@ -47,6 +52,15 @@ pub enum Error {
     Thread(#[from] std::io::Error),
     #[error(transparent)]
     Frames(#[from] kibitz_frames::Error),
+    /// A pushed frame could not be used (counted as dropped; the source goes on).
+    #[error("frame not used: {0}")]
+    Picture(String),
+    /// A pushed source already has its publisher.
+    #[error("this source already has a publisher; stop that one first")]
+    Busy,
+    /// The stream a pushed source fed was removed: stop publishing.
+    #[error("the stream this source fed was removed")]
+    Closed,
 }
 
 /// FFmpeg's own log goes to stderr and is loud about every damaged packet, which a live

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kibitz_frames::{DisplayBuffer, InferenceWindow, CAPTURE_FPS, JPEG_QUALITY};
+use kibitz_frames::{DisplayBuffer, InferenceWindow, Rgb, Stamp, CAPTURE_FPS, JPEG_QUALITY};
 
 use crate::decode::{self, Worker};
+use crate::sink::{FrameSink, OnSampled, SinkConfig};
 use crate::status::StatusCell;
 use crate::{Error, Restrictions, SourceSpec, SourceState, SourceStatus};
 
@@ -57,20 +58,15 @@ impl SourceConfig {
         let stop = Arc::new(AtomicBool::new(false));
         let status = StatusCell::new(
             SourceStatus::new(self.spec.to_string(), self.spec.kind()),
-            cx.on_state,
+            cx.on_state.clone(),
         );
         let first = if self.spec.is_live() {
             None
         } else {
             Some(decode::open(&self, &stop)?)
         };
-        let worker = Worker::new(
-            self,
-            cx.display.clone(),
-            cx.window,
-            status.clone(),
-            Arc::clone(&stop),
-        )?;
+        let sink = FrameSink::new(SinkConfig::from(&self), &cx, status.clone())?;
+        let worker = Worker::new(self, sink, status.clone(), Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name("kibitz-decode".into())
             .spawn(move || worker.run(first))?;
@@ -83,12 +79,14 @@ impl SourceConfig {
     }
 }
 
-/// Where a source's frames go, and who hears about its state changes.
+/// Where a source's frames go, and who hears about its state changes and its sampled
+/// frames.
 #[derive(Clone)]
 pub struct SourceContext {
     pub display: Arc<DisplayBuffer>,
     pub window: Arc<InferenceWindow>,
-    on_state: Arc<dyn Fn(&SourceState) + Send + Sync>,
+    pub(crate) on_state: Arc<dyn Fn(&SourceState) + Send + Sync>,
+    pub(crate) on_sampled: Option<(u64, OnSampled)>,
 }
 
 impl SourceContext {
@@ -97,7 +95,22 @@ impl SourceContext {
             display,
             window,
             on_state: Arc::new(|_| {}),
+            on_sampled: None,
         }
+    }
+
+    /// Called on the producer's thread with every frame of the sampled set, as soon as the
+    /// inference window takes it: each capture whose window `seq` is a multiple of `stride`
+    /// (0 counts as 1), the phase [`InferenceWindow::sample_phased`] samples on. Keep it
+    /// short and non-blocking: hand the frame on (an engine session's `push_frame`, a
+    /// `watch` or `Notify` that wakes the commentary loop).
+    pub fn on_sampled(
+        mut self,
+        stride: usize,
+        f: impl Fn(u64, Stamp, &Rgb) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_sampled = Some((stride.max(1) as u64, Arc::new(f)));
+        self
     }
 
     /// Called on the decode thread at every state change (keep it short: hand the state to
@@ -170,8 +183,8 @@ impl std::fmt::Debug for Source {
 /// Reads a source's status from anywhere.
 #[derive(Clone)]
 pub struct StatusReader {
-    cell: StatusCell,
-    display: Arc<DisplayBuffer>,
+    pub(crate) cell: StatusCell,
+    pub(crate) display: Arc<DisplayBuffer>,
 }
 
 impl StatusReader {

@@ -35,7 +35,9 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-/// `POST /api/streams`: `201` with `Location` and the new stream's summary.
+/// `POST /api/streams`: `201` with `Location` and the new stream's summary. With
+/// `"source": "push"` the stream opens nothing and waits for a publisher in this process
+/// (`StreamHandle::publish`, the WebRTC ingest); it is not kept in the state file.
 pub(crate) async fn add(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let settings: StreamSettings =
         parse(&body, r#"{"source": "rtsp://camera/stream", "id": "door"}"#)?;

@@ -1230,3 +1230,97 @@ async fn what_was_said_is_kept_searchable_and_exported() {
         .unwrap()
         .contains("history is off"));
 }
+
+#[tokio::test]
+async fn a_pushed_source_feeds_a_stream_with_commentary_and_mjpeg() {
+    use kibitz_stream::sources::fake::{feed, Pattern};
+    use kibitz_stream::StreamError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("streams.json");
+    let harness = Harness::with(Options {
+        state_file: Some(state_file.clone()),
+        ..Options::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kibitz_server::serve(listener, harness.state.clone()));
+    let router = harness.router();
+
+    let response = call(
+        &router,
+        Method::POST,
+        "/api/streams",
+        Some(r#"{"id": "phone", "source": "push"}"#),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(json_of(response).await["source"], "push");
+    let phone = harness.stream("phone");
+    let status = phone.status().source;
+    assert_eq!(
+        (status.kind.as_str(), status.state.as_str()),
+        ("push", "connecting")
+    );
+    assert!(
+        !state_file.exists()
+            || !std::fs::read_to_string(&state_file)
+                .unwrap()
+                .contains("phone"),
+        "a pushed stream is not kept"
+    );
+    // A stream that reads its own source takes no publisher.
+    assert!(matches!(
+        harness.stream("s1").publish(),
+        Err(StreamError::Invalid(_))
+    ));
+
+    // The publisher: a test pattern on a thread of its own, pushing into the sink.
+    let sink = phone.publish().expect("the pushed stream's sink");
+    assert!(matches!(phone.publish(), Err(StreamError::Busy(_))));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = std::thread::spawn({
+        let stop = stop.clone();
+        let pattern = Pattern {
+            name: "phone".into(),
+            index: 200,
+            fps: 10.0,
+            width: 32,
+            height: 16,
+            pictures: None,
+        };
+        move || feed(sink, pattern, stop)
+    });
+
+    eventually("a comment on the pushed pictures", || async {
+        phone.status().commentary.cycles_done >= 1
+    })
+    .await;
+    assert_eq!(phone.status().source.state, "live");
+    let events = read_for(addr, "/api/streams/phone/stream", Duration::from_secs(3)).await;
+    assert!(events.contains("event: cycle_end"), "{events}");
+    assert!(events.contains("\"text\":\"a ball rolls\""), "{events}");
+    let body = read_for(addr, "/api/streams/phone/mjpeg", Duration::from_secs(2)).await;
+    assert!(
+        body.contains("phone#"),
+        "the MJPEG shows the pushed pictures"
+    );
+    // The engine got the pushed model pictures (every pixel but the first is the index).
+    assert!(harness.engine.requests().iter().any(|r| r
+        .frames
+        .iter()
+        .all(|f| matches!(&f.image, kibitz_engine::Image::Rgb(rgb) if rgb.data[1] == 200))));
+
+    // The publisher goes away: the source has ended, the stream stays until deleted.
+    stop.store(true, Ordering::SeqCst);
+    publisher.join().unwrap();
+    assert_eq!(phone.status().source.state, "ended");
+    let again = phone.publish().expect("a new publisher may take over");
+    drop(again);
+    let response = call(&router, Method::DELETE, "/api/streams/phone", None).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(matches!(phone.publish(), Err(StreamError::Stopped)));
+}

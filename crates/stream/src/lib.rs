@@ -44,7 +44,7 @@ pub use id::{StreamId, MAX_ID_LEN};
 pub use output::{Demand, Output, OutputContext, StreamOutput, Task};
 pub use playout::{frame_period, Playout};
 pub use registry::{RegistryConfig, Streams};
-pub use sources::{FfmpegSources, RunningSource, Sources};
+pub use sources::{FfmpegSources, RunningSource, SourcePlan, Sources};
 pub use spec::{
     parse_streams_file, FieldError, Problems, StreamDefaults, StreamSettings, StreamSpec,
     LIVE_FIELDS,

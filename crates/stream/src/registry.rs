@@ -1,6 +1,7 @@
 //! The running streams: started from the command line at boot, added, changed and removed
 //! through the API while the server runs, and kept in a state file so API streams survive
-//! a restart.
+//! a restart. Pushed streams (`"source": "push"`, fed by a publisher in this process) are
+//! the exception: they are never kept, since they end with their publisher.
 //!
 //! One owner: every change goes through [`Streams`], one at a time (a tokio mutex), so the
 //! id check, the stream limit, the start and the state file never race. Readers
@@ -10,14 +11,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use kibitz_media::{SourceConfig, SourcePolicy, SourceSpec};
+use kibitz_media::{FrameSink, SinkConfig, SourceConfig, SourcePolicy, SourceSpec, PUSHED};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::alerts::AlertLog;
 use crate::events::{StreamEvent, StreamEventKind};
 use crate::output::StreamOutput;
-use crate::sources::Sources;
+use crate::sources::{SourcePlan, Sources};
 use crate::spec::{Problems, StreamDefaults, StreamSettings, StreamSpec};
 use crate::status::Origin;
 use crate::stream::{StartContext, Stream, StreamHandle};
@@ -183,19 +184,72 @@ impl Streams {
         let source = SourceSpec::parse(&spec.source)
             .map_err(|e| StreamError::Invalid(problem("source", e.to_string())))?;
         let config = self.source_config(source, &spec);
-        self.launch(spec, Origin::Cli, config).await
+        self.launch(spec, Origin::Cli, SourcePlan::Open(config))
+            .await
     }
 
     /// Starts a stream asked for through the API: its settings are checked, its source
-    /// must pass the policy, and it is kept in the state file.
+    /// must pass the policy, and it is kept in the state file. A `"source": "push"` stream
+    /// opens nothing: it waits for a publisher in this process (see
+    /// [`StreamHandle::publish`]) and is not kept.
     pub async fn add(&self, settings: StreamSettings) -> Result<StreamHandle, StreamError> {
         let _changing = self.inner.changing.lock().await;
+        let spec = self.admit(&settings)?;
+        let plan = if is_pushed(&spec) {
+            SourcePlan::Pushed(self.sink_config(&spec))
+        } else {
+            // The check resolves host names, which blocks.
+            let policy = self.inner.policy.clone();
+            let source = spec.source.clone();
+            let allowed = tokio::task::spawn_blocking(move || policy.check(&source))
+                .await
+                .map_err(|e| StreamError::Internal(format!("the source check panicked: {e}")))?
+                .map_err(|e| StreamError::Refused(e.to_string()))?;
+            let mut config = self.source_config(allowed.spec, &spec);
+            config.restrictions = allowed.restrictions;
+            SourcePlan::Open(config)
+        };
+        let pushed = matches!(plan, SourcePlan::Pushed(_));
+        let handle = self.launch(spec, Origin::Api, plan).await?;
+        if !pushed {
+            self.save().await;
+        }
+        Ok(handle)
+    }
+
+    /// Starts a pushed stream and hands its sink to the caller, the stream's first
+    /// publisher (a WebRTC ingest creating the stream it feeds). `settings.source` may be
+    /// left out; anything but `push` is refused. Dropping the sink ends the source; a later
+    /// publisher takes it again with [`StreamHandle::publish`]; `remove` ends the stream.
+    pub async fn add_pushed(
+        &self,
+        settings: StreamSettings,
+    ) -> Result<(StreamHandle, FrameSink), StreamError> {
+        let source = settings.source.as_deref().map(str::trim);
+        if source.is_some_and(|s| s != PUSHED) {
+            return Err(StreamError::Invalid(problem(
+                "source",
+                format!("a pushed stream's source is \"{PUSHED}\""),
+            )));
+        }
+        let settings = StreamSettings {
+            source: Some(PUSHED.to_string()),
+            ..settings
+        };
+        let handle = self.add(settings).await?;
+        let sink = handle.publish()?;
+        Ok((handle, sink))
+    }
+
+    /// The checks every API stream passes before its source is looked at: the settings,
+    /// a free id, an offered voice, room under `--max-streams`.
+    fn admit(&self, settings: &StreamSettings) -> Result<StreamSpec, StreamError> {
         let id = match settings.id {
             Some(_) => None,
             None => Some(self.free_id()),
         };
         let spec =
-            StreamSpec::resolve(&settings, id, self.defaults()).map_err(StreamError::Invalid)?;
+            StreamSpec::resolve(settings, id, self.defaults()).map_err(StreamError::Invalid)?;
         if self.get(spec.id.as_str()).is_some() {
             return Err(StreamError::Taken(spec.id));
         }
@@ -203,18 +257,7 @@ impl Streams {
         if self.len() >= self.inner.max_streams {
             return Err(StreamError::Full(self.inner.max_streams));
         }
-        // The check resolves host names, which blocks.
-        let policy = self.inner.policy.clone();
-        let source = spec.source.clone();
-        let allowed = tokio::task::spawn_blocking(move || policy.check(&source))
-            .await
-            .map_err(|e| StreamError::Internal(format!("the source check panicked: {e}")))?
-            .map_err(|e| StreamError::Refused(e.to_string()))?;
-        let mut config = self.source_config(allowed.spec, &spec);
-        config.restrictions = allowed.restrictions;
-        let handle = self.launch(spec, Origin::Api, config).await?;
-        self.save().await;
-        Ok(handle)
+        Ok(spec)
     }
 
     /// Changes a running stream's live settings (see [`StreamSpec::patch`]).
@@ -294,6 +337,14 @@ impl Streams {
         }
         for settings in state.streams {
             let id = settings.id.clone().unwrap_or_default();
+            if settings.source.as_deref().map(str::trim) == Some(PUSHED) {
+                // Its publisher went with the old process; a new one creates it again.
+                warnings.push(format!(
+                    "stream '{id}' from {} not restored: a pushed stream ends with its publisher",
+                    path.display()
+                ));
+                continue;
+            }
             if let Err(e) = self.add(settings).await {
                 warnings.push(format!(
                     "stream '{id}' from {} not restored: {e}",
@@ -316,11 +367,11 @@ impl Streams {
         &self,
         spec: StreamSpec,
         origin: Origin,
-        config: SourceConfig,
+        plan: SourcePlan,
     ) -> Result<StreamHandle, StreamError> {
         let id = spec.id.clone();
         let shown = spec.source_shown();
-        let mut stream = Stream::start(spec, origin, config, &self.inner.cx).await?;
+        let mut stream = Stream::start(spec, origin, plan, &self.inner.cx).await?;
         let handle = stream.handle().clone();
         {
             // Held until the stream is listed, so an output added meanwhile
@@ -367,6 +418,17 @@ impl Streams {
         config
     }
 
+    fn sink_config(&self, spec: &StreamSpec) -> SinkConfig {
+        let d = self.defaults();
+        SinkConfig {
+            jpeg_quality: d.jpeg_quality,
+            display_max_width: d.display_max_width,
+            capture_fps: spec.capture_fps,
+            max_slices: d.max_slices,
+            live: true,
+        }
+    }
+
     /// The first of `s1`, `s2`, … not taken.
     fn free_id(&self) -> StreamId {
         let running = self.read();
@@ -394,7 +456,9 @@ impl Streams {
                 .read()
                 .iter()
                 .filter(|s| s.handle().origin() == Origin::Api)
-                .map(|s| s.handle().spec().settings())
+                .map(|s| s.handle().spec())
+                .filter(|spec| !is_pushed(spec))
+                .map(|spec| spec.settings())
                 .collect(),
             changes: lock(&self.inner.cli_changes)
                 .iter()
@@ -422,6 +486,11 @@ impl Streams {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A stream fed by a publisher in this process rather than a source it opens.
+fn is_pushed(spec: &StreamSpec) -> bool {
+    spec.source == PUSHED
 }
 
 fn problem(field: &'static str, message: String) -> Problems {

@@ -1,17 +1,37 @@
 //! How a stream gets its source running: through [`Sources`], so the registry starts real
 //! FFmpeg sources in the product and pattern pictures in tests, and everything above the
-//! source (stores, commentary, outputs) is the same code in both.
+//! source (stores, commentary, outputs) is the same code in both. A *pushed* source
+//! ([`SourcePlan::Pushed`]) is started by no one: it waits for a publisher in this process
+//! to take its [`FrameSink`] (see [`crate::StreamHandle::publish`]).
 
-use kibitz_media::{Source, SourceConfig, SourceContext, SourceStatus};
+use kibitz_media::{
+    FrameSink, PushedSource, SinkConfig, Source, SourceConfig, SourceContext, SourceStatus,
+};
 
 /// A running source. Dropping it stops it and waits for its thread.
 pub trait RunningSource: Send + Sync {
     fn status(&self) -> SourceStatus;
+
+    /// The sink for a publisher, for a source fed from this process; `None` for a source
+    /// that feeds itself (FFmpeg).
+    fn publish(&self) -> Option<Result<FrameSink, kibitz_media::Error>> {
+        None
+    }
 }
 
 impl RunningSource for Source {
     fn status(&self) -> SourceStatus {
         Source::status(self)
+    }
+}
+
+impl RunningSource for PushedSource {
+    fn status(&self) -> SourceStatus {
+        PushedSource::status(self)
+    }
+
+    fn publish(&self) -> Option<Result<FrameSink, kibitz_media::Error>> {
+        Some(PushedSource::publish(self))
     }
 }
 
@@ -23,6 +43,30 @@ pub trait Sources: Send + Sync + 'static {
         config: SourceConfig,
         cx: SourceContext,
     ) -> Result<Box<dyn RunningSource>, kibitz_media::Error>;
+}
+
+/// How a stream's source comes to be.
+#[derive(Debug, Clone)]
+pub enum SourcePlan {
+    /// Opened by the registry's [`Sources`] (FFmpeg in the product).
+    Open(SourceConfig),
+    /// Fed by a publisher in this process through a [`FrameSink`]; kept out of the state
+    /// file, since it is gone when its publisher is.
+    Pushed(SinkConfig),
+}
+
+impl SourcePlan {
+    /// Starts the source; blocks while a file is probed (call it off the runtime).
+    pub(crate) fn start(
+        self,
+        sources: &dyn Sources,
+        cx: SourceContext,
+    ) -> Result<Box<dyn RunningSource>, kibitz_media::Error> {
+        match self {
+            SourcePlan::Open(config) => sources.start(config, cx),
+            SourcePlan::Pushed(config) => Ok(Box::new(PushedSource::new(config, cx)?)),
+        }
+    }
 }
 
 /// FFmpeg, through `kibitz-media`.
@@ -48,7 +92,9 @@ pub mod fake {
     use std::time::{Duration, Instant};
 
     use kibitz_frames::{Jpeg, Rgb, Stamp};
-    use kibitz_media::{SourceConfig, SourceContext, SourceState, SourceStatus};
+    use kibitz_media::{
+        FrameSink, PushedSource, SinkConfig, SourceConfig, SourceContext, SourceStatus,
+    };
 
     use super::{RunningSource, Sources};
 
@@ -86,18 +132,25 @@ pub mod fake {
         }
     }
 
+    /// A pattern source is a pushed source with its publisher, a thread, built in.
     struct Running {
         stop: Arc<AtomicBool>,
         thread: Option<JoinHandle<()>>,
-        status: SourceStatus,
-        frames: Arc<AtomicU64>,
+        /// What a file or camera would show in status: its name, kind, size and rate.
+        shown: SourceStatus,
+        pushed: PushedSource,
     }
 
     impl RunningSource for Running {
         fn status(&self) -> SourceStatus {
+            let fed = self.pushed.status();
             SourceStatus {
-                frames_decoded: self.frames.load(Ordering::Relaxed),
-                ..self.status.clone()
+                state: fed.state,
+                frames_decoded: fed.frames_decoded,
+                frames_captured: fed.frames_captured,
+                frames_dropped: fed.frames_dropped,
+                measured_fps: fed.measured_fps,
+                ..self.shown.clone()
             }
         }
     }
@@ -109,6 +162,60 @@ pub mod fake {
                 let _ = thread.join();
             }
         }
+    }
+
+    /// Pictures `width`x`height` at `fps`, real time, into `sink` until `stop`: each a
+    /// colour that names the source (`index`) and a frame number in the top row of pixels
+    /// for the model, and a JPEG tagged with `name#k` (or one of `pictures`) for viewers.
+    pub fn feed(mut sink: FrameSink, pattern: Pattern, stop: Arc<AtomicBool>) {
+        let Pattern {
+            name,
+            index,
+            fps,
+            width,
+            height,
+            pictures,
+        } = pattern;
+        let start = Instant::now();
+        let period = Duration::from_secs_f64(1.0 / fps);
+        let mut k: u64 = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let stamp = Stamp {
+                pts: period * k as u32,
+                captured: Instant::now(),
+            };
+            let picture = match &pictures {
+                Some(p) if !p.is_empty() => p[k as usize % p.len()].clone(),
+                _ => tagged_jpeg(&format!("{name}#{k}")),
+            };
+            let model = || {
+                let mut data = vec![index; (width * height * 3) as usize];
+                data[0] = (k % 256) as u8;
+                Rgb {
+                    width,
+                    height,
+                    data: data.into(),
+                }
+            };
+            if sink.push_prepared(stamp, picture, model).is_err() {
+                return; // the stream was removed
+            }
+            k += 1;
+            let next = start + period * k as u32;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// What [`feed`] shows.
+    #[derive(Debug, Clone)]
+    pub struct Pattern {
+        pub name: String,
+        /// The value of every pixel but the first of the model's pictures.
+        pub index: u8,
+        pub fps: f64,
+        pub width: u32,
+        pub height: u32,
+        pub pictures: Option<Arc<Vec<Jpeg>>>,
     }
 
     /// A tiny JPEG whose bytes carry `tag` (a comment segment), so tests can read back
@@ -142,55 +249,29 @@ pub mod fake {
             }
             let index = self.started.fetch_add(1, Ordering::SeqCst) as u8;
             let stop = Arc::new(AtomicBool::new(false));
-            let frames = Arc::new(AtomicU64::new(0));
-            let (fps, w, h) = (self.fps, self.width, self.height);
-            let pictures = self.pictures.clone();
-            let capture_every = (fps / config.capture_fps).round().max(1.0) as u64;
-            let thread = {
-                let (stop, frames, name) = (stop.clone(), frames.clone(), name.clone());
-                std::thread::spawn(move || {
-                    let start = Instant::now();
-                    let period = Duration::from_secs_f64(1.0 / fps);
-                    let mut k: u64 = 0;
-                    while !stop.load(Ordering::SeqCst) {
-                        let stamp = Stamp {
-                            pts: period * k as u32,
-                            captured: Instant::now(),
-                        };
-                        let picture = match &pictures {
-                            Some(p) if !p.is_empty() => p[k as usize % p.len()].clone(),
-                            _ => tagged_jpeg(&format!("{name}#{k}")),
-                        };
-                        cx.display.push(stamp, picture);
-                        if k.is_multiple_of(capture_every) {
-                            let mut data = vec![index; (w * h * 3) as usize];
-                            data[0] = (k % 256) as u8;
-                            cx.window.push(
-                                stamp,
-                                Rgb {
-                                    width: w,
-                                    height: h,
-                                    data: data.into(),
-                                },
-                            );
-                        }
-                        frames.fetch_add(1, Ordering::Relaxed);
-                        k += 1;
-                        let next = start + period * k as u32;
-                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                    }
-                })
+            let pushed = PushedSource::new(SinkConfig::from(&config), cx)?;
+            let sink = pushed.publish()?;
+            let pattern = Pattern {
+                name: name.clone(),
+                index,
+                fps: self.fps,
+                width: self.width,
+                height: self.height,
+                pictures: self.pictures.clone(),
             };
-            let mut status = SourceStatus::new(name, config.spec.kind());
-            status.state = SourceState::Live;
-            status.width = w;
-            status.height = h;
-            status.source_fps = Some(fps);
+            let thread = {
+                let stop = stop.clone();
+                std::thread::spawn(move || feed(sink, pattern, stop))
+            };
+            let mut shown = SourceStatus::new(name, config.spec.kind());
+            shown.width = self.width;
+            shown.height = self.height;
+            shown.source_fps = Some(self.fps);
             Ok(Box::new(Running {
                 stop,
                 thread: Some(thread),
-                status,
-                frames,
+                shown,
+                pushed,
             }))
         }
     }

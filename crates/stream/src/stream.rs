@@ -10,10 +10,10 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use kibitz_commentator::{Commentator, Control, Event, FrameWindow, Snapshot};
+use kibitz_commentator::{Commentator, Control, Event, FrameWindow, Snapshot, WatchedWindow};
 use kibitz_engine::Session;
 use kibitz_frames::{DisplayBuffer, DisplayFrame, InferenceWindow};
-use kibitz_media::{SourceConfig, SourceContext, SourceState};
+use kibitz_media::{FrameSink, SourceContext, SourceState};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::counts::OutputCounts;
 use crate::extensions::Extensions;
 use crate::playout::frame_period;
-use crate::sources::{RunningSource, Sources};
+use crate::sources::{RunningSource, SourcePlan, Sources};
 use crate::spec::{StreamDefaults, StreamSpec};
 use crate::speech::Speech;
 use crate::status::{BufferStatus, Origin, SourceView, StreamStatus, StreamSummary};
@@ -90,7 +90,7 @@ impl Stream {
     pub async fn start(
         spec: StreamSpec,
         origin: Origin,
-        config: SourceConfig,
+        plan: SourcePlan,
         cx: &StartContext,
     ) -> Result<Stream, StreamError> {
         let defaults = cx.defaults.clone();
@@ -98,20 +98,21 @@ impl Stream {
         let display = Arc::new(DisplayBuffer::new(defaults.display_span));
         let window = Arc::new(InferenceWindow::new(window_size));
         let (events, _) = broadcast::channel::<Event>(EVENT_BUFFER);
-        let source_events = events.clone();
-        let source_cx = SourceContext::new(display.clone(), window.clone()).on_state(
-            move |state: &SourceState| {
-                let _ = source_events.send(Event::Source {
-                    state: state.name().into(),
-                    detail: state.detail(),
-                });
-            },
-        );
+        let session: Session = cx.scheduler.open_session(spec.id.as_str());
+        let watched = Arc::new(WatchedWindow::new(window.clone()));
+        let source_cx = source_context(&spec, &display, &window, &events, &session, &watched);
         let sources = cx.sources.clone();
-        let source = tokio::task::spawn_blocking(move || sources.start(config, source_cx))
+        let started = tokio::task::spawn_blocking(move || plan.start(sources.as_ref(), source_cx))
             .await
-            .map_err(|e| StreamError::Internal(format!("the source start panicked: {e}")))?
-            .map_err(|e| StreamError::Open(e.to_string()))?;
+            .map_err(|e| StreamError::Internal(format!("the source start panicked: {e}")))
+            .and_then(|started| started.map_err(|e| StreamError::Open(e.to_string())));
+        let source = match started {
+            Ok(source) => source,
+            Err(e) => {
+                session.close();
+                return Err(e);
+            }
+        };
 
         let (voice, voice_name) = build_voice(&cx.voices, &spec).await;
         let commentator = Commentator::new(spec.commentator(&defaults), now())
@@ -119,10 +120,9 @@ impl Stream {
         let (snapshot_tx, snapshot) = watch::channel(commentator.snapshot());
         let (controls, controls_rx) = mpsc::channel(16);
         let stopped = CancellationToken::new();
-        let session: Session = cx.scheduler.open_session(spec.id.as_str());
         let commentary = tokio::spawn(kibitz_commentator::run(
             commentator,
-            window.clone() as Arc<dyn FrameWindow>,
+            watched as Arc<dyn FrameWindow>,
             session.clone(),
             events.clone(),
             controls_rx,
@@ -151,10 +151,9 @@ impl Stream {
             }),
         };
         let forward = tokio::spawn(forward_events(handle.clone(), cx.bus.clone()));
-        let pusher = tokio::spawn(push_frames(handle.clone()));
         Ok(Stream {
             handle,
-            tasks: vec![commentary, forward, pusher],
+            tasks: vec![commentary, forward],
         })
     }
 
@@ -316,6 +315,31 @@ impl StreamHandle {
         self.shared.speech.set_voice(voice, name);
     }
 
+    /// The sink of a pushed source (`"source": "push"`), for the one publisher that feeds
+    /// the stream now: `Busy` while another holds it, `Invalid` for a stream whose source
+    /// feeds itself. Dropping the sink ends the source until the next publisher.
+    pub fn publish(&self) -> Result<FrameSink, StreamError> {
+        let source = lock(&self.shared.source);
+        let published = source
+            .as_ref()
+            .ok_or(StreamError::Stopped)?
+            .publish()
+            .ok_or_else(|| {
+                StreamError::Invalid(crate::Problems(vec![crate::FieldError {
+                    field: "source",
+                    message: format!(
+                        "stream '{}' reads its own source; only a \"push\" source takes frames",
+                        self.shared.id
+                    ),
+                }]))
+            })?;
+        published.map_err(|e| match e {
+            kibitz_media::Error::Busy => StreamError::Busy(e.to_string()),
+            kibitz_media::Error::Closed => StreamError::Stopped,
+            e => StreamError::Internal(e.to_string()),
+        })
+    }
+
     /// The newest picture (real time, not delayed).
     pub fn latest_frame(&self) -> Option<DisplayFrame> {
         self.shared.display.latest()
@@ -441,32 +465,36 @@ async fn build_voice(
     }
 }
 
-/// How often the window is checked for a new capture to hand to the engine.
-const PUSH_POLL: Duration = Duration::from_millis(20);
-
-/// Hands every frame of the sampled set (every stride-th capture, the phase the commentary
-/// samples on) to the engine session as soon as it is captured, so the engine can prepare it
-/// before the cycle that uses it (the llama engine encodes it into the stream's sequence;
-/// other engines ignore it). Runs until the stream stops.
-async fn push_frames(handle: StreamHandle) {
-    let stopped = handle.stopped();
-    let mut last: Option<u64> = None;
-    loop {
-        tokio::select! {
-            _ = stopped.cancelled() => return,
-            _ = tokio::time::sleep(PUSH_POLL) => {}
-        }
-        let stride = handle.spec().frame_stride.max(1) as u64;
-        for (seq, stamp, rgb) in handle.shared.window.since(last) {
-            last = Some(seq);
-            if seq % stride == 0 {
-                handle.shared.session.push_frame(kibitz_engine::Frame {
-                    image: kibitz_engine::Image::Rgb(rgb),
-                    pts: stamp.pts,
-                });
-            }
-        }
-    }
+/// Where the source's frames go and whom it tells: its state changes become the stream's
+/// `source` events, and every frame of the sampled set (every stride-th capture, the phase
+/// the commentary samples on) goes to the engine session as soon as it is captured, so the
+/// engine can prepare it before the cycle that uses it (the llama engine encodes it into the
+/// stream's sequence; other engines ignore it), and wakes the commentary loop, so a cycle
+/// starts on the captured frame itself.
+fn source_context(
+    spec: &StreamSpec,
+    display: &Arc<DisplayBuffer>,
+    window: &Arc<InferenceWindow>,
+    events: &broadcast::Sender<Event>,
+    session: &Session,
+    watched: &Arc<WatchedWindow>,
+) -> SourceContext {
+    let source_events = events.clone();
+    let (session, watched) = (session.clone(), watched.clone());
+    SourceContext::new(display.clone(), window.clone())
+        .on_state(move |state: &SourceState| {
+            let _ = source_events.send(Event::Source {
+                state: state.name().into(),
+                detail: state.detail(),
+            });
+        })
+        .on_sampled(spec.frame_stride, move |seq, stamp, rgb| {
+            session.push_frame(kibitz_engine::Frame {
+                image: kibitz_engine::Image::Rgb(rgb.clone()),
+                pts: stamp.pts,
+            });
+            watched.captured(seq);
+        })
 }
 
 /// Tags the stream's events onto the bus until the stream stops.
