@@ -207,6 +207,9 @@ phase_peer() {
   say "llama-server -np N --cont-batching, N in ${PEER_STREAMS:-1 8 16}, ${seconds} s after ${warmup} s"
   : > "$results/peer-streams.jsonl"
   : > "$results/llama-server.log"
+  # kibitz's own words for the peer (the short cue unless PEER_PROMPT_FLAGS says otherwise).
+  "$kibitz" bench --print-prompt ${PEER_PROMPT_FLAGS:-} > "$work/prompt.json" \
+    || { echo "kibitz bench --print-prompt failed"; return 1; }
   local port=8090
   for n in ${PEER_STREAMS:-1 8 16}; do
     say "llama-server $n slots"
@@ -215,7 +218,8 @@ phase_peer() {
       local smi=$!
       timeout -k 10 $((warmup + seconds + 75)) python3 "$repo/scripts/peer-client.py" \
         --url "http://127.0.0.1:$port/v1" --streams "$n" --seconds "$seconds" --warmup "$warmup" \
-        --timeout 30 --json-out "$work/peer-$n.json" "$repo"/.device/frames/*.jpg \
+        --timeout 30 --json-out "$work/peer-$n.json" --prompt "$work/prompt.json" \
+        "$repo"/.device/frames/*.jpg \
         || echo "peer client at $n streams failed"
       kill "$smi" 2>/dev/null
       wait "$smi" 2>/dev/null

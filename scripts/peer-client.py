@@ -6,13 +6,13 @@
 Python 3 standard library only: the GPU machine has python3 but no network and no pip.
 
 What a stream sends, each cycle, as `POST {url}/chat/completions`:
-  - the system message kibitz's commentator sends with its defaults (profile "default",
-    English, not spoken: commentator::profile RULES + focus);
+  - the system message kibitz's bench sends (profile "default", English, not spoken),
+    read from --prompt, the JSON `kibitz bench --print-prompt` prints, so the words are
+    kibitz's own and cannot drift;
   - one user message: for each of the 4 newest frames "Frame at {pts:.1f}s: " then the
     frame (a base64 JPEG data URL), each frame on its own line, then the cycle's question
-    (Profile::user_prompt: "Here are 4 frames, ... covering the last 3.0 seconds.", the
-    previous answer as "Your last comment was: ..." once there is one, the closing
-    question). llama-server joins these parts into exactly the text kibitz's llama engine
+    from the same JSON (the short cue by default, with the previous answer once there is
+    one). llama-server joins these parts into exactly the text kibitz's llama engine
     evaluates (llama.rs: frame_piece, question_piece); the server's chat template must end
     the prompt with the empty think block, as gpu-bench.sh's template does;
   - `max_tokens` 30, `stream: true`, `ignore_eos: true` (llama-server, vLLM and SGLang take
@@ -54,36 +54,26 @@ import threading
 import time
 import urllib.parse
 
-# commentator::profile: RULES, then the "default" profile's focus (Style::default():
-# English, not spoken, so nothing more). Keep in step with crates/commentator/src/profile.rs.
-RULES = (
-    "You are a live commentator watching a video as it happens. Each turn you are shown "
-    "the last few seconds as a short series of frames in time order: the first is the "
-    "oldest, the last is what is on screen right now.\n"
-    "Rules:\n"
-    "- Answer with one or two short sentences, 25 words at most, in the present tense.\n"
-    "- Talk about what is new or changing; never repeat something you already said.\n"
-    "- Speak about the scene itself; do not mention frames, images, pictures or the camera.\n"
-    "- Do not guess at what you cannot see.\n"
-    "- If nothing meaningful has changed since your last comment, answer exactly: ..."
-)
-DEFAULT_FOCUS = (
-    "Pick what a viewer would care about most: people and what they do, objects that move "
-    "or appear, and how the scene changes."
-)
-SYSTEM = RULES + "\n" + DEFAULT_FOCUS
-
 # CommentatorConfig::default().sampling
 SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 100, "seed": 42}
 
 
-def user_prompt(frames, span, last_comment):
-    """Profile::user_prompt with no viewer instruction."""
-    text = f"Here are {frames} frames, oldest first, covering the last {span:.1f} seconds."
-    if last_comment is not None:
-        text += f'\nYour last comment was: "{last_comment}". Do not repeat it; say only what is new.'
-    text += "\nWhat is happening now? If nothing meaningful changed, answer exactly: ..."
-    return text
+def load_prompt(path):
+    """The words kibitz's bench sends, from `kibitz bench --print-prompt [--long-question]`:
+    {"system": ..., "first": the first cycle's question, "next": later ones', with "{last}"
+    where the previous answer goes}. Taken from kibitz itself so the texts cannot drift."""
+    with open(path, encoding="utf-8") as f:
+        prompt = json.load(f)
+    for key in ("system", "first", "next"):
+        if not isinstance(prompt.get(key), str):
+            raise SystemExit(f"{path}: no '{key}' text (make it with kibitz bench --print-prompt)")
+    return prompt
+
+
+def question(prompt, last_comment):
+    if last_comment is None:
+        return prompt["first"]
+    return prompt["next"].replace("{last}", last_comment)
 
 
 def is_skip(answer):
@@ -157,12 +147,12 @@ class Stream(threading.Thread):
             (f"Frame at {j * self.args.frame_period:.1f}s: ", self.urls[(j + 7 * self.i) % len(self.urls)])
             for j in frames
         ]
-        span = (n - 1) * self.args.frame_period
+        prompt = self.args.prompt_text
         body = {
             "model": self.args.model,
             "messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": content_parts(labels, user_prompt(n, span, self.last_comment))},
+                {"role": "system", "content": prompt["system"]},
+                {"role": "user", "content": content_parts(labels, question(prompt, self.last_comment))},
             ],
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -354,6 +344,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("frames_files", nargs="+", metavar="JPEG", help="frames, used in turn")
     ap.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080/v1")
+    ap.add_argument("--prompt", required=True, metavar="JSON",
+                    help="the prompt text, from `kibitz bench --print-prompt`")
     ap.add_argument("--model", default="kibitz-peer", help="the request's model field")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--streams", default="1", help="stream counts, comma-separated")
@@ -367,6 +359,7 @@ def main():
     ap.add_argument("--json-out", default=None, help="also write the JSON list here")
     ap.add_argument("--print-request", action="store_true", help="print stream 0's first request (images cut)")
     args = ap.parse_args()
+    args.prompt_text = load_prompt(args.prompt)
     try:
         counts = [int(c) for c in args.streams.split(",") if c.strip()]
     except ValueError:
