@@ -9,8 +9,10 @@
 #   scripts/gpu-bench.sh bench [flags]    kibitz, then peer, then compare (the second call)
 #   scripts/gpu-bench.sh kibitz [flags]   `kibitz bench --streams` for each N in KIBITZ_STREAMS
 #                                         (default 1 8 16 24), one process per N, 30 tokens a
-#                                         cycle, flash attention, the step profile when the
-#                                         binary has one; [flags] go to every bench
+#                                         cycle, flash attention; [flags] go to every bench
+#                                         (--profile-sync for the step breakdown; with
+#                                         KIBITZ_TAG=name its results go to
+#                                         kibitz-streams-name.jsonl)
 #   scripts/gpu-bench.sh peer             llama-server -np N --cont-batching for each N in
 #                                         PEER_STREAMS (default 1 8 16), driven by
 #                                         scripts/peer-client.py
@@ -21,8 +23,9 @@
 #
 # The phases share /tmp/kibitz-gpu (build, model, results), which survives between calls on
 # a warm machine. A failure in one N is logged and the next N runs; every wait has a
-# timeout. Each call writes under $OUT: gpu-bench-PHASE.log, and the results so far
-# (kibitz-streams.jsonl, peer-streams.jsonl, compare.md) plus llama-server.log: at most 6 files.
+# timeout. Each call writes under $OUT: gpu-bench-PHASE.log (or GPU_BENCH_LOG.log), and the
+# results so far (kibitz-streams*.jsonl, peer-streams.jsonl, compare.md) plus
+# llama-server.log: keep it to at most 8 files a call.
 #
 # Expects, beside the repo (carried, git-ignored; scripts/gpu-pack.sh makes them here):
 #   .device/kibitz            cargo build --release -p kibitz --no-default-features
@@ -40,7 +43,9 @@ phase=${1:-all}
 [ $# -gt 0 ] && shift
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu-bench-$phase.log") 2>&1
+# GPU_BENCH_LOG names the log (several phases of one call may share one: at most 8 files
+# come back from a device call).
+exec > >(tee -a "$OUT/${GPU_BENCH_LOG:-gpu-bench-$phase}.log") 2>&1
 repo=$(pwd)
 work=${GPU_BENCH_WORK:-/tmp/kibitz-gpu}
 results="$work/results"
@@ -50,6 +55,9 @@ jobs=${GPU_BENCH_JOBS:-$(nproc)}
 seconds=${GPU_BENCH_SECONDS:-12}
 warmup=${GPU_BENCH_WARMUP:-4}
 model_size=${GPU_BENCH_MODEL:-full}
+# KIBITZ_TAG: a kibitz phase with other flags (the step profile, the levers off) writes
+# kibitz-streams-TAG.jsonl, leaving the headline kibitz-streams.jsonl alone.
+kibitz_results="kibitz-streams${KIBITZ_TAG:+-$KIBITZ_TAG}.jsonl"
 kibitz="$repo/.device/kibitz"
 server="$work/build/bin/llama-server"
 [ -n "$cpu" ] && ngl=0 || ngl=99
@@ -58,8 +66,9 @@ say() { echo "== $(date -u +%T) $*"; }
 
 # Copies what is kept so far to $OUT, so even a call cut off by its time limit returns it.
 collect() {
-  for f in kibitz-streams.jsonl peer-streams.jsonl compare.md llama-server.log; do
-    [ -f "$results/$f" ] && cp "$results/$f" "$OUT/"
+  for f in "$results"/kibitz-streams*.jsonl "$results"/peer-streams.jsonl \
+    "$results"/compare.md "$results"/llama-server.log; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
   done
   return 0
 }
@@ -125,20 +134,15 @@ phase_model() {
   ls -la "$llm" "$mmproj"
 }
 
-# The step-profile flag, if this kibitz has one (the name is the engine helper's choice).
-profile_flag() {
-  "$kibitz" bench --help 2>/dev/null \
-    | grep -oE -- '--[a-z-]*(step-profile|profile-sync|profile-steps|sync-profile)[a-z-]*' | head -1
-}
-
 phase_kibitz() {
   libraries
   model_files || phase_model || return 1
-  local extra=("$@") flag
-  flag=$(profile_flag)
-  if [ -n "$flag" ] && [[ " ${extra[*]} " != *" $flag "* ]]; then extra+=("$flag"); fi
+  # Extra bench flags as given: --profile-sync for the step breakdown (it synchronises
+  # after each decode, so its rates are a little lower), --no-share-system --eager-shifts
+  # --long-question for the engine before the levers.
+  local extra=("$@")
   say "kibitz bench --streams, N in ${KIBITZ_STREAMS:-1 8 16 24}, ${seconds} s after ${warmup} s, extra: ${extra[*]:-none}"
-  : > "$results/kibitz-streams.jsonl"
+  : > "$results/$kibitz_results"
   for n in ${KIBITZ_STREAMS:-1 8 16 24}; do
     say "kibitz $n streams"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$work/mem.log" 2>/dev/null &
@@ -158,7 +162,7 @@ phase_kibitz() {
 mem=[int(l) for l in open('$work/mem.log') if l.strip().isdigit()]
 for l in sys.stdin:
     r=json.loads(l); r['peak_gpu_mib']=max(mem) if mem else None; print(json.dumps(r))" \
-      >> "$results/kibitz-streams.jsonl"
+      >> "$results/$kibitz_results"
     [ "$rc" = 0 ] || echo "kibitz $n streams failed (rc $rc)"
     echo "peak GPU memory: $(sort -n "$work/mem.log" 2>/dev/null | tail -1) MiB"
     collect
