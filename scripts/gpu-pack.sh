@@ -117,7 +117,7 @@ ls .device/frames | wc -l
 if [ -z "${PACK_SKIP_KIBITZ:-}" ]; then
   echo "== kibitz for the device (links the libraries built there)"
   cargo build --release -p kibitz --no-default-features --features dynamic-link
-  strip -o .device/kibitz target/release/kibitz
+  strip -o .device/kibitz "${CARGO_TARGET_DIR:-target}/release/kibitz"
 fi
 
 echo "== carried"
