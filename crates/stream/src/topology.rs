@@ -3,6 +3,8 @@
 //! setting of every stream is reported at once, each line naming its stream
 //! (`stream 'door': capture_fps: …`), so a bad start-up is fixed in one go.
 
+use kibitz_media::PUSHED;
+
 use crate::spec::{StreamDefaults, StreamSettings, StreamSpec};
 use crate::StreamId;
 
@@ -65,6 +67,16 @@ pub fn plan(
             id: Some(id.clone()),
             ..input.settings.clone()
         };
+        if settings.source.as_deref().map(str::trim) == Some(PUSHED) {
+            // A pushed stream needs a publisher in this process (a WebRTC ingest), which
+            // only the API makes; from here it would wait for nobody.
+            problems.push(format!(
+                "stream '{id}': source: \"{PUSHED}\" streams are made through the API (POST \
+                 /api/streams with {{\"source\": \"{PUSHED}\"}}) for a publisher; give a \
+                 video source here (a file named {PUSHED}: ./{PUSHED})"
+            ));
+            continue;
+        }
         match StreamSpec::resolve(&settings, None, defaults) {
             Ok(spec) => specs.push(spec),
             Err(e) => problems.extend(e.0.iter().map(|p| format!("stream '{id}': {p}"))),
@@ -117,6 +129,19 @@ mod tests {
             .map(|s| StreamInput::from_source_flag(s))
             .collect();
         assert!(plan(&twice, &d).unwrap_err()[0].contains("given twice"));
+    }
+
+    #[test]
+    fn pushed_streams_come_from_the_api_only() {
+        let d = StreamDefaults::default();
+        let problems = plan(&[StreamInput::from_source_flag("cam=push")], &d).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .starts_with("stream 'cam': source: \"push\" streams are made through the API"),
+            "{problems:?}"
+        );
+        assert!(plan(&[StreamInput::from_source_flag("cam=./push")], &d).is_ok());
     }
 
     #[test]
