@@ -253,41 +253,31 @@ const MOST_LATE: Duration = Duration::from_millis(1500);
 
 /// The comments spoken, each at its cue's start or as soon as the one before has ended
 /// (never two at once; one that would start more than [`MOST_LATE`] late is left out), on
-/// one track as long as the video.
+/// one track as long as the video. Every clip is converted to [`kibitz_media::SPEECH_RATE`]
+/// by the voice crate's resampler (the one the live speech stream uses), whatever rate the
+/// voice answers at (an openai server may change it between answers), so none is left out
+/// for its rate and the mixer takes the track as it is.
 async fn speech(
     voice: Arc<dyn kibitz_voice::Voice>,
     cues: &[Cue],
     end: Duration,
 ) -> anyhow::Result<kibitz_media::SpeechTrack> {
-    let rate = voice.info().sample_rate.max(1);
+    let rate = kibitz_media::SPEECH_RATE;
     let at = |d: Duration| (d.as_secs_f64() * f64::from(rate)) as usize;
     let mut samples = vec![0i16; at(end)];
     let mut free = 0usize;
-    let mut rate_known = false;
-    let mut rate = rate;
     for cue in cues {
         let mut pcm = kibitz_voice::Pcm::default();
         let mut utterance = kibitz_voice::speak(voice.clone(), &cue.text);
         while let Some(clip) = utterance.next().await {
-            pcm.append(&clip?.pcm);
+            pcm.append(&kibitz_voice::Resampler::convert(&clip?.pcm, rate));
         }
         if pcm.samples.is_empty() {
             continue;
         }
-        if !rate_known {
-            // An openai voice says its rate with its first answer.
-            rate_known = true;
-            if pcm.sample_rate != rate {
-                rate = pcm.sample_rate;
-                samples = vec![0i16; (end.as_secs_f64() * f64::from(rate)) as usize];
-            }
-        } else if pcm.sample_rate != rate {
-            tracing::warn!(cue = %cue.text, "a clip at another sample rate is left out");
-            continue;
-        }
-        let wanted = (cue.start.as_secs_f64() * f64::from(rate)) as usize;
+        let wanted = at(cue.start);
         let start = wanted.max(free);
-        if start - wanted > (MOST_LATE.as_secs_f64() * f64::from(rate)) as usize {
+        if start - wanted > at(MOST_LATE) {
             continue;
         }
         let stop = start + pcm.samples.len();
@@ -297,10 +287,7 @@ async fn speech(
         samples[start..stop].copy_from_slice(&pcm.samples);
         free = stop;
     }
-    Ok(kibitz_media::SpeechTrack {
-        sample_rate: rate,
-        samples,
-    })
+    Ok(kibitz_media::SpeechTrack { samples })
 }
 
 /// The loop's settings from the flags, checked as a stream's are (by `StreamSpec`, the
@@ -827,5 +814,72 @@ mod tests {
             "{err}"
         );
         assert_eq!(Format::of(Path::new("a.MKV")).unwrap(), Format::Video);
+    }
+
+    /// A voice that answers a sentence with "low" in it at 16 kHz and any other at 24 kHz:
+    /// half a second of one level, so where each clip lands is plain to see.
+    struct TwoRates;
+
+    impl kibitz_voice::Voice for TwoRates {
+        fn info(&self) -> kibitz_voice::VoiceInfo {
+            kibitz_voice::VoiceInfo {
+                engine: "openai",
+                name: "two-rates".into(),
+                language: "en".into(),
+                sample_rate: 24_000,
+            }
+        }
+
+        fn synthesize(
+            &self,
+            sentence: &str,
+        ) -> Result<kibitz_voice::Pcm, kibitz_voice::VoiceError> {
+            let sample_rate = if sentence.contains("low") {
+                16_000
+            } else {
+                24_000
+            };
+            Ok(kibitz_voice::Pcm {
+                samples: vec![1000; sample_rate as usize / 2],
+                sample_rate,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn clips_at_other_rates_are_resampled_not_left_out() {
+        let cue = |start: u64, text: &str| Cue {
+            start: Duration::from_secs(start),
+            end: Duration::from_secs(start + 1),
+            text: text.into(),
+        };
+        // The first clip at 16 kHz, then one utterance at 24 kHz and 16 kHz.
+        let cues = [
+            cue(1, "Spoken low."),
+            cue(3, "Spoken high. Spoken low again."),
+        ];
+        let track = tokio::time::timeout(
+            Duration::from_secs(30),
+            speech(Arc::new(TwoRates), &cues, Duration::from_secs(5)),
+        )
+        .await
+        .expect("speaks in time")
+        .unwrap();
+        let rate = kibitz_media::SPEECH_RATE as usize;
+        assert_eq!(track.samples.len(), 5 * rate);
+        // Speech exactly where each clip belongs (1–1.5 s, 3–4 s), away from the filter's
+        // edges; silence elsewhere.
+        let level = |from: f64, to: f64| {
+            let (from, to) = ((from * rate as f64) as usize, (to * rate as f64) as usize);
+            let part = &track.samples[from..to];
+            (*part.iter().min().unwrap(), *part.iter().max().unwrap())
+        };
+        for (from, to) in [(1.01, 1.49), (3.01, 3.49), (3.51, 3.99)] {
+            let (low, high) = level(from, to);
+            assert!(low >= 998 && high <= 1002, "{from}–{to} s: {low}..{high}");
+        }
+        for (from, to) in [(0.0, 0.99), (1.51, 2.99), (4.01, 5.0)] {
+            assert_eq!(level(from, to), (0, 0), "{from}–{to} s");
+        }
     }
 }

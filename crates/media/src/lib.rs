@@ -27,7 +27,7 @@ mod spec;
 mod status;
 
 pub use image::load_image;
-pub use mix::SpeechTrack;
+pub use mix::{SpeechTrack, SPEECH_RATE};
 pub use mux::{check_remux, remux_with_subtitles, Cue, MuxError};
 pub use policy::{Allowed, PolicyError, Restrictions, SourcePolicy};
 pub use reader::{Captured, ReadSummary, VideoFile, VideoInfo};

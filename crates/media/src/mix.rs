@@ -23,11 +23,15 @@ use ffmpeg_next as ff;
 use crate::decode::describe;
 use crate::MuxError;
 
-/// The spoken commentary as one track: 16-bit mono samples at `sample_rate`, sample 0 at
+/// The rate of a [`SpeechTrack`]: the mix's own (and Opus's), so the graph takes the speech
+/// as it is. Speech at another rate is converted before it comes here, by the voice crate's
+/// resampler (`kibitz_voice::Resampler`), the one the live speech stream uses too.
+pub const SPEECH_RATE: u32 = 48_000;
+
+/// The spoken commentary as one track: 16-bit mono samples at [`SPEECH_RATE`], sample 0 at
 /// media time 0 (the container's start).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpeechTrack {
-    pub sample_rate: u32,
     pub samples: Vec<i16>,
 }
 
@@ -39,7 +43,7 @@ pub(crate) struct Mixed {
     pub packets: Vec<Packet>,
 }
 
-const RATE: i32 = 48_000;
+const RATE: i32 = SPEECH_RATE as i32;
 /// Samples of speech pushed per frame.
 const CHUNK: usize = 1024;
 
@@ -56,8 +60,7 @@ pub(crate) fn mix(input: &Path, speech: &SpeechTrack, start: i64) -> Result<Mixe
     let mut ictx = ff::format::input(input).map_err(err("open"))?;
     let mut original = original_audio(&ictx).map_err(err("audio decoder"))?;
     let encoder = aac_encoder(&what)?;
-    let graph =
-        mix_graph(speech, original.as_ref().map(|o| &o.decoder), &encoder).map_err(err("graph"))?;
+    let graph = mix_graph(original.as_ref().map(|o| &o.decoder), &encoder).map_err(err("graph"))?;
     let mut mixer = Mixer {
         graph,
         encoder,
@@ -133,19 +136,24 @@ fn aac_encoder(what: &str) -> Result<ff::encoder::Audio, MuxError> {
 /// `out` handing the encoder frames of its frame size. With the original: it is ducked
 /// under the speech (`sidechaincompress` keyed by it) and the speech added (`amix`);
 /// without, the speech alone. Everything leaves as 48 kHz stereo float.
+///
+/// The speech comes at [`SPEECH_RATE`] already, so its input changes only sample format and
+/// layout. The original's input converts its rate and layout: that is the file's own sound,
+/// at whatever rate it was recorded, a different job from the voice's.
 fn mix_graph(
-    speech: &SpeechTrack,
     original: Option<&ff::decoder::Audio>,
     encoder: &ff::encoder::Audio,
 ) -> Result<filter::Graph, ff::Error> {
     let mut graph = filter::Graph::new();
     let abuffer = filter::find("abuffer").expect("FFmpeg has abuffer");
-    let speech_rate = speech.sample_rate.max(1);
     graph.add(
         &abuffer,
         "speech",
-        &format!("time_base=1/{speech_rate}:sample_rate={speech_rate}:sample_fmt=s16:channel_layout=mono"),
+        &format!("time_base=1/{RATE}:sample_rate={RATE}:sample_fmt=s16:channel_layout=mono"),
     )?;
+    // The speech needs no rate conversion (annotate resampled it to SPEECH_RATE); the
+    // original's sound does, from the file's own rate and layout: FFmpeg's job, not the voice's.
+    let speech_to_stereo = "aformat=sample_fmts=fltp:channel_layouts=stereo";
     let to_stereo = format!("aformat=sample_fmts=fltp:sample_rates={RATE}:channel_layouts=stereo");
     let spec = if let Some(dec) = original {
         let layout = match dec.channel_layout().bits() {
@@ -163,12 +171,12 @@ fn mix_graph(
             ),
         )?;
         format!(
-            "[orig]{to_stereo}[o];[speech]{to_stereo},asplit=2[key][voice];\
+            "[orig]{to_stereo}[o];[speech]{speech_to_stereo},asplit=2[key][voice];\
              [o][key]sidechaincompress=threshold=0.02:ratio=4:attack=20:release=500[ducked];\
              [ducked][voice]amix=inputs=2:duration=first:normalize=0,{to_stereo}[out]"
         )
     } else {
-        format!("[speech]{to_stereo}[out]")
+        format!("[speech]{speech_to_stereo}[out]")
     };
     graph.add(
         &filter::find("abuffersink").expect("FFmpeg has abuffersink"),
@@ -279,9 +287,8 @@ impl Mixer<'_> {
 
     /// Pushes the speech up to `seconds` of media time into the graph.
     fn send_speech_until(&mut self, seconds: f64) -> Result<(), ff::Error> {
-        let rate = self.speech.sample_rate.max(1);
         let until = if seconds.is_finite() {
-            ((seconds * f64::from(rate)) as usize).min(self.speech.samples.len())
+            ((seconds * f64::from(SPEECH_RATE)) as usize).min(self.speech.samples.len())
         } else {
             self.speech.samples.len()
         };
@@ -289,7 +296,7 @@ impl Mixer<'_> {
             let n = CHUNK.min(until - self.speech_sent);
             let mut frame =
                 AudioFrame::new(Sample::I16(SampleType::Packed), n, ChannelLayout::MONO);
-            frame.set_rate(rate);
+            frame.set_rate(SPEECH_RATE);
             frame.set_channels(1);
             frame.set_pts(Some(self.speech_sent as i64));
             let bytes = frame.data_mut(0);
