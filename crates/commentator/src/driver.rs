@@ -316,6 +316,8 @@ mod tests {
         Script::Answer(split_pieces(text))
     }
 
+    // One scripted story from start to end (a cycle, a skip, a control, a failure, shutdown)
+    // read top to bottom; split, it would lose the order it checks.
     #[tokio::test(start_paused = true)]
     async fn several_cycles_end_to_end() {
         let engine = FakeEngine::new(

@@ -41,59 +41,87 @@ pub async fn run(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     println!("backend: {}", engine.info().backend);
 
     let mut failures = Vec::new();
+    one_request(&engine, &mut failures).await?;
+    two_streams(&engine, &mut failures).await?;
+
+    if let Some(dir) = &args.keep {
+        println!(
+            "kept the tiny model in {} (use it with --model {})",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if failures.is_empty() {
+        println!("PASS");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for f in &failures {
+            println!("failed check: {f}");
+        }
+        println!("FAIL");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// One request of 4 frames: counts, times and a bounded answer; then the same system prompt
+/// again, which must come from the cache.
+async fn one_request(engine: &Arc<dyn Engine>, failures: &mut Vec<String>) -> anyhow::Result<()> {
     let frames: Vec<Frame> = (0..4)
         .map(|i| Frame {
             image: Image::Rgb(test_frame(448, 448, i)),
             pts: Duration::from_millis(500 * i as u64),
         })
         .collect();
-    let (pieces, stats) = ask(&engine, frames.clone()).await?;
+    let (pieces, stats) = ask(engine, frames.clone()).await?;
     println!("answer: {:?}", pieces.concat());
     println!("[{}] {stats}", engine.info().backend);
     check(
-        &mut failures,
+        failures,
         stats.images == 4,
         format!("4 images counted, got {}", stats.images),
     );
     check(
-        &mut failures,
+        failures,
         stats.image_tokens == 4 * 64,
         format!("4 x 64 image tokens, got {}", stats.image_tokens),
     );
     check(
-        &mut failures,
+        failures,
         stats.generated_tokens > 0,
         "at least one generated token".into(),
     );
     check(
-        &mut failures,
+        failures,
         stats.generated_tokens <= 16,
         format!("at most 16 tokens, got {}", stats.generated_tokens),
     );
     check(
-        &mut failures,
+        failures,
         stats.vision_ms > 0.0 && stats.prefill_ms > 0.0,
         "vision and prefill times measured".into(),
     );
     check(
-        &mut failures,
+        failures,
         stats.total_ms >= stats.vision_ms + stats.prefill_ms,
         "total covers vision + prefill".into(),
     );
 
     // The same system prompt again: its KV entries must be reused.
-    let (_, again) = ask(&engine, frames).await?;
+    let (_, again) = ask(engine, frames).await?;
     check(
-        &mut failures,
+        failures,
         again.cached_tokens > 0,
         format!(
             "system prompt reused from the cache, {} tokens",
             again.cached_tokens
         ),
     );
+    Ok(())
+}
 
-    // Two streams at once through the scheduler, frames pushed ahead: both answer, and
-    // each finds its pushed frames already in its sequence.
+/// Two streams at once through the scheduler, frames pushed ahead: both answer, and each
+/// finds its pushed frames already in its sequence.
+async fn two_streams(engine: &Arc<dyn Engine>, failures: &mut Vec<String>) -> anyhow::Result<()> {
     let scheduler = kibitz_engine::Scheduler::new(engine.clone());
     let runs: Vec<_> = (0..2u32)
         .map(|s| {
@@ -126,29 +154,12 @@ pub async fn run(args: SelftestArgs) -> anyhow::Result<ExitCode> {
             .context("two streams at once took over 2 minutes")???;
         println!("[stream {s} of 2] {stats}");
         check(
-            &mut failures,
+            failures,
             stats.generated_tokens > 0,
             format!("stream {s} of 2 answered"),
         );
     }
-
-    if let Some(dir) = &args.keep {
-        println!(
-            "kept the tiny model in {} (use it with --model {})",
-            dir.display(),
-            dir.display()
-        );
-    }
-    if failures.is_empty() {
-        println!("PASS");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for f in &failures {
-            println!("failed check: {f}");
-        }
-        println!("FAIL");
-        Ok(ExitCode::FAILURE)
-    }
+    Ok(())
 }
 
 fn check(failures: &mut Vec<String>, ok: bool, what: String) {

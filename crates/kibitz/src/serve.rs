@@ -57,44 +57,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         )),
         alert_sink,
     });
-    // Every stream that cannot start is named before giving up, like a bad setting.
-    let mut failures = Vec::new();
-    for spec in settings.streams.clone() {
-        let id = spec.id.clone();
-        if let Err(e) = streams.start_trusted(spec).await {
-            failures.push(format!("stream '{id}': {e}"));
-        }
-    }
-    if !failures.is_empty() {
-        streams.stop_all().await;
-        anyhow::bail!("{}", failures.join("\nkibitz: "));
-    }
-    for warning in streams.restore().await {
-        tracing::warn!("{warning}");
-    }
-
-    // A history that cannot be opened (a corrupt file, a read-only folder) is one warning:
-    // kibitz serves without it.
-    let history = match settings.history.clone() {
-        Some((path, retention)) => {
-            match tokio::task::spawn_blocking(move || {
-                kibitz_history::History::open(&path, retention)
-            })
-            .await?
-            {
-                Ok(history) => {
-                    streams.add_output(kibitz_stream::history::output(history.clone()));
-                    Some(history)
-                }
-                Err(e) => {
-                    tracing::warn!("history is off: {e}");
-                    eprintln!("kibitz: warning: history is off: {e}");
-                    None
-                }
-            }
-        }
-        None => None,
-    };
+    start_streams(&streams, &settings).await?;
+    let history = open_history(&streams, &settings).await?;
     let shutdown = CancellationToken::new();
     let state = AppState::new(Parts {
         streams: streams.clone(),
@@ -145,4 +109,52 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The command line's streams, then those the state file kept. Every stream that cannot
+/// start is named before giving up, like a bad setting.
+async fn start_streams(streams: &Streams, settings: &Settings) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    for spec in settings.streams.clone() {
+        let id = spec.id.clone();
+        if let Err(e) = streams.start_trusted(spec).await {
+            failures.push(format!("stream '{id}': {e}"));
+        }
+    }
+    if !failures.is_empty() {
+        streams.stop_all().await;
+        anyhow::bail!("{}", failures.join("\nkibitz: "));
+    }
+    for warning in streams.restore().await {
+        tracing::warn!("{warning}");
+    }
+    Ok(())
+}
+
+/// The history, recorded as an output of every stream. One that cannot be opened (a
+/// corrupt file, a read-only folder) is one warning: kibitz serves without it.
+async fn open_history(
+    streams: &Streams,
+    settings: &Settings,
+) -> anyhow::Result<Option<kibitz_history::History>> {
+    Ok(match settings.history.clone() {
+        Some((path, retention)) => {
+            match tokio::task::spawn_blocking(move || {
+                kibitz_history::History::open(&path, retention)
+            })
+            .await?
+            {
+                Ok(history) => {
+                    streams.add_output(kibitz_stream::history::output(history.clone()));
+                    Some(history)
+                }
+                Err(e) => {
+                    tracing::warn!("history is off: {e}");
+                    eprintln!("kibitz: warning: history is off: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    })
 }

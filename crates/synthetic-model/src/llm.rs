@@ -43,6 +43,8 @@ fn weight_type(quant: Quant, role: Role, layer: u32, n_layer: u32, row: u64) -> 
     }
 }
 
+/// The LLM file's metadata and tensors. Long because it is a table: one line per GGUF key and
+/// tensor in the order llama.cpp's loader lists them, which reads best as one list.
 pub(crate) fn plan(spec: &Spec) -> (Vec<(String, Value)>, Vec<Planned>) {
     let l = &spec.llm;
     let vocab = Vocab::build(l.n_vocab);

@@ -12,6 +12,8 @@ use crate::{Planned, Spec, VISION_POSITIONS};
 /// (`<image>`…`</image><slice>`…`</slice>`) and the 64-query default.
 pub const MINICPMV_VERSION: i32 = 100_045;
 
+/// The projector file's metadata and tensors. Long because it is a table: one line per GGUF
+/// key and tensor as llama.cpp's clip loader expects them, which reads best as one list.
 pub(crate) fn plan(spec: &Spec) -> (Vec<(String, Value)>, Vec<Planned>) {
     let v = &spec.vision;
     let kv = |k: &str, val: Value| (k.to_string(), val);
