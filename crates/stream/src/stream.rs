@@ -408,6 +408,11 @@ impl StreamHandle {
             .unwrap_or_else(|| SourceView::stopped(spec.source_shown()));
         let outputs = shared.counts.all();
         let listeners = crate::speech::listeners(&outputs);
+        // Read once, before the struct: a `borrow()` inside the literal would hold the watch's
+        // read lock to the end of the statement, and `target_delay` reading it again behind
+        // a waiting writer (the commentary loop) deadlocks.
+        let commentary = shared.snapshot.borrow().clone();
+        let target_delay = self.target_delay().as_secs_f64();
         StreamStatus {
             id: shared.id.clone(),
             origin: shared.origin,
@@ -419,8 +424,8 @@ impl StreamHandle {
                 window_frames: shared.window.len(),
                 window_capacity: shared.window.capacity(),
             },
-            commentary: shared.snapshot.borrow().clone(),
-            target_delay: self.target_delay().as_secs_f64(),
+            commentary,
+            target_delay,
             outputs,
             speech: shared.speech.status(listeners),
             settings: spec.settings_shown(),
