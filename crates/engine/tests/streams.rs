@@ -199,13 +199,6 @@ async fn four_streams_at_once_answer_as_four_serial_runs() {
 /// model may part after a near tie.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_streams_in_one_kv_buffer_differ_from_serial_runs_by_rounding_only() {
-    let last_window = |i: u32| -> Request {
-        request(
-            (6..10).map(|k| stream_frame(i, k)).collect(),
-            &format!("Stream {i}: and now?"),
-            4,
-        )
-    };
     let mut probes = Vec::new();
     for unified in [false, true] {
         let engine = engine_with(tiny_f32(), 4, unified);
@@ -217,27 +210,9 @@ async fn four_streams_in_one_kv_buffer_differ_from_serial_runs_by_rounding_only(
         for run in runs {
             run.await.unwrap();
         }
-        let keys: Vec<_> = sessions.iter().map(|s| s.key().clone()).collect();
-        probes.push(
-            tokio::task::spawn_blocking(move || {
-                (0..4)
-                    .map(|i| {
-                        engine
-                            .probe(Some(&keys[i]), last_window(i as u32), LIMIT)
-                            .unwrap()
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap(),
-        );
+        probes.push(probe_last_windows(engine, &sessions).await);
     }
-    let (mut worst, mut agree) = (0f32, 0);
-    for (split, unified) in probes[0].iter().zip(&probes[1]) {
-        let (diff, same_top) = compare(split, unified);
-        worst = worst.max(diff);
-        agree += same_top as u32;
-    }
+    let (agree, worst) = agreement(&probes[0], &probes[1]);
     eprintln!("unified vs split KV: top token agrees for {agree}/4 streams, largest logit difference {worst:.2e}");
     assert_eq!(agree, 4);
     // Measured 5.1e-3 with the largest logit about 3 (CPU, flash attention on the F16 KV
@@ -250,13 +225,6 @@ async fn four_streams_in_one_kv_buffer_differ_from_serial_runs_by_rounding_only(
 /// evaluate their own, up to rounding (cells lie elsewhere in the one buffer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_one_system_piece_share_its_cells() {
-    let last_window = |i: u32| -> Request {
-        request(
-            (6..10).map(|k| stream_frame(i, k)).collect(),
-            &format!("Stream {i}: and now?"),
-            4,
-        )
-    };
     let mut probes = Vec::new();
     for share in [false, true] {
         let engine = engine_configured(tiny_f32(), 4, |c| {
@@ -290,27 +258,9 @@ async fn streams_of_one_system_piece_share_its_cells() {
             .unwrap();
         let (_, stats) = answer(g).await.unwrap();
         assert_eq!(stats.cached_tokens > 0, share, "{stats:?}");
-        let keys: Vec<_> = sessions.iter().map(|s| s.key().clone()).collect();
-        probes.push(
-            tokio::task::spawn_blocking(move || {
-                (0..4)
-                    .map(|i| {
-                        engine
-                            .probe(Some(&keys[i]), last_window(i as u32), LIMIT)
-                            .unwrap()
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap(),
-        );
+        probes.push(probe_last_windows(engine, &sessions).await);
     }
-    let (mut worst, mut agree) = (0f32, 0);
-    for (own, shared) in probes[0].iter().zip(&probes[1]) {
-        let (diff, same_top) = compare(own, shared);
-        worst = worst.max(diff);
-        agree += same_top as u32;
-    }
+    let (agree, worst) = agreement(&probes[0], &probes[1]);
     eprintln!("shared vs own system piece: top token agrees for {agree}/4 streams, largest logit difference {worst:.2e}");
     assert_eq!(agree, 4);
     assert!(worst < 2e-2, "largest logit difference {worst:.2e}");
@@ -413,6 +363,41 @@ async fn a_frame_arriving_mid_cycle_goes_in_after_the_answer() {
 }
 
 /// Largest absolute difference and whether the top token agrees.
+/// The question of stream `i`'s last window in `three_cycles` (the frames it holds now).
+fn last_window(i: u32) -> Request {
+    request(
+        (6..10).map(|k| stream_frame(i, k)).collect(),
+        &format!("Stream {i}: and now?"),
+        4,
+    )
+}
+
+/// Each stream's logits for the question of its last window, in session order.
+async fn probe_last_windows(engine: Arc<LlamaEngine>, sessions: &[Session]) -> Vec<Vec<f32>> {
+    let keys: Vec<_> = sessions.iter().map(|s| s.key().clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| {
+                engine
+                    .probe(Some(key), last_window(i as u32), LIMIT)
+                    .unwrap()
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// For two probes of the same streams: how many agree on the top token, and the largest
+/// logit difference of any.
+fn agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> (u32, f32) {
+    a.iter().zip(b).fold((0, 0f32), |(agree, worst), (x, y)| {
+        let (diff, same_top) = compare(x, y);
+        (agree + same_top as u32, worst.max(diff))
+    })
+}
+
 fn compare(a: &[f32], b: &[f32]) -> (f32, bool) {
     let top = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
     let diff = a
