@@ -216,7 +216,7 @@ fn check_http(
         &args.allowed_origins,
         &args.trusted_proxies,
     )
-    .map_err(|e| problems.push(e))
+    .map_err(|e| problems.extend(e))
     .ok();
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => kibitz_server::listen::tls_from_pem(cert, key)

@@ -83,36 +83,37 @@ struct Lists {
 
 impl Origins {
     /// From `--allowed-host`, `--allowed-origin` and `--trusted-proxy`. A host may carry a
-    /// port (ignored); an origin must be `http(s)://host[:port]` with nothing after.
+    /// port (ignored); an origin must be `http(s)://host[:port]` with nothing after. Every
+    /// bad value is named, one line each.
     pub fn new(
         hosts: &[String],
         origins: &[String],
         proxies: &[IpAddr],
-    ) -> Result<Origins, String> {
-        let hosts = hosts
-            .iter()
-            .map(|h| {
-                host_name(h)
-                    .filter(|n| !n.is_empty())
-                    .ok_or_else(|| format!("--allowed-host '{h}' is not a host name"))
-            })
-            .collect::<Result<_, _>>()?;
-        let origins = origins
-            .iter()
-            .map(|o| {
-                origin_key(o).ok_or_else(|| {
-                    format!(
-                        "--allowed-origin '{o}' is not an origin like https://kibitz.example.com"
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?;
+    ) -> Result<Origins, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut lists = Lists {
+            proxies: proxies.to_vec(),
+            ..Lists::default()
+        };
+        for host in hosts {
+            match host_name(host).filter(|n| !n.is_empty()) {
+                Some(name) => lists.hosts.push(name),
+                None => problems.push(format!("--allowed-host '{host}' is not a host name")),
+            }
+        }
+        for origin in origins {
+            match origin_key(origin) {
+                Some(key) => lists.origins.push(key),
+                None => problems.push(format!(
+                    "--allowed-origin '{origin}' is not an origin like https://kibitz.example.com"
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         Ok(Origins {
-            inner: Arc::new(Lists {
-                hosts,
-                origins,
-                proxies: proxies.to_vec(),
-            }),
+            inner: Arc::new(lists),
         })
     }
 

@@ -4,10 +4,10 @@
 //! The server owns no stage of the pipeline: it holds the registry of streams
 //! ([`kibitz_stream::Streams`]) and reads each stream through its handle. Handlers only
 //! extract, call and return; every failure goes through [`ApiError`], and whatever axum
-//! answers by itself is made JSON too ([`error`]). Before any handler, in this order:
+//! answers by itself is made JSON too (`error::json_errors`). Before any handler, in order:
 //! [`browsers::guard`] (foreign `Host` → 421, foreign `Origin` → 403, a body not of the
 //! route's type → 415), then [`auth::guard`] (the token). Every response carries the
-//! page's security headers ([`page::security_headers`]). Connections are accepted by
+//! page's security headers (`page::security_headers`). Connections are accepted by
 //! [`listen`]: header-read and idle timeouts, a connection cap, TLS.
 //!
 //! | route | what |
