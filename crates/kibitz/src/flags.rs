@@ -332,6 +332,68 @@ pub struct ServeArgs {
     /// commentary's language (KIBITZ_LANGUAGE, not LANGUAGE, which the system sets).
     #[command(flatten)]
     pub voice: VoiceArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// How `serve` takes connections and which browsers it answers.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Seconds a client gets to send a request's headers (also the keep-alive wait
+    /// between requests).
+    #[arg(
+        long,
+        env = "HEADER_READ_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub header_read_timeout: f64,
+    /// Seconds without a byte either way after which a connection is closed (streams
+    /// that send are never idle).
+    #[arg(
+        long,
+        env = "IDLE_TIMEOUT",
+        default_value_t = 120.0,
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: f64,
+    /// Connections served at once (kept under the open-file limit); past it only
+    /// /healthz is answered.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// A host name the server answers to besides its addresses and localhost (DNS
+    /// names pointing here, e.g. behind a proxy); repeat or separate with commas.
+    #[arg(
+        long = "allowed-host",
+        env = "ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// An origin (`https://panel.example`) whose pages may change things here besides
+    /// the server's own; repeat or separate with commas.
+    #[arg(
+        long = "allowed-origin",
+        env = "ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+    /// A reverse proxy's address whose `X-Forwarded-Proto: https` is believed (the
+    /// session cookie is then `Secure`); repeat or separate with commas.
+    #[arg(
+        long = "trusted-proxy",
+        env = "TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "IP"
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "TLS_CERT", requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

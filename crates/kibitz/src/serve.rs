@@ -22,6 +22,9 @@ use crate::settings::Settings;
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_args(args)?;
+    // Each connection is a descriptor; Linux's default soft limit (1,024) is too few.
+    let open_files = kibitz_server::listen::raise_open_file_limit();
+    tracing::debug!(?open_files, "open-file limit");
     // Cheap checks first: a taken port should not wait for a model load.
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
@@ -35,11 +38,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     // The address actually bound (`--bind 127.0.0.1:0` picks a free port).
     let addr = listener.local_addr()?;
+    let scheme = if settings.serve.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let alert_sink = settings.webhook.clone().map(|(url, secret)| {
         kibitz_server::alert_sink(kibitz_server::Webhook::start(
             url,
             secret,
-            format!("http://{addr}"),
+            format!("{scheme}://{addr}"),
         ))
     });
     let streams = Streams::new(RegistryConfig {
@@ -66,6 +74,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         profiles: Profiles::names().into_iter().map(String::from).collect(),
         shutdown: shutdown.clone(),
         history: history.clone(),
+        origins: settings.origins.clone(),
     });
 
     let stop = shutdown.clone();
@@ -80,11 +89,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .map(|s| format!("{}: {}", s.id(), s.spec().source_shown()))
         .collect();
     if names.is_empty() {
-        println!("kibitz: serving http://{addr} (no streams yet: add one on the page or with POST /api/streams)");
+        println!("kibitz: serving {scheme}://{addr} (no streams yet: add one on the page or with POST /api/streams)");
     } else {
-        println!("kibitz: serving http://{addr} ({})", names.join(", "));
+        println!("kibitz: serving {scheme}://{addr} ({})", names.join(", "));
     }
-    kibitz_server::serve(listener, state).await?;
+    kibitz_server::serve_with(listener, state, settings.serve.clone()).await?;
     shutdown.cancel();
     streams.stop_all().await;
     if let Some(history) = history {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::LOCATION;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::state::{Meters, Target};
+use crate::state::{Meters, StreamId, Target};
 use crate::{ApiError, AppState};
 
 /// A health check that takes longer than this counts as down.
@@ -55,7 +55,7 @@ pub(crate) async fn add(State(state): State<AppState>, body: Bytes) -> Result<Re
 /// `PATCH /api/streams/{id}`: live settings (profile, instruction, inference_interval).
 pub(crate) async fn change(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StreamId(id): StreamId,
     body: Bytes,
 ) -> Result<Json<StreamSummary>, ApiError> {
     let change: StreamSettings = parse(&body, r#"{"profile": "sports", "instruction": "..."}"#)?;
@@ -67,7 +67,7 @@ pub(crate) async fn change(
 /// `DELETE /api/streams/{id}`: `204`.
 pub(crate) async fn remove(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StreamId(id): StreamId,
 ) -> Result<StatusCode, ApiError> {
     state.streams().remove(&id).await?;
     state.count(|m: &Meters| &m.changes);

@@ -1112,6 +1112,7 @@ async fn a_question_is_answered_and_an_alert_shows_in_the_view_and_on_its_tile()
         .http
         .post(site.url("/api/streams/s1/ask"))
         .timeout(WAIT)
+        .header("content-type", "application/json")
         .body(r#"{"question": "Who asked this?"}"#)
         .send()
         .await
@@ -1189,6 +1190,7 @@ async fn a_question_is_answered_and_an_alert_shows_in_the_view_and_on_its_tile()
         .http
         .post(site.url("/api/streams/s2/alerts"))
         .timeout(WAIT)
+        .header("content-type", "application/json")
         .body(r#"{"rule": "the ball is red"}"#)
         .send()
         .await
