@@ -33,10 +33,11 @@ pub mod fake;
 #[cfg(feature = "llama")]
 pub mod llama;
 pub mod metrics;
-pub mod models;
 pub mod openai;
 pub mod scheduler;
 
+/// Model files (resolution, download, GGUF checks) are their own crate; the old path stays.
+pub use kibitz_models as models;
 pub use scheduler::{Priority, Scheduler, SchedulerStatus, Session, Turn};
 
 /// Which stream a request or frame belongs to, for engines that keep state per stream (the
