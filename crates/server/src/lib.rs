@@ -28,7 +28,8 @@
 //! | `GET /api/profiles` | profile names, voices offered |
 //! | `GET /api/clock` | the server's time (unix ms), for scheduling speech clips |
 //! | `GET`/`POST`/`DELETE /api/session` | token → cookie for the page |
-//! | `GET /metrics`, `GET /healthz` | Prometheus text (label `stream`), health |
+//! | `GET /metrics` | Prometheus text (label `stream`) |
+//! | `GET /healthz`, `GET /readyz` | alive (200 while serving); engine ready (200, else 503 with what it waits for: download, load, missing model) |
 
 use std::time::Duration;
 
@@ -112,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/clock", get(api::clock))
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
