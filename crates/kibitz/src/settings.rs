@@ -64,7 +64,7 @@ impl Settings {
         let state_dir = args
             .state_dir
             .clone()
-            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine));
+            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine.hub));
         Ok(Settings {
             bind: bind.expect("checked above"),
             streams,

@@ -134,7 +134,24 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::routes(access.clone()))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(access, auth::guard))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
+}
+
+/// A 503 is a state, not a fault (no picture yet, `/readyz` while the model downloads, which
+/// the page and probes ask every few seconds): kept out of the error log. Faults are logged
+/// at error, as before (a 500's detail also by [`ApiError`]).
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass::StatusCode as Status;
+    match class {
+        Status(code) if code == StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::debug!(?latency, "answered 503")
+        }
+        class => tracing::error!(%class, ?latency, "response failed"),
+    }
 }
 
 /// Serves until the state's shutdown token is cancelled. Then streams end, new
