@@ -1376,7 +1376,8 @@ async fn a_first_run_shows_the_picture_and_the_download_then_the_commentary() {
              return document.getElementById('picture').naturalWidth > 0
                && !banner.hidden
                && banner.innerText.startsWith('downloading MiniCPM-o-4_5-Q4_K_M.gguf (file 1 of 2): 1.00 GiB of 4.00 GiB at 40.00 MiB/s')
-               && document.getElementById('readiness-bar').value === 0.25;",
+               && document.getElementById('readiness-bar').value === 0.25
+               && document.getElementById('engine').innerText.endsWith('not loaded · downloading');",
         )
         .await;
     browser

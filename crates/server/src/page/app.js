@@ -1442,8 +1442,10 @@ async function refreshStatus() {
   $("skipped").textContent = tally.cycles_skipped || 0;
   if (typeof tally.last_latency === "number") $("latency").textContent = secs(tally.last_latency);
   const engine = status.engine || {};
+  // An engine on its way says where it is (the banner has the details), not "down".
+  const waiting = engine.readiness && engine.readiness.state !== "ready" ? engine.readiness.state : null;
   $("engine").textContent = [engine.kind, engine.model, engine.backend].filter(Boolean).join(" · ")
-    + (engine.healthy === false ? " · down" : "");
+    + (waiting ? ` · ${waiting}` : engine.healthy === false ? " · down" : "");
   showSelection(tally.profile, tally.instruction);
   showVoice(status.settings && status.settings.voice, status.speech);
   if (!statusSeen && tally.last_comment) {
