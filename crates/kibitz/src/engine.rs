@@ -258,11 +258,9 @@ pub async fn fill_slot(
     use kibitz_engine::models::{resolve, ModelError, Report};
     use std::io::IsTerminal;
 
+    // The slot starts out "looking for model …"; a look again keeps saying what is missing
+    // until something changes (a download begins), so the page does not flicker.
     let files = loop {
-        slot.set(Readiness::new(
-            ReadyState::Resolving,
-            format!("looking for model {}", args.model),
-        ));
         let mut query = model_query(&args);
         query.progress = std::io::stderr().is_terminal();
         let told = slot.clone();
