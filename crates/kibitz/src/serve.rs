@@ -1,6 +1,7 @@
-//! `kibitz serve`: checks the settings, loads the engine, starts every stream the command
-//! line asks for and the ones the state file kept, serves HTTP, and stops them all on
-//! Ctrl-C or SIGTERM.
+//! `kibitz serve`: checks the settings, starts every stream the command line asks for and
+//! the ones the state file kept, serves HTTP, and stops them all on Ctrl-C or SIGTERM. The
+//! llama engine's model is found, downloaded and loaded in the background meanwhile: the
+//! video plays at once, and the page, `/api/status` and `/readyz` tell how far the model is.
 //!
 //! The stages meet in `kibitz-stream` (one stream's wiring) and `kibitz-server` (the
 //! routes); this is glue only.
@@ -30,9 +31,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
 
-    let engine = crate::engine::build_for(&settings.engine, settings.max_streams).await?;
-    let info = engine.info();
-    tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
+    // The llama engine's model may still have to be downloaded: the video is served
+    // meanwhile, and the commentary starts when the engine is there (see `fill_slot`).
+    let (engine, slot) = crate::engine::for_serve(&settings.engine).await?;
     // The engine's one queue, sized by the engine itself.
     let scheduler = Scheduler::new(engine);
 
@@ -77,6 +78,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         origins: settings.origins.clone(),
     });
 
+    if let Some(slot) = slot {
+        tokio::spawn(crate::engine::fill_slot(
+            slot,
+            settings.engine.clone(),
+            settings.max_streams,
+            streams.scheduler().clone(),
+            shutdown.clone(),
+        ));
+    }
     let stop = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -68,7 +68,7 @@ impl Settings {
         let state_dir = args
             .state_dir
             .clone()
-            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine));
+            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine.hub));
         let (serve, origins) = http.expect("checked above");
         Ok(Settings {
             serve,

@@ -133,7 +133,8 @@ fn bad_models_fail_with_one_clear_line() {
         .output()
         .unwrap();
     assert_clean_failure(&out, "GGUF magic");
-    // No network: the hub is unreachable, and the message says where to put the files.
+    // No network: the hub is unreachable, and the one line says where to put the files and
+    // how to fetch them.
     let out = kibitz()
         .args([
             "describe",
@@ -146,7 +147,11 @@ fn bad_models_fail_with_one_clear_line() {
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .output()
         .unwrap();
-    assert_clean_failure(&out, "hint: download the LLM GGUF");
+    assert_clean_failure(
+        &out,
+        "run `kibitz models pull openbmb/MiniCPM-o-4_5-gguf --quant Q4_K_M`",
+    );
+    assert_clean_failure(&out, "openbmb--MiniCPM-o-4_5-gguf");
 }
 
 #[test]

@@ -68,11 +68,19 @@ pub const MAX_SESSIONS: usize = 4096;
 
 /// Paths a viewer may `GET` even with `--token-for-viewing`. `*` is one non-empty path
 /// segment. The page shell (`/`, `/streams/{id}`, its script and style) holds no data: it
-/// is what asks for the token, so it must load without one. `/healthz` is for probes.
+/// is what asks for the token, so it must load without one. `/healthz` and `/readyz` are
+/// for probes.
 /// Every other path, including unknown ones, needs the token: deny unless listed. The
 /// `/streams/{id}` handler must serve the same shell for any id (no lookup, no 404), or
 /// it would tell a viewer without the token which streams exist.
-const OPEN_FOR_VIEWING: &[&str] = &["/", "/streams/*", "/app.js", "/app.css", "/healthz"];
+const OPEN_FOR_VIEWING: &[&str] = &[
+    "/",
+    "/streams/*",
+    "/app.js",
+    "/app.css",
+    "/healthz",
+    "/readyz",
+];
 
 /// Always reaches its handler, which does its own checking (see the module doc).
 const SESSION_PATH: &str = "/api/session";

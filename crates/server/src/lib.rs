@@ -32,7 +32,8 @@
 //! | `GET /api/profiles` | profile names, voices offered |
 //! | `GET /api/clock` | the server's time (unix ms), for scheduling speech clips |
 //! | `GET`/`POST`/`DELETE /api/session` | token → cookie for the page |
-//! | `GET /metrics`, `GET /healthz` | Prometheus text (label `stream`), health |
+//! | `GET /metrics` | Prometheus text (label `stream`) |
+//! | `GET /healthz`, `GET /readyz` | alive (200 while serving); engine ready (200, else 503 with what it waits for: download, load, missing model) |
 
 use std::time::Duration;
 
@@ -113,6 +114,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/clock", get(api::clock))
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -142,7 +144,24 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn(page::security_headers))
         .layer(axum::middleware::from_fn(error::json_errors))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
+}
+
+/// A 503 is a state, not a fault (no picture yet, `/readyz` while the model downloads, which
+/// the page and probes ask every few seconds): kept out of the error log. Faults are logged
+/// at error, as before (a 500's detail also by [`ApiError`]).
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass::StatusCode as Status;
+    match class {
+        Status(code) if code == StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::debug!(?latency, "answered 503")
+        }
+        class => tracing::error!(%class, ?latency, "response failed"),
+    }
 }
 
 /// Serves with the default [`ServeOptions`] (plain HTTP, default limits) until the
