@@ -371,6 +371,42 @@ mod tests {
     }
 
     #[test]
+    fn webrtc_listens_on_the_binds_address_and_its_flags_are_checked() {
+        let s = parse(&[]).unwrap();
+        let webrtc = s.webrtc.expect("on by default");
+        assert_eq!(webrtc.bind.to_string(), "127.0.0.1:8199");
+        assert_eq!(webrtc.max_viewers, 200);
+        assert!(parse(&["--no-webrtc"]).unwrap().webrtc.is_none());
+        let s = parse(&[
+            "--webrtc-port",
+            "9000",
+            "--webrtc-public-ip",
+            "203.0.113.7",
+            "--webrtc-ice-servers",
+            "stun:stun.example.org:3478,turn:user:pass@turn.example.org",
+        ])
+        .unwrap();
+        let webrtc = s.webrtc.unwrap();
+        assert_eq!(webrtc.bind.port(), 9000);
+        assert_eq!(webrtc.ice_servers.len(), 2);
+        let err = problems(&[
+            "--webrtc-public-ip",
+            "nowhere",
+            "--max-viewers",
+            "0",
+            "--webrtc-ice-servers",
+            "http://x",
+        ]);
+        for flag in [
+            "--webrtc-public-ip",
+            "--max-viewers",
+            "--webrtc-ice-servers",
+        ] {
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let s = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.bind.to_string(), "127.0.0.1:8199");

@@ -333,10 +333,7 @@ struct Publishing {
 
 impl Handler for Publishing {
     fn event(&mut self, _rtc: &mut Rtc, event: Event) -> bool {
-        match event {
-            Event::Connected => self.connected = true,
-            _ => {}
-        }
+        self.connected |= matches!(event, Event::Connected);
         false
     }
 
@@ -438,7 +435,8 @@ async fn a_whip_publisher_becomes_a_stream_with_commentary() {
 
     // DELETE ends the publisher and its stream.
     let response = send(&harness, "DELETE", &location, None).await;
-    assert_eq!(response.status(), StatusCode::OK);
+    let status = response.status();
+    assert_eq!(status, StatusCode::OK, "{}", text(response).await);
     assert!(harness.streams.get("cam").is_none());
 }
 

@@ -29,7 +29,8 @@ const IDLE: Duration = Duration::from_secs(1);
 
 /// What the handlers and the viewers' tasks ask of the driver.
 pub(crate) enum Command {
-    Add(Session),
+    /// A new session (boxed: an `Rtc` is kilobytes, the media commands are small).
+    Add(Box<Session>),
     /// Ends a session (`DELETE`, or its stream was removed); `done` says whether it was
     /// there.
     End {
@@ -147,7 +148,7 @@ fn receive(sessions: &mut Sessions, routes: &mut LocalRoutes, source: SocketAddr
 fn handle(sessions: &mut Sessions, command: Command) {
     let now = now();
     match command {
-        Command::Add(session) => sessions.insert(now, session),
+        Command::Add(session) => sessions.insert(now, *session),
         Command::End {
             stream,
             session,

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 pub mod codec;
 mod driver;
-mod picture;
 mod sdp;
 mod sessions;
 mod video;
@@ -263,7 +262,11 @@ impl WebRtc {
         }
         if publisher {
             self.inner.publishers.forget(stream);
-            self.inner.streams.remove(stream).await?;
+            match self.inner.streams.remove(stream).await {
+                // Gone already (its publisher's timeout ran out just now): as asked.
+                Ok(()) | Err(StreamError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
@@ -288,7 +291,7 @@ impl WebRtc {
     async fn add(&self, session: Session) -> Result<(), WebRtcError> {
         self.inner
             .commands
-            .send(Command::Add(session))
+            .send(Command::Add(Box::new(session)))
             .await
             .map_err(|_| WebRtcError::Stopped)
     }

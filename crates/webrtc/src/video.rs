@@ -5,6 +5,11 @@
 //! falls behind loses units (and waits for the next keyframe), it never holds up the
 //! encoder or other viewers.
 //!
+//! Raw pictures: the display buffer keeps JPEGs, so each frame sent is decoded once (by the
+//! codec, libjpeg-turbo) for all the stream's viewers. A YUV copy kept by the frame sink
+//! would save that decode, but would cost every stream memory and copies whether or not
+//! anyone watches over WebRTC; the decode costs only while someone does.
+//!
 //! Keyframes: the encoder's first picture is one; after that a keyframe is made when a
 //! viewer wishes one (a new viewer, a PLI/FIR, a viewer that fell behind), at most one per
 //! [`KEYFRAME_GAP`] however many ask ([`KeyframePacer`], plain time arithmetic).
@@ -21,8 +26,10 @@ use std::time::{Duration, Instant};
 use kibitz_stream::{Output, OutputContext, StreamOutput, Task};
 use tokio::sync::broadcast;
 
+use kibitz_frames::Jpeg;
+use kibitz_media::Picture;
+
 use crate::codec::{rtp_timestamp_90k, EncoderConfig, H264Encoder};
-use crate::picture::JpegPictures;
 
 /// The output name of a WebRTC viewer; the encoder runs while one is attached.
 pub const VIEWER: &str = kibitz_stream::speech::WEBRTC;
@@ -137,35 +144,31 @@ impl Output for Encoder {
     }
 }
 
-/// The JPEG decoder and H.264 encoder, moved to the blocking pool for each picture.
+/// The H.264 encoder, moved to the blocking pool for each picture; made on the first.
 struct Work {
-    pictures: JpegPictures,
-    encoder: Option<(H264Encoder, (u32, u32))>,
+    encoder: Option<H264Encoder>,
     bitrate_bps: u32,
 }
 
 impl Work {
-    /// One picture: decoded, then encoded by an encoder of its size (made anew when the
-    /// size changes, which starts with a keyframe).
-    fn encode(&mut self, jpeg: &[u8], force: bool, fps: f32) -> Result<(Vec<u8>, bool), String> {
-        let picture = self.pictures.decode(jpeg)?;
-        let size = match &picture {
-            kibitz_media::Picture::Yuv(p) => (p.width, p.height),
-            kibitz_media::Picture::Rgb { width, height, .. } => (*width, *height),
-            kibitz_media::Picture::Jpeg(_) => return Err("a JPEG after decoding".into()),
+    /// One display JPEG, decoded and encoded (the encoder restarts, with a keyframe, when
+    /// the picture's size changes).
+    fn encode(&mut self, jpeg: &Jpeg, force: bool, fps: f32) -> Result<(Vec<u8>, bool), String> {
+        let encoder = match &mut self.encoder {
+            Some(encoder) => encoder,
+            None => self.encoder.insert(
+                H264Encoder::new(EncoderConfig {
+                    width: jpeg.width,
+                    height: jpeg.height,
+                    fps,
+                    bitrate_bps: self.bitrate_bps,
+                })
+                .map_err(|e| e.to_string())?,
+            ),
         };
-        if self.encoder.as_ref().is_none_or(|(_, s)| *s != size) {
-            let config = EncoderConfig {
-                width: size.0,
-                height: size.1,
-                fps,
-                bitrate_bps: self.bitrate_bps,
-            };
-            let encoder = H264Encoder::new(config).map_err(|e| e.to_string())?;
-            self.encoder = Some((encoder, size));
-        }
-        let (encoder, _) = self.encoder.as_mut().expect("made above");
-        let frame = encoder.encode(&picture, force).map_err(|e| e.to_string())?;
+        let frame = encoder
+            .encode(&Picture::Jpeg(jpeg.bytes.clone()), force)
+            .map_err(|e| e.to_string())?;
         Ok((frame.data, frame.keyframe))
     }
 }
@@ -173,17 +176,10 @@ impl Work {
 /// Runs until the stream's viewers are gone or the stream stops.
 async fn encode(mut cx: OutputContext, bitrate_bps: u32) {
     let feed = cx.handle.extension::<VideoFeed>();
-    let mut work = match JpegPictures::new() {
-        Ok(pictures) => Some(Work {
-            pictures,
-            encoder: None,
-            bitrate_bps,
-        }),
-        Err(e) => {
-            tracing::error!("cannot start the JPEG decoder for WebRTC: {e}");
-            return;
-        }
-    };
+    let mut work = Some(Work {
+        encoder: None,
+        bitrate_bps,
+    });
     let mut pacer = KeyframePacer::default();
     let mut failures = 0u64;
     loop {
@@ -200,7 +196,7 @@ async fn encode(mut cx: OutputContext, bitrate_bps: u32) {
         }
         let fps = (1.0 / cx.handle.frame_period().as_secs_f64()) as f32;
         let mut w = work.take().expect("given back after each picture");
-        let jpeg = frame.jpeg.bytes.clone();
+        let jpeg = frame.jpeg.clone();
         let Ok((w, result)) = tokio::task::spawn_blocking(move || {
             let result = w.encode(&jpeg, force, fps);
             (w, result)

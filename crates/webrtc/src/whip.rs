@@ -157,11 +157,14 @@ impl Ingest {
             tracing::info!(stream = %self.id, "the WHIP publisher went away; waiting {:?} for it", self.away_timeout);
             match doors.recv_timeout(self.away_timeout) {
                 Ok(next) => attach = next,
-                Err(_) => {
+                Err(RecvTimeoutError::Timeout) => {
                     tracing::info!(stream = %self.id, "the WHIP publisher did not come back; removing the stream");
                     self.remove_stream();
                     break;
                 }
+                // The slot was forgotten: the publisher's `DELETE`, which removes the
+                // stream itself.
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
         self.publishers.forget(&self.id);
