@@ -6,9 +6,10 @@
 //! encoder or other viewers.
 //!
 //! Raw pictures: the display buffer keeps JPEGs, so each frame sent is decoded once (by the
-//! codec, libjpeg-turbo) for all the stream's viewers. A YUV copy kept by the frame sink
-//! would save that decode, but would cost every stream memory and copies whether or not
-//! anyone watches over WebRTC; the decode costs only while someone does.
+//! codec, libjpeg-turbo) for all the stream's viewers; this needs nothing of the frame
+//! sink and costs only while someone watches. A YUV copy kept by the sink while an encoder
+//! is attached measured ~3 ms a 720p frame cheaper (`docs/benchmarks.md`); the sink does
+//! not keep one yet.
 //!
 //! Keyframes: the encoder's first picture is one; after that a keyframe is made when a
 //! viewer wishes one (a new viewer, a PLI/FIR, a viewer that fell behind), at most one per
