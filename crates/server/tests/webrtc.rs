@@ -381,29 +381,18 @@ impl Handler for Publishing {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whip_publisher_becomes_a_stream_with_commentary() {
-    let harness = harness(Options::default()).await;
+/// A WHIP publisher of stream `id` that has connected; `run` publishes.
+async fn publisher(harness: &Harness, id: &str) -> (Peer, Publishing, String) {
     let mut peer = Peer::new().await;
     let mut api = peer.rtc.sdp_api();
     let mid = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
     let (offer, pending) = api.apply().unwrap();
+    let path = format!("/api/streams/{id}/whip");
     let location = peer
-        .connect(
-            &harness,
-            "/api/streams/cam/whip",
-            offer.to_sdp_string(),
-            pending,
-        )
+        .connect(harness, &path, offer.to_sdp_string(), pending)
         .await;
-    assert!(location.starts_with("/api/streams/cam/whip/"), "{location}");
-    let stream = harness
-        .streams
-        .get("cam")
-        .expect("the stream exists at once");
-    let mut events = stream.subscribe();
-
-    let mut publishing = Publishing {
+    assert!(location.starts_with(&format!("{path}/")), "{location}");
+    let publishing = Publishing {
         mid: Some(mid),
         encoder: H264Encoder::new(EncoderConfig {
             width: 320,
@@ -416,6 +405,23 @@ async fn a_whip_publisher_becomes_a_stream_with_commentary() {
         connected: false,
         sent: 0,
     };
+    (peer, publishing, location)
+}
+
+fn source_of(harness: &Harness, id: &str) -> Value {
+    let stream = harness.streams.get(id).expect("the stream runs");
+    serde_json::to_value(stream.status()).unwrap()["source"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whip_publisher_becomes_a_stream_with_commentary() {
+    let harness = harness(Options::default()).await;
+    let (mut peer, mut publishing, location) = publisher(&harness, "cam").await;
+    let stream = harness
+        .streams
+        .get("cam")
+        .expect("the stream exists at once");
+    let mut events = stream.subscribe();
     peer.run(Duration::from_secs(5), &mut publishing).await;
     assert!(publishing.sent >= 20, "{} frames sent", publishing.sent);
     let status = serde_json::to_value(stream.status()).unwrap();
@@ -438,6 +444,35 @@ async fn a_whip_publisher_becomes_a_stream_with_commentary() {
     let status = response.status();
     assert_eq!(status, StatusCode::OK, "{}", text(response).await);
     assert!(harness.streams.get("cam").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_publisher_leaves_its_stream_reconnecting_until_it_comes_back() {
+    let harness = harness(Options {
+        webrtc: Some(WebRtcConfig {
+            publisher_timeout: Duration::from_secs(60),
+            ..webrtc(4).unwrap()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let (mut peer, mut publishing, _) = publisher(&harness, "cam").await;
+    peer.run(Duration::from_secs(2), &mut publishing).await;
+    assert_eq!(source_of(&harness, "cam")["state"], "live");
+    let before = source_of(&harness, "cam")["frames"].as_u64().unwrap();
+    // The peer goes without a word: its session ends when ICE consent lapses.
+    drop(peer);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while source_of(&harness, "cam")["state"] != "reconnecting" {
+        assert!(Instant::now() < deadline, "{}", source_of(&harness, "cam"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A new publisher for the same id feeds the same stream again.
+    let (mut peer, mut publishing, _) = publisher(&harness, "cam").await;
+    peer.run(Duration::from_secs(2), &mut publishing).await;
+    let source = source_of(&harness, "cam");
+    assert_eq!(source["state"], "live", "{source}");
+    assert!(source["frames"].as_u64().unwrap() > before, "{source}");
 }
 
 /// An SDP offer as text, with the given media sections.
