@@ -29,6 +29,8 @@ pub struct Settings {
     /// Connection limits and TLS; the hosts and origins answered.
     pub serve: kibitz_server::ServeOptions,
     pub origins: kibitz_server::Origins,
+    /// WHEP and WHIP; `None` with `--no-webrtc`.
+    pub webrtc: Option<kibitz_webrtc::WebRtcConfig>,
 }
 
 impl Settings {
@@ -38,6 +40,7 @@ impl Settings {
         let bind = check_server(&args, &mut problems);
         let http = check_http(&args.http, &mut problems);
         let history = history(&args, &mut problems);
+        let webrtc = bind.and_then(|bind| webrtc(&args.webrtc, bind, &mut problems));
         problems.extend(crate::engine::problems(&args.engine));
         let voice = crate::say::options(&args.voice)
             .map_err(|e| problems.push(e.to_string()))
@@ -85,8 +88,64 @@ impl Settings {
             voice: voice.expect("checked above"),
             webhook: args.webhook.map(|url| (url, args.webhook_secret)),
             history,
+            webrtc,
         })
     }
+}
+
+/// The WebRTC flags: the socket on `--bind`'s address, the limits.
+fn webrtc(
+    args: &crate::flags::WebRtcArgs,
+    bind: SocketAddr,
+    problems: &mut Vec<String>,
+) -> Option<kibitz_webrtc::WebRtcConfig> {
+    if args.no_webrtc {
+        return None;
+    }
+    let public_ip = args.webrtc_public_ip.as_deref().and_then(|ip| {
+        ip.trim()
+            .parse()
+            .map_err(|_| {
+                problems.push(format!(
+                    "--webrtc-public-ip (WEBRTC_PUBLIC_IP) '{ip}' is not an IP address like 203.0.113.7"
+                ))
+            })
+            .ok()
+    });
+    if args.max_viewers == 0 {
+        problems.push("--max-viewers (MAX_VIEWERS) must be at least 1".into());
+    }
+    if !(100..=50_000).contains(&args.webrtc_bitrate) {
+        problems.push(format!(
+            "--webrtc-bitrate (WEBRTC_BITRATE) {} kbit/s is outside 100 to 50000",
+            args.webrtc_bitrate
+        ));
+    }
+    let timeout = args.webrtc_publisher_timeout;
+    if !(timeout.is_finite() && (1.0..=3600.0).contains(&timeout)) {
+        problems.push(format!(
+            "--webrtc-publisher-timeout (WEBRTC_PUBLISHER_TIMEOUT) {timeout} s is outside 1 to 3600"
+        ));
+        return None;
+    }
+    for url in &args.webrtc_ice_servers {
+        if !["stun:", "stuns:", "turn:", "turns:"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
+            problems.push(format!(
+                "--webrtc-ice-servers (WEBRTC_ICE_SERVERS) '{url}' is not a stun: or turn: URL"
+            ));
+        }
+    }
+    Some(kibitz_webrtc::WebRtcConfig {
+        bind: SocketAddr::new(bind.ip(), args.webrtc_port),
+        public_ip,
+        ice_servers: args.webrtc_ice_servers.clone(),
+        max_viewers: args.max_viewers,
+        bitrate_bps: args.webrtc_bitrate * 1000,
+        publisher_timeout: Duration::from_secs_f64(timeout),
+    })
 }
 
 /// The commentary flags as every stream's defaults, for `serve` and `annotate` alike. The
@@ -360,6 +419,42 @@ mod tests {
         match parse(extra) {
             Ok(_) => panic!("{extra:?} should be refused"),
             Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn webrtc_listens_on_the_binds_address_and_its_flags_are_checked() {
+        let s = parse(&[]).unwrap();
+        let webrtc = s.webrtc.expect("on by default");
+        assert_eq!(webrtc.bind.to_string(), "127.0.0.1:8199");
+        assert_eq!(webrtc.max_viewers, 200);
+        assert!(parse(&["--no-webrtc"]).unwrap().webrtc.is_none());
+        let s = parse(&[
+            "--webrtc-port",
+            "9000",
+            "--webrtc-public-ip",
+            "203.0.113.7",
+            "--webrtc-ice-servers",
+            "stun:stun.example.org:3478,turn:user:pass@turn.example.org",
+        ])
+        .unwrap();
+        let webrtc = s.webrtc.unwrap();
+        assert_eq!(webrtc.bind.port(), 9000);
+        assert_eq!(webrtc.ice_servers.len(), 2);
+        let err = problems(&[
+            "--webrtc-public-ip",
+            "nowhere",
+            "--max-viewers",
+            "0",
+            "--webrtc-ice-servers",
+            "http://x",
+        ]);
+        for flag in [
+            "--webrtc-public-ip",
+            "--max-viewers",
+            "--webrtc-ice-servers",
+        ] {
+            assert!(err.contains(flag), "{flag}: {err}");
         }
     }
 

@@ -82,6 +82,10 @@ const OPEN_FOR_VIEWING: &[&str] = &[
     "/readyz",
 ];
 
+/// Paths where every method is viewing, not changing: a WHEP viewer `POST`s its offer
+/// and `DELETE`s its session, and follows the viewing rule like any `GET`.
+const VIEWING_ANY_METHOD: &[&str] = &["/api/streams/*/whep", "/api/streams/*/whep/*"];
+
 /// Always reaches its handler, which does its own checking (see the module doc).
 const SESSION_PATH: &str = "/api/session";
 
@@ -151,7 +155,9 @@ impl Access {
         if !self.token_required() || path == SESSION_PATH {
             return false;
         }
-        let reads = method == Method::GET || method == Method::HEAD;
+        let reads = method == Method::GET
+            || method == Method::HEAD
+            || VIEWING_ANY_METHOD.iter().any(|p| path_matches(p, path));
         if !reads {
             return true;
         }
@@ -743,6 +749,12 @@ mod tests {
         assert!(!viewing.needs_token(&Method::GET, "/streams/cam"));
         assert!(!viewing.needs_token(&Method::HEAD, "/"));
         assert!(viewing.needs_token(&Method::POST, "/healthz"));
+        // WHEP is viewing: open with a token for changes only, closed with one for viewing.
+        assert!(!access.needs_token(&Method::POST, "/api/streams/cam/whep"));
+        assert!(!access.needs_token(&Method::DELETE, "/api/streams/cam/whep/abc"));
+        assert!(viewing.needs_token(&Method::POST, "/api/streams/cam/whep"));
+        // WHIP makes a stream: a change.
+        assert!(access.needs_token(&Method::POST, "/api/streams/cam/whip"));
         assert!(!Access::open().needs_token(&Method::DELETE, "/api/streams/cam"));
     }
 

@@ -104,6 +104,8 @@ pub struct Options {
     pub history: bool,
     /// Host names, origins and proxies answered besides the server's own.
     pub origins: crate::Origins,
+    /// WebRTC with this setup (bind it to `127.0.0.1:0`), or off.
+    pub webrtc: Option<kibitz_webrtc::WebRtcConfig>,
 }
 
 impl Default for Options {
@@ -135,6 +137,7 @@ impl Default for Options {
             alert_sink: None,
             history: false,
             origins: crate::Origins::default(),
+            webrtc: None,
         }
     }
 }
@@ -193,13 +196,23 @@ impl Harness {
             streams.add_output(kibitz_stream::history::output(history.clone()));
             history
         });
+        let shutdown = CancellationToken::new();
+        let webrtc = match options.webrtc.clone() {
+            Some(config) => Some(
+                kibitz_webrtc::WebRtc::start(config, streams.clone(), shutdown.clone())
+                    .await
+                    .expect("the WebRTC socket binds"),
+            ),
+            None => None,
+        };
         let state = AppState::new(Parts {
             streams: streams.clone(),
             access: Access::new(options.token.clone(), options.token_for_viewing),
             profiles: profiles(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             history,
             origins: options.origins.clone(),
+            webrtc,
         });
         Harness {
             state,

@@ -29,6 +29,8 @@ pub struct Parts {
     pub history: Option<kibitz_history::History>,
     /// Host names and origins answered besides the server's own; trusted proxies.
     pub origins: crate::Origins,
+    /// WHEP viewers and WHIP publishers; `None` with `--no-webrtc`.
+    pub webrtc: Option<kibitz_webrtc::WebRtc>,
 }
 
 /// The one state every handler gets. Cheap to clone.
@@ -47,6 +49,7 @@ pub(crate) struct Shared {
     pub questions: crate::ask::RateLimit,
     pub history: Option<kibitz_history::History>,
     pub origins: crate::Origins,
+    pub webrtc: Option<kibitz_webrtc::WebRtc>,
 }
 
 /// Server-wide counts for `/metrics`; per-stream counts live in each stream's status.
@@ -73,6 +76,7 @@ impl AppState {
                 questions: crate::ask::RateLimit::default(),
                 history: parts.history,
                 origins: parts.origins,
+                webrtc: parts.webrtc,
             }),
         }
     }
@@ -83,6 +87,10 @@ impl AppState {
 
     pub fn streams(&self) -> &Streams {
         &self.shared.streams
+    }
+
+    pub fn webrtc(&self) -> Option<&kibitz_webrtc::WebRtc> {
+        self.shared.webrtc.as_ref()
     }
 
     pub fn shutdown(&self) -> &CancellationToken {
