@@ -312,12 +312,14 @@ impl Player {
 
     /// Reads the input to its end (or an error), showing every frame on time.
     fn pass(&mut self, o: &mut Opened, shown: &mut u64) -> Pass {
-        let mut packet = Packet::empty();
         let mut bad_reads = 0u32;
         loop {
             if self.stopped() {
                 return Pass::Stopped;
             }
+            // A fresh packet for every read: `av_read_frame` fills the one it is given
+            // without releasing what it held, so a reused packet would keep each buffer.
+            let mut packet = Packet::empty();
             match packet.read(&mut o.input) {
                 Ok(()) => {
                     bad_reads = 0;
