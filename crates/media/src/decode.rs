@@ -266,7 +266,7 @@ impl Player {
             s.codec = Some(o.codec.clone());
             (s.width, s.height) = (w, h);
             s.source_fps = o.fps;
-            s.passthrough = o.passthrough;
+            s.passthrough = o.passthrough && self.sink.fits(w, h);
         });
         if let Some(fps) = o.fps {
             self.clock
@@ -417,7 +417,8 @@ impl Player {
     /// show as is, decode it instead.
     fn pass_through(&mut self, o: &mut Opened, packet: &Packet) -> Option<Flow> {
         let data = packet.data()?;
-        let info = jpeg_info(data).filter(|i| i.has_tables)?;
+        // Over the pixel cap: decoded and shown downscaled instead.
+        let info = jpeg_info(data).filter(|i| i.has_tables && self.sink.fits(i.width, i.height))?;
         let raw = packet
             .pts()
             .or(packet.dts())

@@ -248,9 +248,16 @@ impl FrameSink {
         self.delivered
     }
 
-    /// The display JPEG of a decoded frame (shrunk when it is wider than allowed).
+    /// The display JPEG of a decoded frame (shrunk when it is wider than allowed or over
+    /// the pixel cap, which the status then says).
     pub(crate) fn encode(&mut self, frame: &VideoFrame) -> Result<Jpeg, String> {
+        self.note_fit(frame.width(), frame.height());
         self.encoder.encode(frame)
+    }
+
+    /// Whether a `width` x `height` picture is within the pixel cap (may pass through).
+    pub(crate) fn fits(&self, width: u32, height: u32) -> bool {
+        fit_pixels(width, height, self.config.max_pixels) == (width, height)
     }
 
     /// Stores the display JPEG, counts it, and says whether the model takes this frame.
@@ -287,7 +294,6 @@ impl FrameSink {
     }
 
     fn push_video(&mut self, frame: &VideoFrame, stamp: Stamp) -> Result<(), String> {
-        self.note_fit(frame.width(), frame.height());
         let jpeg = self.encode(frame)?;
         if self.show(stamp, jpeg, (frame.width(), frame.height())) {
             self.capture(frame, stamp);
@@ -317,11 +323,7 @@ impl FrameSink {
     /// A JPEG straight to viewers when they can show it and it is within the pixel cap
     /// (decoded only for the model); otherwise decoded and encoded again.
     fn push_jpeg(&mut self, bytes: Bytes, stamp: Stamp) -> Result<(), String> {
-        let max_pixels = self.config.max_pixels;
-        let within = |i: &crate::convert::JpegInfo| {
-            fit_pixels(i.width, i.height, max_pixels) == (i.width, i.height)
-        };
-        match jpeg_info(&bytes).filter(|i| i.has_tables && within(i)) {
+        match jpeg_info(&bytes).filter(|i| i.has_tables && self.fits(i.width, i.height)) {
             Some(info) => {
                 self.status.update(|s| s.passthrough = true);
                 let jpeg = Jpeg {
