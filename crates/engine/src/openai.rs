@@ -59,6 +59,9 @@ use upstream::{Choice, Lease, NoLease, Outcome, Pool};
 const SAME_UPSTREAM_PAUSE: Duration = Duration::from_millis(200);
 /// How much of an upstream's error body goes into a message.
 const ERROR_BODY_CHARS: usize = 300;
+/// How much of an upstream's error body is read at most: enough for any real error, and
+/// a broken or hostile upstream sending megabytes costs no more than this.
+const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
 
 /// Settings of an [`OpenAiEngine`]. `Debug` never shows the API key.
 #[derive(Clone)]
@@ -383,7 +386,7 @@ impl Inner {
                     .map_err(|e| describe_reqwest(&e))?;
                 let status = response.status();
                 if !status.is_success() {
-                    let body = response.text().await.unwrap_or_default();
+                    let body = error_body(response).await;
                     return Err(format!(
                         "HTTP {status}: {}{}",
                         excerpt(body.trim(), ERROR_BODY_CHARS),
@@ -495,15 +498,16 @@ impl Engine for OpenAiEngine {
         self.inner.pool.capacity_now(Instant::now()).max(1)
     }
 
-    /// True when some upstream is not resting and answers `GET /models` with anything
-    /// below 500 within the connect timeout plus two seconds.
+    /// True when some upstream answers `GET /models` with anything below 500 within the
+    /// connect timeout plus two seconds. Resting upstreams are asked too: a rest is this
+    /// engine holding back after a failure (or a `Retry-After`), not the upstream being
+    /// gone, and the one upstream resting for a minute is no reason to restart anything.
     fn health(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             let inner = &self.inner;
-            let up = inner.pool.up(Instant::now());
             let wait = inner.config.connect_timeout + Duration::from_secs(2);
-            let probes = up.into_iter().map(|i| {
-                let url = format!("{}/models", inner.pool.upstreams()[i].base);
+            let probes = inner.pool.upstreams().iter().map(|up| {
+                let url = format!("{}/models", up.base);
                 async move {
                     matches!(tokio::time::timeout(wait, inner.get(url).send()).await,
                         Ok(Ok(r)) if !r.status().is_server_error())
@@ -558,9 +562,11 @@ impl From<EngineError> for Failure {
 enum AttemptError {
     /// Nothing was streamed yet: another try may follow. `connection` is true when the
     /// request may not even have reached the server.
+    /// `retry_after`: how long the upstream asked to be left alone (`Retry-After`).
     Retryable {
         error: EngineError,
         connection: bool,
+        retry_after: Option<Duration>,
     },
     /// The answer is over (text already went out, or the request itself is at fault).
     /// `rest`: the upstream is to blame and should rest.
@@ -625,19 +631,23 @@ async fn answer(
                 };
                 (outcome, error, false)
             }
-            Err(AttemptError::Retryable { error, connection }) => {
+            Err(AttemptError::Retryable {
+                error,
+                connection,
+                retry_after,
+            }) => {
                 // The only upstream gets a second try, and only rests if that fails too.
                 let alone = inner.pool.upstreams().len() == 1;
                 if first_try && connection && alone {
                     retry_same = Some(index);
                 }
-                (
-                    Outcome::Error {
+                let outcome = match retry_after {
+                    Some(wait) => Outcome::RetryAfter(wait),
+                    None => Outcome::Error {
                         rest: retry_same.is_none(),
                     },
-                    error,
-                    first_try,
-                )
+                };
+                (outcome, error, first_try)
             }
         };
         let error = redact_error(inner, error);
@@ -838,6 +848,7 @@ async fn send(
             return Err(AttemptError::Retryable {
                 error: EngineError::Unavailable(what),
                 connection: true,
+                retry_after: None,
             });
         }
         Ok(Ok(response)) => response,
@@ -846,10 +857,9 @@ async fn send(
     if status.is_success() {
         return Ok(response);
     }
-    let body = timeout_at(deadlines.first, response.text())
+    let retry_after = retry_after(response.headers(), std::time::SystemTime::now());
+    let body = timeout_at(deadlines.first, error_body(response))
         .await
-        .ok()
-        .and_then(Result::ok)
         .unwrap_or_default();
     let message = format!(
         "{shown} answered HTTP {status}: {}{}",
@@ -861,6 +871,7 @@ async fn send(
             AttemptError::Retryable {
                 error: EngineError::Unavailable(message),
                 connection: false,
+                retry_after,
             }
         } else {
             // The upstream is up; the request (or the key, or the model name) is wrong.
@@ -870,6 +881,38 @@ async fn send(
             }
         },
     )
+}
+
+/// An error answer's body as text, read up to [`ERROR_BODY_MAX_BYTES`]; the rest is never
+/// read (the connection is dropped with the response).
+async fn error_body(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = ERROR_BODY_MAX_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= ERROR_BODY_MAX_BYTES {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// `Retry-After` as a wait from `now`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+/// A date in the past is no wait; anything unreadable is ignored.
+fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Reads the event stream to `[DONE]` (or a finished stream's end), passing text on as it
@@ -941,6 +984,7 @@ fn cut(shown: &str, pieces: u32, why: &str) -> AttemptError {
                 "{shown} ended the stream before any text ({why})"
             )),
             connection: false,
+            retry_after: None,
         }
     } else {
         AttemptError::Final {

@@ -1101,3 +1101,98 @@ async fn the_cooldown_setting_sets_how_long_a_failed_upstream_rests() {
     // `upstream` follow the share while it rests, on fake time).
     assert_eq!(engine.parallelism(), engine.capacity());
 }
+
+/// Answers chat requests with 503 and `retry_after` as its `Retry-After` header, and
+/// `GET /models` with a model list (the upstream is up, only busy).
+async fn busy_server(retry_after: String) -> Raw {
+    raw_server(move |_, mut socket, request| {
+        let retry_after = retry_after.clone();
+        async move {
+            if request.head.starts_with("GET") {
+                answer_status(&mut socket, 200, "{\"data\":[{\"id\":\"m\"}]}").await;
+                return;
+            }
+            let body = "{\"error\":\"busy\"}";
+            let reply = format!(
+                "HTTP/1.1 503 Busy\r\nretry-after: {retry_after}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(reply.as_bytes()).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn retry_after_in_seconds_or_as_a_date_sets_the_rest() {
+    let in_40_s = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(40));
+    for header in ["30".to_string(), in_40_s] {
+        let busy = busy_server(header.clone()).await;
+        // The cooldown alone would rest it 2 s.
+        let engine = OpenAiEngine::new(config(&[&busy.url])).unwrap();
+        let error = ask(&engine).await.1.unwrap_err();
+        assert!(error.to_string().contains("HTTP 503"), "{error}");
+        let status = engine.status();
+        let rest = upstream(&status, &busy.url)["resting_for_ms"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            (25_000..=40_000).contains(&rest),
+            "Retry-After {header}: {status}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_holds_while_the_only_upstream_rests() {
+    let busy = busy_server("30".into()).await;
+    let engine = OpenAiEngine::new(config(&[&busy.url])).unwrap();
+    ask(&engine).await.1.unwrap_err();
+    assert_eq!(upstream(&engine.status(), &busy.url)["up"], false);
+    assert!(
+        engine.health().await,
+        "resting is not gone: {}",
+        engine.status()
+    );
+}
+
+#[tokio::test]
+async fn a_huge_error_body_is_read_only_up_to_its_cap() {
+    const BODY: usize = 50 * 1024 * 1024;
+    // Bytes written, and whether the writer is done (all sent, or the peer hung up).
+    let sent = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (sent2, done2) = (sent.clone(), done.clone());
+    let failing = raw_server(move |_, mut socket, _| {
+        let (sent, done) = (sent2.clone(), done2.clone());
+        async move {
+            let head = format!(
+                "HTTP/1.1 500 Broken\r\ncontent-length: {BODY}\r\nconnection: close\r\n\r\n"
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let block = vec![b'x'; 64 * 1024];
+            while sent.load(Ordering::SeqCst) < BODY {
+                if socket.write_all(&block).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(block.len(), Ordering::SeqCst);
+            }
+            done.store(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let engine = OpenAiEngine::new(config(&[&failing.url])).unwrap();
+    let error = ask(&engine).await.1.unwrap_err();
+    assert!(error.to_string().contains("HTTP 500"), "{error}");
+    eventually("the server to stop writing", || {
+        done.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The engine hung up after its cap: what the server got out is the cap plus what the
+    // two sockets' buffers held, far from the whole body.
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(
+        sent < 20 * 1024 * 1024,
+        "{sent} bytes of the error body were taken"
+    );
+}

@@ -261,6 +261,29 @@ impl History {
         }
     }
 
+    /// Queues an entry like [`History::record`] and waits until it is committed: what a
+    /// caller shows after this returns `true` survives the process being killed (the WAL
+    /// holds it; `synchronous = NORMAL` leaves only a power cut between it and the disk).
+    /// `false` when it was dropped (full queue, writer gone) or its write failed.
+    pub async fn record_committed(&self, entry: Entry) -> bool {
+        let (done, committed) = oneshot::channel();
+        let before = self.dropped();
+        match self
+            .shared
+            .queue
+            .try_send(Msg::RecordCommitted(entry, done))
+        {
+            Ok(()) => committed.await.is_ok() && self.dropped() == before,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 || n.is_multiple_of(1000) {
+                    tracing::warn!(dropped = n, "history: writer behind, entry dropped");
+                }
+                false
+            }
+        }
+    }
+
     /// Entries lost so far: dropped on a full queue or in a failed write.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)

@@ -27,6 +27,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub(crate) enum Msg {
     Record(Entry),
+    /// An entry, and a word once its transaction is committed.
+    RecordCommitted(Entry, oneshot::Sender<()>),
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
     Prune {
@@ -130,6 +132,10 @@ impl Writer {
     fn take(&mut self, msg: Msg) {
         match msg {
             Msg::Record(entry) => self.batch.push(entry),
+            Msg::RecordCommitted(entry, done) => {
+                self.batch.push(entry);
+                self.flushes.push(done);
+            }
             Msg::Flush(done) => self.flushes.push(done),
             Msg::Prune { now_ms, done } => self.start_prune(now_ms, Some(done)),
             #[cfg(test)]

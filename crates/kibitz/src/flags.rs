@@ -369,6 +369,10 @@ pub struct ServeArgs {
     /// Scale the displayed video down to this width (0 = as decoded).
     #[arg(long, env = "DISPLAY_MAX_WIDTH", default_value_t = 0)]
     pub display_max_width: u32,
+    /// The largest source picture kept as it is, `WIDTHxHEIGHT` or a pixel count (0 = no
+    /// cap): a bigger source is shown downscaled to fit, keeping its aspect.
+    #[arg(long, env = "MAX_SOURCE_PIXELS", default_value = "3840x2160", value_parser = parse_pixels)]
+    pub max_source_pixels: u64,
     #[arg(
         long,
         env = "DISPLAY_BUFFER_SECONDS",
@@ -688,6 +692,19 @@ pub struct AnnotateArgs {
     pub sampling: SamplingArgs,
 }
 
+/// `--max-source-pixels`: `WIDTHxHEIGHT` (`3840x2160`) or a plain pixel count; 0 is no cap.
+fn parse_pixels(value: &str) -> Result<u64, String> {
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("'{value}' is not WIDTHxHEIGHT (3840x2160) or a pixel count"))
+    };
+    match value.split_once(['x', 'X']) {
+        Some((w, h)) => Ok(number(w)?.saturating_mul(number(h)?)),
+        None => number(value),
+    }
+}
+
 /// A setting by the flag and environment variable that set it: `capture_fps` is
 /// `--capture-fps (CAPTURE_FPS)`. The rules name fields as the streams file and the API
 /// write them; the command line names them as its flags.
@@ -703,6 +720,16 @@ pub fn flag(field: &str) -> String {
 #[cfg(all(test, feature = "media"))]
 mod tests {
     use clap::{Args, CommandFactory};
+
+    #[test]
+    fn max_source_pixels_takes_a_size_or_a_count() {
+        assert_eq!(super::parse_pixels("3840x2160"), Ok(8_294_400));
+        assert_eq!(super::parse_pixels("1920X1080"), Ok(2_073_600));
+        assert_eq!(super::parse_pixels("0"), Ok(0));
+        assert!(super::parse_pixels("big")
+            .unwrap_err()
+            .contains("WIDTHxHEIGHT"));
+    }
 
     /// `serve`, `annotate` and `bench` take the same commentary flags, each also read from
     /// the environment variable of its name.

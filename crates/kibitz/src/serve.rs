@@ -176,7 +176,7 @@ async fn open_history(
             .await?
             {
                 Ok(history) => {
-                    streams.add_output(kibitz_stream::history::output(history.clone()));
+                    streams.record_history(history.clone());
                     Some(history)
                 }
                 Err(e) => {

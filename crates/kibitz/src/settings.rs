@@ -356,6 +356,7 @@ fn serve_defaults(args: &ServeArgs, problems: &mut Vec<String>) -> StreamDefault
         }),
         jpeg_quality: args.jpeg_quality.clamp(1, 100) as u8,
         display_max_width: (args.display_max_width > 0).then_some(args.display_max_width),
+        max_source_pixels: (args.max_source_pixels > 0).then_some(args.max_source_pixels),
         max_slices: args.engine.max_slice_nums,
         mjpeg_fps: args.mjpeg_fps,
         ..commentary

@@ -92,25 +92,37 @@ pub(crate) fn to_rgb(
     Rgb::new(width, height, packed).map_err(|e| e.to_string())
 }
 
-/// Encodes frames for viewers, shrinking to `max_width` when asked.
+/// Encodes frames for viewers, shrinking to `max_width` and to `max_pixels` when asked.
 pub(crate) struct DisplayEncoder {
     jpeg: JpegEncoder,
     scaler: Scaler,
     max_width: Option<u32>,
+    max_pixels: Option<u64>,
 }
 
 impl DisplayEncoder {
-    pub(crate) fn new(quality: u8, max_width: Option<u32>) -> Result<Self, kibitz_frames::Error> {
+    pub(crate) fn new(
+        quality: u8,
+        max_width: Option<u32>,
+        max_pixels: Option<u64>,
+    ) -> Result<Self, kibitz_frames::Error> {
         Ok(Self {
             jpeg: JpegEncoder::new(quality)?,
             scaler: Scaler::new(scaling::Flags::BILINEAR),
             max_width: max_width.filter(|w| *w > 0),
+            max_pixels: max_pixels.filter(|p| *p > 0),
         })
+    }
+
+    /// The size viewers get of a `width` x `height` frame.
+    pub(crate) fn size(&self, width: u32, height: u32) -> (u32, u32) {
+        let (w, h) = display_size(width, height, self.max_width);
+        fit_pixels(w, h, self.max_pixels)
     }
 
     pub(crate) fn encode(&mut self, frame: &VideoFrame) -> Result<Jpeg, String> {
         let (w, h) = (frame.width(), frame.height());
-        let (tw, th) = display_size(w, h, self.max_width);
+        let (tw, th) = self.size(w, h);
         if (tw, th) == (w, h) {
             if let Some((subsampling, range)) = planar_layout(frame) {
                 return self
@@ -138,6 +150,23 @@ pub(crate) fn display_size(width: u32, height: u32, max_width: Option<u32>) -> (
             let h = (u64::from(height) * u64::from(max) / u64::from(width)) as u32;
             let even = |v: u32| (v & !1).max(2);
             (even(max), even(h))
+        }
+        _ => (width, height),
+    }
+}
+
+/// `width` x `height` shrunk, keeping aspect, to at most `max_pixels` pixels (even sides,
+/// which 4:2:0 wants); as it is when within the cap or there is none.
+pub(crate) fn fit_pixels(width: u32, height: u32, max_pixels: Option<u64>) -> (u32, u32) {
+    let pixels = u64::from(width) * u64::from(height);
+    match max_pixels {
+        Some(max) if pixels > max => {
+            let scale = (max as f64 / pixels as f64).sqrt();
+            let even = |v: f64| ((v.floor() as u32) & !1).max(2);
+            (
+                even(f64::from(width) * scale),
+                even(f64::from(height) * scale),
+            )
         }
         _ => (width, height),
     }
@@ -235,6 +264,27 @@ pub(crate) fn jpeg_info(data: &[u8]) -> Option<JpegInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fit_pixels_keeps_within_the_cap_and_the_aspect() {
+        let cap = Some(3840 * 2160);
+        assert_eq!(fit_pixels(3840, 2160, cap), (3840, 2160));
+        assert_eq!(fit_pixels(1920, 1080, None), (1920, 1080));
+        for (w, h) in [(8192, 8192), (7680, 4320), (16384, 100), (4097, 2161)] {
+            let (fw, fh) = fit_pixels(w, h, cap);
+            assert!(
+                u64::from(fw) * u64::from(fh) <= 3840 * 2160,
+                "{w}x{h} -> {fw}x{fh}"
+            );
+            assert!(fw % 2 == 0 && fh % 2 == 0);
+            let aspect = |a: u32, b: u32| f64::from(a) / f64::from(b);
+            assert!(
+                (aspect(fw, fh) - aspect(w, h)).abs() / aspect(w, h) < 0.05,
+                "{w}x{h} -> {fw}x{fh}"
+            );
+        }
+        assert_eq!(fit_pixels(8192, 8192, cap), (2880, 2880));
+    }
 
     #[test]
     fn display_size_shrinks_keeping_aspect() {

@@ -266,7 +266,7 @@ impl Player {
             s.codec = Some(o.codec.clone());
             (s.width, s.height) = (w, h);
             s.source_fps = o.fps;
-            s.passthrough = o.passthrough;
+            s.passthrough = o.passthrough && self.sink.fits(w, h);
         });
         if let Some(fps) = o.fps {
             self.clock
@@ -312,12 +312,14 @@ impl Player {
 
     /// Reads the input to its end (or an error), showing every frame on time.
     fn pass(&mut self, o: &mut Opened, shown: &mut u64) -> Pass {
-        let mut packet = Packet::empty();
         let mut bad_reads = 0u32;
         loop {
             if self.stopped() {
                 return Pass::Stopped;
             }
+            // A fresh packet for every read: `av_read_frame` fills the one it is given
+            // without releasing what it held, so a reused packet would keep each buffer.
+            let mut packet = Packet::empty();
             match packet.read(&mut o.input) {
                 Ok(()) => {
                     bad_reads = 0;
@@ -415,7 +417,8 @@ impl Player {
     /// show as is, decode it instead.
     fn pass_through(&mut self, o: &mut Opened, packet: &Packet) -> Option<Flow> {
         let data = packet.data()?;
-        let info = jpeg_info(data).filter(|i| i.has_tables)?;
+        // Over the pixel cap: decoded and shown downscaled instead.
+        let info = jpeg_info(data).filter(|i| i.has_tables && self.sink.fits(i.width, i.height))?;
         let raw = packet
             .pts()
             .or(packet.dts())

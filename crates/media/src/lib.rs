@@ -31,7 +31,7 @@ pub use mix::{SpeechTrack, SPEECH_RATE};
 pub use mux::{check_remux, remux_with_subtitles, Cue, MuxError};
 pub use policy::{Allowed, PolicyError, Restrictions, SourcePolicy};
 pub use reader::{Captured, ReadSummary, VideoFile, VideoInfo};
-pub use sink::{FrameSink, Picture, PushedSource, SinkConfig, PUSHED};
+pub use sink::{FrameSink, Picture, PushedSource, SinkConfig, MAX_SOURCE_PIXELS, PUSHED};
 pub use source::{Source, SourceConfig, SourceContext, StatusReader};
 pub use spec::SourceSpec;
 pub use status::{SourceState, SourceStatus};

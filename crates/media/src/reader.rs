@@ -183,12 +183,13 @@ impl VideoFile {
         };
         let mut last: Option<Duration> = None;
         let mut frame = VideoFrame::empty();
-        let mut packet = Packet::empty();
         let mut bad_reads = 0u32;
         let mut last_error = None;
         let mut eof = false;
         loop {
             if !eof {
+                // A fresh packet for every read (see `decode::Player::pass`).
+                let mut packet = Packet::empty();
                 match packet.read(&mut self.input) {
                     Ok(()) => {
                         bad_reads = 0;

@@ -25,10 +25,15 @@ use kibitz_frames::{
     CAPTURE_FPS, JPEG_QUALITY,
 };
 
-use crate::convert::{jpeg_info, to_rgb, DisplayEncoder, Scaler};
+use crate::convert::{fit_pixels, jpeg_info, to_rgb, DisplayEncoder, Scaler};
 use crate::pacing::{Capture, Pacer};
 use crate::status::StatusCell;
 use crate::{Error, SourceConfig, SourceContext, SourceState, SourceStatus, StatusReader};
+
+/// `--max-source-pixels` by default: 3840x2160. A bigger source is shown downscaled to fit
+/// (keeping aspect): its JPEGs, fifteen seconds of them in the display buffer, would
+/// otherwise take most of a gigabyte (8192x8192 took 909 MiB).
+pub const MAX_SOURCE_PIXELS: u64 = 3840 * 2160;
 
 /// How a sink turns frames into what the stores hold: the part of a [`SourceConfig`] that
 /// is not about opening anything.
@@ -38,6 +43,9 @@ pub struct SinkConfig {
     pub jpeg_quality: u8,
     /// `DISPLAY_MAX_WIDTH`: wider frames are shrunk for viewers (passed-through JPEGs aside).
     pub display_max_width: Option<u32>,
+    /// `--max-source-pixels`: a bigger picture is shrunk to fit (keeping aspect) before
+    /// anything keeps it, passed-through JPEGs included; `None`: no cap.
+    pub max_pixels: Option<u64>,
     /// `CAPTURE_FPS`: frames a second resized for the model.
     pub capture_fps: f64,
     /// Model pictures are sized to about this many 448x448 slices.
@@ -53,6 +61,7 @@ impl SinkConfig {
         Self {
             jpeg_quality: JPEG_QUALITY,
             display_max_width: None,
+            max_pixels: Some(MAX_SOURCE_PIXELS),
             capture_fps: CAPTURE_FPS,
             max_slices: 1,
             live: true,
@@ -71,6 +80,7 @@ impl From<&SourceConfig> for SinkConfig {
         Self {
             jpeg_quality: c.jpeg_quality,
             display_max_width: c.display_max_width,
+            max_pixels: c.max_pixels,
             capture_fps: c.capture_fps,
             max_slices: c.max_slices,
             live: c.spec.is_live(),
@@ -118,6 +128,8 @@ pub struct FrameSink {
     jpeg_decoder: Option<ff::decoder::Video>,
     /// A frame was shown since the last [`FrameSink::restart`].
     delivered: bool,
+    /// What the status says of the pixel cap (kept here so frames need not read it).
+    fitted: Option<(u32, u32)>,
     /// Set for a sink handed out by a [`PushedSource`].
     lease: Option<Arc<Slot>>,
 }
@@ -128,7 +140,11 @@ impl FrameSink {
         cx: &SourceContext,
         status: StatusCell,
     ) -> Result<Self, Error> {
-        let encoder = DisplayEncoder::new(config.jpeg_quality, config.display_max_width)?;
+        let encoder = DisplayEncoder::new(
+            config.jpeg_quality,
+            config.display_max_width,
+            config.max_pixels,
+        )?;
         let name = status.get().source;
         Ok(Self {
             pacer: Pacer::new(config.live),
@@ -143,6 +159,7 @@ impl FrameSink {
             model: Scaler::new(ff::software::scaling::Flags::BILINEAR),
             jpeg_decoder: None,
             delivered: false,
+            fitted: None,
             lease: None,
         })
     }
@@ -231,9 +248,16 @@ impl FrameSink {
         self.delivered
     }
 
-    /// The display JPEG of a decoded frame (shrunk when it is wider than allowed).
+    /// The display JPEG of a decoded frame (shrunk when it is wider than allowed or over
+    /// the pixel cap, which the status then says).
     pub(crate) fn encode(&mut self, frame: &VideoFrame) -> Result<Jpeg, String> {
+        self.note_fit(frame.width(), frame.height());
         self.encoder.encode(frame)
+    }
+
+    /// Whether a `width` x `height` picture is within the pixel cap (may pass through).
+    pub(crate) fn fits(&self, width: u32, height: u32) -> bool {
+        fit_pixels(width, height, self.config.max_pixels) == (width, height)
     }
 
     /// Stores the display JPEG, counts it, and says whether the model takes this frame.
@@ -277,10 +301,29 @@ impl FrameSink {
         Ok(())
     }
 
-    /// A JPEG straight to viewers when they can show it (decoded only for the model);
-    /// otherwise decoded and encoded again.
+    /// Records in the status (and logs once per size) that frames of `width` x `height`
+    /// are over the pixel cap and shown smaller, or that they no longer are.
+    fn note_fit(&mut self, width: u32, height: u32) {
+        let fitted = fit_pixels(width, height, self.config.max_pixels);
+        let fitted = (fitted != (width, height)).then_some(fitted);
+        if self.fitted == fitted {
+            return;
+        }
+        self.fitted = fitted;
+        if let Some((w, h)) = fitted {
+            tracing::warn!(
+                source = %self.name,
+                "{width}x{height} is over --max-source-pixels ({}); shown downscaled to {w}x{h}",
+                self.config.max_pixels.unwrap_or_default()
+            );
+        }
+        self.status.update(|s| s.fitted = fitted);
+    }
+
+    /// A JPEG straight to viewers when they can show it and it is within the pixel cap
+    /// (decoded only for the model); otherwise decoded and encoded again.
     fn push_jpeg(&mut self, bytes: Bytes, stamp: Stamp) -> Result<(), String> {
-        match jpeg_info(&bytes).filter(|i| i.has_tables) {
+        match jpeg_info(&bytes).filter(|i| i.has_tables && self.fits(i.width, i.height)) {
             Some(info) => {
                 self.status.update(|s| s.passthrough = true);
                 let jpeg = Jpeg {

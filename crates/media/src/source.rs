@@ -23,6 +23,9 @@ pub struct SourceConfig {
     pub jpeg_quality: u8,
     /// `DISPLAY_MAX_WIDTH`: wider frames are shrunk for viewers (MJPEG passthrough aside).
     pub display_max_width: Option<u32>,
+    /// `--max-source-pixels`: bigger pictures are shown downscaled to fit (see
+    /// [`crate::MAX_SOURCE_PIXELS`]); `None`: no cap.
+    pub max_pixels: Option<u64>,
     /// `CAPTURE_FPS`: frames a second resized for the model.
     pub capture_fps: f64,
     /// Model pictures are sized to about this many 448x448 slices (see
@@ -43,6 +46,7 @@ impl SourceConfig {
             spec,
             jpeg_quality: JPEG_QUALITY,
             display_max_width: None,
+            max_pixels: Some(crate::MAX_SOURCE_PIXELS),
             capture_fps: CAPTURE_FPS,
             max_slices: 1,
             looping: true,

@@ -90,24 +90,74 @@ fn has_scheme(s: &str) -> bool {
     }
 }
 
-/// Shown in status, logs and errors: the URL with any `user:password@` replaced by `***@`.
+/// Shown in status, logs and errors: the URL with any `user:password@` replaced by `***@`
+/// and the value of every query parameter that names a secret (`token`, `password`, `key`,
+/// `sig`, … see [`is_secret_name`]) replaced by `***`. This is the one place a source is
+/// masked; everything that shows or logs a source goes through it.
 impl fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let target = self.target();
         if !self.is_live() {
             return f.write_str(&target);
         }
-        match target.split_once("://") {
-            Some((scheme, rest)) => {
-                let authority_end = rest.find('/').unwrap_or(rest.len());
-                match rest[..authority_end].rfind('@') {
-                    Some(at) => write!(f, "{scheme}://***{}", &rest[at..]),
-                    None => f.write_str(&target),
-                }
-            }
-            None => f.write_str(&target),
+        let Some((scheme, rest)) = target.split_once("://") else {
+            return f.write_str(&target);
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        write!(f, "{scheme}://")?;
+        match authority.rfind('@') {
+            Some(at) => write!(f, "***{}", &authority[at..])?,
+            None => f.write_str(authority)?,
         }
+        let (before_fragment, fragment) = match tail.find('#') {
+            Some(i) => tail.split_at(i),
+            None => (tail, ""),
+        };
+        let Some((path, query)) = before_fragment.split_once('?') else {
+            return f.write_str(tail);
+        };
+        write!(f, "{path}?")?;
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                f.write_str("&")?;
+            }
+            match pair.split_once('=') {
+                Some((name, _)) if is_secret_name(name) => write!(f, "{name}=***")?,
+                _ => f.write_str(pair)?,
+            }
+        }
+        f.write_str(fragment)
     }
+}
+
+/// Whether a query parameter's name says its value is a credential: signed URLs
+/// (`sig`, `X-Amz-Signature`, `X-Amz-Credential`), tokens (`token`, `access_token`,
+/// `auth`), passwords and keys (`password`, `pwd`, `apikey`, `secret`). Case, `-`, `_` and
+/// `.` are ignored, and a name ending in one of these counts (`api_key`, `sessionToken`).
+fn is_secret_name(name: &str) -> bool {
+    const SECRET: [&str; 14] = [
+        "token",
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "secret",
+        "key",
+        "sig",
+        "signature",
+        "credential",
+        "auth",
+        "authorization",
+        "session",
+        "sessionid",
+    ];
+    let name: String = name
+        .chars()
+        .filter(|c| !"-_.".contains(*c))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    SECRET.iter().any(|s| name.ends_with(s))
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -177,6 +227,33 @@ mod tests {
         assert_eq!(p("http://u@h/x").to_string(), "http://***@h/x");
         assert_eq!(p("http://h/x@y").to_string(), "http://h/x@y");
         assert_eq!(p("/tmp/a@b.mp4").to_string(), "/tmp/a@b.mp4");
+    }
+
+    #[test]
+    fn query_secrets_are_hidden_when_shown() {
+        let s = p("https://h/live.m3u8?token=t0p&password=pw&key=k1&sig=s1&res=720#frag");
+        assert_eq!(
+            s.to_string(),
+            "https://h/live.m3u8?token=***&password=***&key=***&sig=***&res=720#frag"
+        );
+        assert_eq!(
+            p("rtsp://u:p@cam/x?access_token=a&X-Amz-Signature=b&apiKey=c&channel=1").to_string(),
+            "rtsp://***@cam/x?access_token=***&X-Amz-Signature=***&apiKey=***&channel=1"
+        );
+        assert_eq!(
+            p("http://h?auth=a&flag&pwd=").to_string(),
+            "http://h?auth=***&flag&pwd=***"
+        );
+        // What FFmpeg opens keeps them.
+        assert_eq!(
+            s.target(),
+            "https://h/live.m3u8?token=t0p&password=pw&key=k1&sig=s1&res=720#frag"
+        );
+        // Not a secret: left as typed.
+        assert_eq!(
+            p("http://h/x?keyframes=1&page=2").to_string(),
+            "http://h/x?keyframes=1&page=2"
+        );
     }
 
     #[test]

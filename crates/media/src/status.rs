@@ -75,6 +75,8 @@ pub struct SourceStatus {
     pub loops: u64,
     /// The last thing that went wrong, kept after recovery for diagnosis.
     pub last_error: Option<String>,
+    /// The size viewers get when the source's (`width` x `height`) is over the pixel cap.
+    pub fitted: Option<(u32, u32)>,
 }
 
 impl SourceStatus {
@@ -95,6 +97,7 @@ impl SourceStatus {
             reconnects: 0,
             loops: 0,
             last_error: None,
+            fitted: None,
         }
     }
 }

@@ -311,6 +311,30 @@ fn display_max_width_shrinks() {
     assert_eq!(header, (640, 360));
 }
 
+#[test]
+fn a_source_over_the_pixel_cap_is_decoded_and_shown_downscaled() {
+    for name in ["testsrc2-720p25.mp4", "mjpeg.avi"] {
+        let r = start_with(name, Duration::from_secs(15), |c| {
+            c.max_pixels = Some(320 * 180)
+        })
+        .unwrap();
+        wait_live(&r);
+        let f = r.display.latest().unwrap();
+        let header = jpeg_size(&f.jpeg.bytes);
+        assert!(header.0 * header.1 <= 320 * 180, "{name}: {header:?}");
+        let status = r.source.status();
+        assert_eq!(status.fitted, Some(header), "{name}");
+        assert!(
+            !status.passthrough,
+            "{name}: an MJPEG over the cap is not passed through"
+        );
+        assert!(
+            status.width * status.height > 320 * 180,
+            "the source's own size"
+        );
+    }
+}
+
 /// Width and height from the JPEG's own frame header.
 fn jpeg_size(jpeg: &[u8]) -> (u32, u32) {
     let mut at = 2;

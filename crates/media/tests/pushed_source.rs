@@ -245,3 +245,47 @@ fn pacing_and_time_are_the_callers() {
     assert_eq!(sink.due(Duration::from_millis(80), later), later);
     assert!(!sink.delivered());
 }
+
+#[test]
+fn a_source_over_the_pixel_cap_is_shown_downscaled_to_fit() {
+    // The default cap is 3840x2160; a small one keeps the test quick, the rule is the same.
+    assert_eq!(SinkConfig::new().max_pixels, Some(3840 * 2160));
+    let fed = pushed(SinkConfig {
+        max_pixels: Some(128 * 64),
+        ..SinkConfig::new()
+    });
+    let mut sink = fed.source.publish().unwrap();
+    let t0 = Instant::now();
+    sink.push(Planes::new(512, 256).picture(), stamp(t0, 0))
+        .unwrap();
+    let shown = fed.display.latest().unwrap();
+    assert_eq!((shown.jpeg.width, shown.jpeg.height), (128, 64));
+    let status = fed.source.status();
+    assert_eq!(
+        (status.width, status.height),
+        (512, 256),
+        "the source's own size"
+    );
+    assert_eq!(status.fitted, Some((128, 64)));
+
+    // A camera's JPEG over the cap is not passed through: decoded and shown smaller.
+    let rgb = Rgb::new(400, 200, vec![90u8; 400 * 200 * 3]).unwrap();
+    let jpeg = JpegEncoder::new(80).unwrap().encode_rgb(&rgb).unwrap();
+    sink.push(Picture::Jpeg(jpeg.bytes.clone()), stamp(t0, 1))
+        .unwrap();
+    let shown = fed.display.latest().unwrap();
+    assert!(
+        u64::from(shown.jpeg.width) * u64::from(shown.jpeg.height) <= 128 * 64,
+        "{}x{}",
+        shown.jpeg.width,
+        shown.jpeg.height
+    );
+    assert!(!fed.source.status().passthrough);
+
+    // Back within the cap: as it is, and the status says so.
+    sink.push(Planes::new(64, 32).picture(), stamp(t0, 2))
+        .unwrap();
+    let shown = fed.display.latest().unwrap();
+    assert_eq!((shown.jpeg.width, shown.jpeg.height), (64, 32));
+    assert_eq!(fed.source.status().fitted, None);
+}

@@ -242,7 +242,13 @@ async fn session(mut socket: WebSocket, state: AppState, mut a: OutputContext, m
             return;
         }
     }
-    let _ = socket.send(Message::Close(None)).await;
+    // 1001 "going away": the server stops or the stream was removed; a client may come
+    // back later (a bare close would read as 1005, no reason).
+    let close = axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::AWAY,
+        reason: "the server is stopping or the stream was removed".into(),
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
 }
 
 async fn reply(state: &AppState, a: &OutputContext, text: &str, may_change: bool) -> String {

@@ -193,7 +193,7 @@ impl Harness {
         }
         let history = options.history.then(|| {
             let history = kibitz_history::History::in_memory().expect("an in-memory history");
-            streams.add_output(kibitz_stream::history::output(history.clone()));
+            streams.record_history(history.clone());
             history
         });
         let shutdown = CancellationToken::new();

@@ -51,7 +51,7 @@ pub use spec::{
 };
 pub use speech::{unix_ms, Pacer, SpeechStatus, SpeechTimeline, MAX_LATE};
 pub use status::{BufferStatus, Origin, SourceView, StreamStatus, StreamSummary};
-pub use stream::{StartContext, Stream, StreamHandle};
+pub use stream::{StartContext, Stream, StreamHandle, WeakStreamHandle};
 pub use voices::Voices;
 
 /// What adding, changing or removing a stream can fail with. The server maps each to one

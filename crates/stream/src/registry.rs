@@ -90,6 +90,7 @@ impl Streams {
                     scheduler: config.scheduler,
                     bus,
                     voices: config.voices,
+                    journal: crate::history::Journal::default(),
                 },
                 outputs: RwLock::new(outputs),
                 alerts,
@@ -124,6 +125,17 @@ impl Streams {
     /// Fired alerts of every stream (the last few, with their clips).
     pub fn alerts(&self) -> &AlertLog {
         &self.inner.alerts
+    }
+
+    /// Records every stream's comments, answers and alerts in `history`, each committed
+    /// before viewers see it (see [`crate::history`]): streams running now and later.
+    pub fn record_history(&self, history: kibitz_history::History) {
+        *self
+            .inner
+            .cx
+            .journal
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(history);
     }
 
     /// Registers an output every stream runs itself (history, a test's counting output):
@@ -413,6 +425,7 @@ impl Streams {
         let mut config = SourceConfig::new(source);
         config.jpeg_quality = d.jpeg_quality;
         config.display_max_width = d.display_max_width;
+        config.max_pixels = d.max_source_pixels;
         config.capture_fps = spec.capture_fps;
         config.max_slices = d.max_slices;
         config
@@ -423,6 +436,7 @@ impl Streams {
         SinkConfig {
             jpeg_quality: d.jpeg_quality,
             display_max_width: d.display_max_width,
+            max_pixels: d.max_source_pixels,
             capture_fps: spec.capture_fps,
             max_slices: d.max_slices,
             live: true,

@@ -107,6 +107,8 @@ pub struct StreamDefaults {
     pub display_span: Duration,
     pub jpeg_quality: u8,
     pub display_max_width: Option<u32>,
+    /// `--max-source-pixels`: bigger sources are shown downscaled to fit; `None`: no cap.
+    pub max_source_pixels: Option<u64>,
     /// Model pictures are sized to about this many 448x448 slices.
     pub max_slices: u32,
     /// MJPEG rate when a source does not say its own (`MJPEG_FPS`).
@@ -136,6 +138,7 @@ impl Default for StreamDefaults {
             display_span: Duration::from_secs(15),
             jpeg_quality: kibitz_frames::JPEG_QUALITY,
             display_max_width: None,
+            max_source_pixels: Some(kibitz_media::MAX_SOURCE_PIXELS),
             max_slices: 1,
             mjpeg_fps: 10.0,
             cycle_timeout: c.cycle_timeout,

@@ -76,7 +76,16 @@ impl From<SourceStatus> for SourceView {
         SourceView {
             kind: s.kind.into(),
             state: s.state.name().into(),
-            detail: s.state.detail().or(s.last_error.clone()),
+            detail: s
+                .state
+                .detail()
+                .or(s.fitted.map(|(w, h)| {
+                    format!(
+                        "{}x{} is over --max-source-pixels: shown downscaled to {w}x{h}",
+                        s.width, s.height
+                    )
+                }))
+                .or(s.last_error.clone()),
             retry_in,
             width: (s.width > 0).then_some(s.width),
             height: (s.height > 0).then_some(s.height),

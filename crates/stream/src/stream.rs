@@ -42,6 +42,8 @@ pub struct StartContext {
     /// Every stream's events, tagged with the stream (`/api/events`).
     pub bus: broadcast::Sender<crate::StreamEvent>,
     pub voices: Arc<crate::Voices>,
+    /// The history every event that leaves an entry is written to before it is shown.
+    pub(crate) journal: crate::history::Journal,
 }
 
 /// A running stream. Dropping it without [`Stream::stop`] still stops the commentary
@@ -65,6 +67,10 @@ struct Shared {
     display: Arc<DisplayBuffer>,
     window: Arc<InferenceWindow>,
     source: Mutex<Option<Box<dyn RunningSource>>>,
+    /// What the stream's parts say (commentary loop, source, outputs), in order; only the
+    /// relay reads it ([`relay_events`]).
+    said: broadcast::Sender<Event>,
+    /// What viewers and outputs read: `said`, each event after its history row.
     events: broadcast::Sender<Event>,
     controls: mpsc::Sender<Control>,
     snapshot: watch::Receiver<Snapshot>,
@@ -98,9 +104,10 @@ impl Stream {
         let display = Arc::new(DisplayBuffer::new(defaults.display_span));
         let window = Arc::new(InferenceWindow::new(window_size));
         let (events, _) = broadcast::channel::<Event>(EVENT_BUFFER);
+        let (said, said_rx) = broadcast::channel::<Event>(EVENT_BUFFER);
         let session: Session = cx.scheduler.open_session(spec.id.as_str());
         let watched = Arc::new(WatchedWindow::new(window.clone()));
-        let source_cx = source_context(&spec, &display, &window, &events, &session, &watched);
+        let source_cx = source_context(&spec, &display, &window, &said, &session, &watched);
         let sources = cx.sources.clone();
         let started = tokio::task::spawn_blocking(move || plan.start(sources.as_ref(), source_cx))
             .await
@@ -124,7 +131,7 @@ impl Stream {
             commentator,
             watched as Arc<dyn FrameWindow>,
             session.clone(),
-            events.clone(),
+            said.clone(),
             controls_rx,
             snapshot_tx,
             stopped.clone(),
@@ -138,6 +145,7 @@ impl Stream {
                 display,
                 window,
                 source: Mutex::new(Some(source)),
+                said,
                 events,
                 controls,
                 snapshot,
@@ -150,7 +158,12 @@ impl Stream {
                 started: Instant::now(),
             }),
         };
-        let forward = tokio::spawn(forward_events(handle.clone(), cx.bus.clone()));
+        let forward = tokio::spawn(relay_events(
+            handle.clone(),
+            said_rx,
+            cx.journal.clone(),
+            cx.bus.clone(),
+        ));
         Ok(Stream {
             handle,
             tasks: vec![commentary, forward],
@@ -195,7 +208,23 @@ impl Drop for Stream {
     }
 }
 
+/// A handle that does not keep the stream alive: what a leak check holds (every handle,
+/// task and output of a removed stream must let go of it).
+#[derive(Clone)]
+pub struct WeakStreamHandle(std::sync::Weak<Shared>);
+
+impl WeakStreamHandle {
+    /// The stream, while anything still holds it.
+    pub fn upgrade(&self) -> Option<StreamHandle> {
+        self.0.upgrade().map(|shared| StreamHandle { shared })
+    }
+}
+
 impl StreamHandle {
+    pub fn downgrade(&self) -> WeakStreamHandle {
+        WeakStreamHandle(Arc::downgrade(&self.shared))
+    }
+
     pub fn id(&self) -> &StreamId {
         &self.shared.id
     }
@@ -306,7 +335,7 @@ impl StreamHandle {
 
     /// Publishes an event of the stream's own (speech, an output's error).
     pub(crate) fn emit(&self, event: Event) {
-        let _ = self.shared.events.send(event);
+        let _ = self.shared.said.send(event);
     }
 
     /// Changes the voice of a running stream.
@@ -502,9 +531,15 @@ fn source_context(
         })
 }
 
-/// Tags the stream's events onto the bus until the stream stops.
-async fn forward_events(handle: StreamHandle, bus: broadcast::Sender<crate::StreamEvent>) {
-    let mut events = handle.shared.events.subscribe();
+/// Passes what the stream says on to its viewers, each event that leaves a history entry
+/// only once that entry is committed (see [`crate::history`]), and tags every event onto
+/// the bus, until the stream stops.
+async fn relay_events(
+    handle: StreamHandle,
+    mut events: broadcast::Receiver<Event>,
+    journal: crate::history::Journal,
+    bus: broadcast::Sender<crate::StreamEvent>,
+) {
     let stopped = handle.shared.stopped.clone();
     loop {
         let event = tokio::select! {
@@ -513,6 +548,8 @@ async fn forward_events(handle: StreamHandle, bus: broadcast::Sender<crate::Stre
         };
         match event {
             Ok(event) => {
+                crate::history::write_ahead(&journal, &handle, &event).await;
+                let _ = handle.shared.events.send(event.clone());
                 if let Event::CycleEnd(end) = &event {
                     if !end.skipped {
                         let mut recent = lock(&handle.shared.recent);
@@ -524,9 +561,11 @@ async fn forward_events(handle: StreamHandle, bus: broadcast::Sender<crate::Stre
                 }
                 let _ = bus.send(crate::StreamEvent::commentary(handle.id().clone(), event));
             }
-            // The bus's own subscribers see a `lagged` notice for what they miss; this
-            // hop only forwards.
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            // Only if the history's disk stalls for long: viewers miss what the relay
+            // missed, and the `cycle_end` that follows heals the page.
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(stream = %handle.id(), missed, "events relay fell behind");
+            }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }

@@ -34,10 +34,17 @@ pub(crate) enum Outcome {
     Error {
         rest: bool,
     },
+    /// Failed with a `Retry-After` (429 or 503): rests at least that long, at most
+    /// [`MAX_RETRY_AFTER`], even when that is longer than the cooldown's doubling says.
+    RetryAfter(Duration),
     Timeout,
     /// The caller went away; says nothing about the upstream.
     Cancelled,
 }
+
+/// The longest rest a `Retry-After` buys: an upstream that asks for a day is asked again
+/// within minutes (its operator may have fixed it), and a hostile one cannot shut a pool.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -249,6 +256,10 @@ impl Pool {
                 s.errors += 1;
                 rest
             }
+            Outcome::RetryAfter(_) => {
+                s.errors += 1;
+                true
+            }
             Outcome::Timeout => {
                 s.timeouts += 1;
                 true
@@ -267,12 +278,17 @@ impl Pool {
                 .cooldown
                 .saturating_mul(1 << doublings)
                 .min(self.max_cooldown);
+            let asked = match outcome {
+                Outcome::RetryAfter(wait) => wait.min(MAX_RETRY_AFTER),
+                _ => Duration::ZERO,
+            };
             s.failures_in_row += 1;
-            s.resting_until = Some(now + pause);
+            s.resting_until = Some(now + pause.max(asked));
         }
     }
 
     /// Indices of the upstreams not resting now.
+    #[cfg(test)]
     pub fn up(&self, now: Instant) -> Vec<usize> {
         let states = self.states.lock().unwrap();
         (0..states.len())
@@ -544,6 +560,32 @@ mod tests {
         probe.finish(Outcome::Ok, None, t2);
         assert!(pool.status(t2)[0]["up"].as_bool().unwrap());
         assert_eq!(pool.status(t2)[0]["failures_in_row"], 0);
+    }
+
+    #[test]
+    fn retry_after_sets_a_longer_rest_within_its_limit() {
+        let pool = pool(1);
+        let now = Instant::now();
+        let rest_ms = |pool: &Arc<Pool>| pool.status(now)[0]["resting_for_ms"].as_u64();
+        let l = pool.lease(Choice::Any { skip: &[] }, now).unwrap();
+        l.finish(Outcome::RetryAfter(Duration::from_secs(45)), None, now);
+        assert_eq!(rest_ms(&pool), Some(45_000));
+        let later = now + Duration::from_secs(46);
+        let l = pool.lease(Choice::Any { skip: &[] }, later).unwrap();
+        // Shorter than the cooldown (20 s after one failure): the cooldown wins.
+        l.finish(Outcome::RetryAfter(Duration::from_secs(1)), None, later);
+        assert_eq!(pool.status(later)[0]["resting_for_ms"], 20_000);
+        let later = later + Duration::from_secs(21);
+        let l = pool.lease(Choice::Any { skip: &[] }, later).unwrap();
+        l.finish(
+            Outcome::RetryAfter(Duration::from_secs(86_400)),
+            None,
+            later,
+        );
+        assert_eq!(
+            pool.status(later)[0]["resting_for_ms"],
+            MAX_RETRY_AFTER.as_millis() as u64
+        );
     }
 
     #[test]
