@@ -332,6 +332,36 @@ pub struct ServeArgs {
     /// commentary's language (KIBITZ_LANGUAGE, not LANGUAGE, which the system sets).
     #[command(flatten)]
     pub voice: VoiceArgs,
+    #[command(flatten)]
+    pub webrtc: WebRtcArgs,
+}
+
+/// WebRTC: WHEP viewers and WHIP publishers on one UDP socket, on `--bind`'s address.
+#[derive(Debug, Clone, Args)]
+pub struct WebRtcArgs {
+    /// The UDP port of every WebRTC session (on `--bind`'s address; 0 picks a free one).
+    #[arg(long, env = "WEBRTC_PORT", default_value_t = 8199)]
+    pub webrtc_port: u16,
+    /// The address peers reach this server at, behind a NAT (announced instead of the
+    /// machine's own addresses).
+    #[arg(long, env = "WEBRTC_PUBLIC_IP")]
+    pub webrtc_public_ip: Option<String>,
+    /// STUN/TURN servers for pages (`stun:host:3478`, `turn:user:pass@host`), comma
+    /// separated; the server itself needs none (ICE-lite).
+    #[arg(long, env = "WEBRTC_ICE_SERVERS", value_delimiter = ',')]
+    pub webrtc_ice_servers: Vec<String>,
+    /// Most WebRTC viewers of one stream; a WHEP offer past it gets 429.
+    #[arg(long, env = "MAX_VIEWERS", default_value_t = 200)]
+    pub max_viewers: usize,
+    /// H.264 bitrate of each stream's WebRTC picture, in kbit/s.
+    #[arg(long, env = "WEBRTC_BITRATE", default_value_t = 2000)]
+    pub webrtc_bitrate: u32,
+    /// Seconds a WHIP stream waits for its publisher to come back before it ends.
+    #[arg(long, env = "WEBRTC_PUBLISHER_TIMEOUT", default_value_t = 30.0)]
+    pub webrtc_publisher_timeout: f64,
+    /// No WebRTC: no UDP socket, WHEP and WHIP answer 503.
+    #[arg(long, env = "NO_WEBRTC")]
+    pub no_webrtc: bool,
 }
 
 #[derive(Debug, Clone, Args)]

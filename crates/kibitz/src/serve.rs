@@ -60,12 +60,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     start_streams(&streams, &settings).await?;
     let history = open_history(&streams, &settings).await?;
     let shutdown = CancellationToken::new();
+    let webrtc = match settings.webrtc.clone() {
+        Some(config) => {
+            let bind = config.bind;
+            Some(
+                kibitz_webrtc::WebRtc::start(config, streams.clone(), shutdown.clone())
+                    .await
+                    .with_context(|| format!("cannot open the WebRTC socket udp {bind} (--webrtc-port; --no-webrtc turns it off)"))?,
+            )
+        }
+        None => None,
+    };
     let state = AppState::new(Parts {
         streams: streams.clone(),
         access: Access::new(settings.token.clone(), settings.token_for_viewing),
         profiles: Profiles::names().into_iter().map(String::from).collect(),
         shutdown: shutdown.clone(),
         history: history.clone(),
+        webrtc,
     });
 
     let stop = shutdown.clone();

@@ -26,6 +26,8 @@ pub struct Settings {
     pub webhook: Option<(String, Option<String>)>,
     /// Where the history goes, and for how long; `None` when off.
     pub history: Option<(PathBuf, Duration)>,
+    /// WHEP and WHIP; `None` with `--no-webrtc`.
+    pub webrtc: Option<kibitz_webrtc::WebRtcConfig>,
 }
 
 impl Settings {
@@ -34,6 +36,7 @@ impl Settings {
         let mut problems: Vec<String> = Vec::new();
         let bind = check_server(&args, &mut problems);
         let history = history(&args, &mut problems);
+        let webrtc = bind.and_then(|bind| webrtc(&args.webrtc, bind, &mut problems));
         problems.extend(crate::engine::problems(&args.engine));
         let voice = crate::say::options(&args.voice)
             .map_err(|e| problems.push(e.to_string()))
@@ -78,8 +81,64 @@ impl Settings {
             voice: voice.expect("checked above"),
             webhook: args.webhook.map(|url| (url, args.webhook_secret)),
             history,
+            webrtc,
         })
     }
+}
+
+/// The WebRTC flags: the socket on `--bind`'s address, the limits.
+fn webrtc(
+    args: &crate::flags::WebRtcArgs,
+    bind: SocketAddr,
+    problems: &mut Vec<String>,
+) -> Option<kibitz_webrtc::WebRtcConfig> {
+    if args.no_webrtc {
+        return None;
+    }
+    let public_ip = args.webrtc_public_ip.as_deref().and_then(|ip| {
+        ip.trim()
+            .parse()
+            .map_err(|_| {
+                problems.push(format!(
+                    "--webrtc-public-ip (WEBRTC_PUBLIC_IP) '{ip}' is not an IP address like 203.0.113.7"
+                ))
+            })
+            .ok()
+    });
+    if args.max_viewers == 0 {
+        problems.push("--max-viewers (MAX_VIEWERS) must be at least 1".into());
+    }
+    if !(100..=50_000).contains(&args.webrtc_bitrate) {
+        problems.push(format!(
+            "--webrtc-bitrate (WEBRTC_BITRATE) {} kbit/s is outside 100 to 50000",
+            args.webrtc_bitrate
+        ));
+    }
+    let timeout = args.webrtc_publisher_timeout;
+    if !(timeout.is_finite() && (1.0..=3600.0).contains(&timeout)) {
+        problems.push(format!(
+            "--webrtc-publisher-timeout (WEBRTC_PUBLISHER_TIMEOUT) {timeout} s is outside 1 to 3600"
+        ));
+        return None;
+    }
+    for url in &args.webrtc_ice_servers {
+        if !["stun:", "stuns:", "turn:", "turns:"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
+            problems.push(format!(
+                "--webrtc-ice-servers (WEBRTC_ICE_SERVERS) '{url}' is not a stun: or turn: URL"
+            ));
+        }
+    }
+    Some(kibitz_webrtc::WebRtcConfig {
+        bind: SocketAddr::new(bind.ip(), args.webrtc_port),
+        public_ip,
+        ice_servers: args.webrtc_ice_servers.clone(),
+        max_viewers: args.max_viewers,
+        bitrate_bps: args.webrtc_bitrate * 1000,
+        publisher_timeout: Duration::from_secs_f64(timeout),
+    })
 }
 
 /// The commentary flags as every stream's defaults, for `serve` and `annotate` alike. The

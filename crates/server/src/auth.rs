@@ -70,6 +70,10 @@ pub const MAX_SESSIONS: usize = 4096;
 /// it would tell a viewer without the token which streams exist.
 const OPEN_FOR_VIEWING: &[&str] = &["/", "/streams/*", "/app.js", "/app.css", "/healthz"];
 
+/// Paths where every method is viewing, not changing: a WHEP viewer `POST`s its offer
+/// and `DELETE`s its session, and follows the viewing rule like any `GET`.
+const VIEWING_ANY_METHOD: &[&str] = &["/api/streams/*/whep", "/api/streams/*/whep/*"];
+
 /// Always reaches its handler, which does its own checking (see the module doc).
 const SESSION_PATH: &str = "/api/session";
 
@@ -139,7 +143,9 @@ impl Access {
         if !self.token_required() || path == SESSION_PATH {
             return false;
         }
-        let reads = method == Method::GET || method == Method::HEAD;
+        let reads = method == Method::GET
+            || method == Method::HEAD
+            || VIEWING_ANY_METHOD.iter().any(|p| path_matches(p, path));
         if !reads {
             return true;
         }
@@ -713,6 +719,12 @@ mod tests {
         assert!(!viewing.needs_token(&Method::GET, "/streams/cam"));
         assert!(!viewing.needs_token(&Method::HEAD, "/"));
         assert!(viewing.needs_token(&Method::POST, "/healthz"));
+        // WHEP is viewing: open with a token for changes only, closed with one for viewing.
+        assert!(!access.needs_token(&Method::POST, "/api/streams/cam/whep"));
+        assert!(!access.needs_token(&Method::DELETE, "/api/streams/cam/whep/abc"));
+        assert!(viewing.needs_token(&Method::POST, "/api/streams/cam/whep"));
+        // WHIP makes a stream: a change.
+        assert!(access.needs_token(&Method::POST, "/api/streams/cam/whip"));
         assert!(!Access::open().needs_token(&Method::DELETE, "/api/streams/cam"));
     }
 

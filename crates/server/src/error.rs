@@ -25,6 +25,9 @@ pub enum ApiError {
     /// The id is taken.
     #[error("{0}")]
     Conflict(String),
+    /// The route does not take this method (`PATCH` on a WebRTC session).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// Too much at once, or too many streams; the client may retry later.
     #[error("{0}")]
     Busy(String),
@@ -43,6 +46,7 @@ impl ApiError {
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -65,6 +69,21 @@ impl From<StreamError> for ApiError {
             StreamError::NotFound(_) => ApiError::NotFound(e.to_string()),
             StreamError::Stopped => ApiError::Unavailable(e.to_string()),
             StreamError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<kibitz_webrtc::WebRtcError> for ApiError {
+    fn from(e: kibitz_webrtc::WebRtcError) -> ApiError {
+        use kibitz_webrtc::WebRtcError as E;
+        match e {
+            E::BadOffer(_) => ApiError::BadRequest(e.to_string()),
+            E::NotFound(_) => ApiError::NotFound(e.to_string()),
+            E::TooManyViewers(_) => ApiError::Busy(e.to_string()),
+            E::Conflict(_) => ApiError::Conflict(e.to_string()),
+            E::Stream(e) => e.into(),
+            E::Stopped => ApiError::Unavailable(e.to_string()),
+            E::Internal(detail) => ApiError::Internal(detail),
         }
     }
 }

@@ -102,6 +102,8 @@ pub struct Options {
     pub alert_sink: Option<Arc<dyn kibitz_stream::AlertSink>>,
     /// A history in memory (recording every stream), or none.
     pub history: bool,
+    /// WebRTC with this setup (bind it to `127.0.0.1:0`), or off.
+    pub webrtc: Option<kibitz_webrtc::WebRtcConfig>,
 }
 
 impl Default for Options {
@@ -132,6 +134,7 @@ impl Default for Options {
             engine_override: None,
             alert_sink: None,
             history: false,
+            webrtc: None,
         }
     }
 }
@@ -190,12 +193,22 @@ impl Harness {
             streams.add_output(kibitz_stream::history::output(history.clone()));
             history
         });
+        let shutdown = CancellationToken::new();
+        let webrtc = match options.webrtc.clone() {
+            Some(config) => Some(
+                kibitz_webrtc::WebRtc::start(config, streams.clone(), shutdown.clone())
+                    .await
+                    .expect("the WebRTC socket binds"),
+            ),
+            None => None,
+        };
         let state = AppState::new(Parts {
             streams: streams.clone(),
             access: Access::new(options.token.clone(), options.token_for_viewing),
             profiles: profiles(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             history,
+            webrtc,
         });
         Harness {
             state,

@@ -28,6 +28,11 @@
 //! | `GET /api/profiles` | profile names, voices offered |
 //! | `GET /api/clock` | the server's time (unix ms), for scheduling speech clips |
 //! | `GET`/`POST`/`DELETE /api/session` | token → cookie for the page |
+//! | `POST /api/streams/{id}/whep` | WHEP: an SDP offer → `201`, the answer, `Location: …/whep/{session}` |
+//! | `DELETE /api/streams/{id}/whep/{session}` | ends a viewer (`PATCH`: `405`, no trickle ICE) |
+//! | `POST /api/streams/{id}/whip` | WHIP: publishes the stream `{id}` (control rule) |
+//! | `DELETE /api/streams/{id}/whip/{session}` | ends the publisher and its stream |
+//! | `GET /api/webrtc` | `{enabled, ice_servers, whep, whip, max_viewers}` for pages |
 //! | `GET /metrics`, `GET /healthz` | Prometheus text (label `stream`), health |
 
 use std::time::Duration;
@@ -55,6 +60,7 @@ mod mjpeg;
 mod page;
 mod speech;
 mod state;
+mod webrtc;
 
 pub use alerts::{hmac_sha256, sink as alert_sink, Webhook};
 pub use error::{ApiError, ServerError};
@@ -110,6 +116,17 @@ pub fn router(state: AppState) -> Router {
         .route("/api/instruction", post(api::instruction))
         .route("/api/profiles", get(api::profiles))
         .route("/api/clock", get(api::clock))
+        .route("/api/webrtc", get(webrtc::info))
+        .route("/api/streams/{id}/whep", post(webrtc::whep))
+        .route(
+            "/api/streams/{id}/whep/{session}",
+            axum::routing::delete(webrtc::end).patch(webrtc::trickle),
+        )
+        .route("/api/streams/{id}/whip", post(webrtc::whip))
+        .route(
+            "/api/streams/{id}/whip/{session}",
+            axum::routing::delete(webrtc::end).patch(webrtc::trickle),
+        )
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(api::healthz))
         .layer(TimeoutLayer::with_status_code(

@@ -26,6 +26,8 @@ pub struct Parts {
     pub shutdown: CancellationToken,
     /// What was said, searchable; `None` with `--history off`.
     pub history: Option<kibitz_history::History>,
+    /// WHEP viewers and WHIP publishers; `None` with `--no-webrtc`.
+    pub webrtc: Option<kibitz_webrtc::WebRtc>,
 }
 
 /// The one state every handler gets. Cheap to clone.
@@ -43,6 +45,7 @@ pub(crate) struct Shared {
     pub started: Instant,
     pub questions: crate::ask::RateLimit,
     pub history: Option<kibitz_history::History>,
+    pub webrtc: Option<kibitz_webrtc::WebRtc>,
 }
 
 /// Server-wide counts for `/metrics`; per-stream counts live in each stream's status.
@@ -68,6 +71,7 @@ impl AppState {
                 started: Instant::now(),
                 questions: crate::ask::RateLimit::default(),
                 history: parts.history,
+                webrtc: parts.webrtc,
             }),
         }
     }
@@ -78,6 +82,10 @@ impl AppState {
 
     pub fn streams(&self) -> &Streams {
         &self.shared.streams
+    }
+
+    pub fn webrtc(&self) -> Option<&kibitz_webrtc::WebRtc> {
+        self.shared.webrtc.as_ref()
     }
 
     pub fn shutdown(&self) -> &CancellationToken {

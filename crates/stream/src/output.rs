@@ -217,7 +217,10 @@ impl StreamOutput {
                 _ = stopped.cancelled() => false,
             };
             run.cancel();
-            let _ = task.await;
+            // A finished task's handle must not be polled again.
+            if !ended_by_itself {
+                let _ = task.await;
+            }
             if stopped.is_cancelled() {
                 return;
             }

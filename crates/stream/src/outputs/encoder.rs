@@ -1,5 +1,5 @@
 //! The speech encoder: the continuous Ogg/Opus stream's frames, made while anyone reads it
-//! ([`crate::speech::READER`]); the stream runs it on that demand, so with no reader no
+//! ([`crate::speech::OPUS_READERS`]: the Ogg stream, WebRTC viewers); the stream runs it on that demand, so with no reader no
 //! encoder exists. When each frame is due and what it carries is the
 //! [`crate::speech::Pacer`]'s decision; this loop only feeds it the queued clips, sleeps
 //! until its deadline, encodes, and sends.
@@ -7,11 +7,11 @@
 use kibitz_voice::{OpusEncoder, Pcm, OPUS_RATE};
 
 use crate::output::{Output, OutputContext, StreamOutput, Task};
-use crate::speech::{FrameAudio, Pacer, Step, FRAME_TIME, READER};
+use crate::speech::{FrameAudio, Pacer, Step, FRAME_TIME, OPUS_READERS};
 
 /// The encoder, as the registry runs it on every stream.
 pub(crate) fn output() -> StreamOutput {
-    StreamOutput::new(Encoder).while_attached(&[READER])
+    StreamOutput::new(Encoder).while_attached(OPUS_READERS)
 }
 
 #[derive(Clone)]

@@ -15,7 +15,7 @@ use kibitz_voice::{Pcm, Resampler, Voice, OPUS_RATE};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::output::{Output, OutputContext, StreamOutput, Task};
-use crate::speech::{About, Clip, Placement, ANSWER_CLIPS, LISTENING, READER};
+use crate::speech::{About, Clip, Placement, ANSWER_CLIPS, LISTENING, OPUS_READERS};
 use crate::stream::StreamHandle;
 
 /// The speaker, as the registry runs it on every stream.
@@ -153,7 +153,7 @@ async fn say(handle: &StreamHandle, voice: Arc<dyn Voice>, said: Said) {
     };
     let _ = handle.control(Control::SpeakingUntil(until));
     let n = said.clip_number();
-    if handle.running(READER) > 0 {
+    if OPUS_READERS.iter().any(|name| handle.running(name) > 0) {
         let at48 = Resampler::convert(&pcm, OPUS_RATE);
         speech.queue(start, Arc::new(at48.samples));
     }

@@ -36,8 +36,12 @@ pub use timeline::{About, Clip, Placement, SpeechTimeline, DELIVERY, MAX_LATE};
 pub const LISTENER: &str = "listener";
 /// The output name of a reader of the continuous Ogg/Opus stream.
 pub const READER: &str = "speech";
+/// The output name of a WebRTC viewer (WHEP), which takes the same Opus frames.
+pub const WEBRTC: &str = "webrtc";
+/// Whoever takes the continuous stream's Opus frames: the encoder runs while one does.
+pub const OPUS_READERS: &[&str] = &[READER, WEBRTC];
 /// Who counts as listening.
-pub const LISTENING: &[&str] = &[LISTENER, READER];
+pub const LISTENING: &[&str] = &[LISTENER, READER, WEBRTC];
 
 /// Clips kept for the page to fetch (`/api/streams/{id}/speech/clips/{n}`).
 const CLIPS_KEPT: usize = 16;
