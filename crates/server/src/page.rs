@@ -154,6 +154,9 @@ mod tests {
             "/api/alerts",
             "/api/history?",
             "/history.vtt`",
+            "/whep`",
+            "/whip`",
+            "/api/webrtc",
         ] {
             assert!(
                 SCRIPT.contains(api) || INDEX.contains(api),

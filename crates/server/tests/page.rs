@@ -5,7 +5,9 @@
 //! state and latest comment; a tile opens the stream's own view with the moving picture
 //! and the commentary; profile, instruction, adding and removing reach the server; and
 //! with a token the page asks for it once and keeps it out of every URL; and with sound on
-//! the spoken comments are scheduled at the moment their picture shows.
+//! the spoken comments are scheduled at the moment their picture shows; and over WebRTC the
+//! view plays picture, sound and words from one connection and the overview publishes a
+//! (fake) camera.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -160,6 +162,17 @@ impl Browser {
         self.command(
             "POST",
             "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
+    /// Runs `script` as an asynchronous WebDriver script: it ends by calling
+    /// `arguments[arguments.length - 1]` with its result.
+    async fn run_async(&self, script: &str) -> Value {
+        self.command(
+            "POST",
+            "/execute/async",
             Some(json!({ "script": script, "args": [] })),
         )
         .await
@@ -1408,4 +1421,123 @@ async fn a_first_run_shows_the_picture_and_the_download_then_the_commentary() {
             "return document.getElementById('readiness').hidden && window.kibitz.comments > 0;",
         )
         .await;
+}
+
+/// `window.kibitz.webrtcStats()`: the page's WebRTC connection as `getStats()` reports it.
+async fn webrtc_stats(browser: &Browser) -> Value {
+    browser
+        .run_async(
+            "const done = arguments[arguments.length - 1];
+             window.kibitz.webrtcStats().then(done, (e) => done({ error: String(e) }));",
+        )
+        .await
+}
+
+/// WebRTC both ways in a real browser, on loopback: the stream view plays over WHEP
+/// (frames decoded, Opus packets, the events on the data channel and the words shown from
+/// them) and stops the Motion JPEG picture; and the overview publishes Chromium's fake
+/// camera over WHIP as a new stream, which gets pictures and commentary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_plays_over_webrtc_and_publishes_a_fake_camera_over_whip() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let site = Site::start(Options {
+        webrtc: Some(kibitz_webrtc::WebRtcConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            publisher_timeout: Duration::from_secs(5),
+            ..kibitz_webrtc::WebRtcConfig::default()
+        }),
+        ..streams(&["s1"], None)
+    })
+    .await;
+    let browser = Browser::start_with(&[
+        "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        "--allow-loopback-in-peer-connection",
+    ])
+    .await;
+    browser.goto(&site.url("/streams/s1")).await;
+    browser
+        .wait_for(
+            "the view shows the picture over WebRTC, not Motion JPEG",
+            "const k = window.kibitz;
+             return k.transport === 'webrtc' && k.webrtc.frames > 10
+               && document.getElementById('transport').textContent === 'WebRTC'
+               && !document.getElementById('picture').getAttribute('src');",
+        )
+        .await;
+    browser
+        .wait_for(
+            "comments arrive on the data channel and are shown",
+            "const k = window.kibitz;
+             return k.webrtc.messages > 0 && k.comments >= 2 && k.webrtc.sseSkipped > 0;",
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stats = loop {
+        let stats = webrtc_stats(&browser).await;
+        let enough = stats["framesDecoded"].as_u64().unwrap_or(0) >= 25
+            && stats["audioPackets"].as_u64().unwrap_or(0) >= 25
+            && stats["channelMessages"].as_u64().unwrap_or(0) >= 1;
+        if enough {
+            break stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "getStats() stayed short: {stats}; page: {}",
+            browser
+                .run("return JSON.stringify(window.kibitz.webrtc);")
+                .await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(stats["codec"], "video/H264", "{stats}");
+    // The frames the words were tagged with were seen on screen (Chromium reports each
+    // frame's RTP timestamp), so the words waited for them rather than showing at once.
+    let webrtc = browser
+        .run("const w = window.kibitz.webrtc; return { rtp: w.rtp, held: w.held };")
+        .await;
+    assert!(webrtc["rtp"].is_u64(), "no RTP timestamps: {webrtc}");
+    assert!(webrtc["held"].as_u64().unwrap_or(0) > 0, "{webrtc}");
+
+    // The overview: this browser's (fake) camera becomes stream `cam`.
+    browser.goto(&site.url("/")).await;
+    browser
+        .wait_for(
+            "the overview is up",
+            "return window.kibitz.view === 'overview' && !!window.kibitz.tiles.s1;",
+        )
+        .await;
+    browser.type_into("#add-id", "cam").await;
+    browser.click("#camera-start").await;
+    browser
+        .wait_for(
+            "the camera connects",
+            "const c = window.kibitz.camera;
+             return !!c && c.id === 'cam' && c.state === 'connected'
+               && !document.getElementById('camera-preview').hidden;",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the published camera is a stream with pictures and commentary",
+            "const t = window.kibitz.tiles.cam;
+             return !!t && t.state === 'live' && t.fresh >= 2 && !!t.comment;",
+        )
+        .await;
+    let status = site.json("/api/streams/cam/status").await;
+    assert!(
+        status["source"]["frames"].as_u64().unwrap_or(0) > 0,
+        "the camera stream has no frames: {status}"
+    );
+    browser.click("#camera-stop").await;
+    browser
+        .wait_for(
+            "the camera stops",
+            "return window.kibitz.camera.state === 'stopped'
+               && document.getElementById('camera-preview').hidden;",
+        )
+        .await;
+    drop(browser);
+    site.stop().await;
 }

@@ -5,10 +5,14 @@
 //   streams' events come over ONE `EventSource("/api/events")`, so a page with many
 //   streams holds one event connection, and thumbnails fetch `/frame` (one small JPEG)
 //   rather than holding an MJPEG stream each.
-// - `/streams/{id}`: one stream: its delayed MJPEG picture, its commentary as it streams
+// - `/streams/{id}`: one stream: its delayed picture, its commentary as it streams
 //   in, the profile picker and instruction box. The picture is already as late as the
 //   commentary needs (the server shows frames `target_delay` behind), so tokens are shown
-//   the moment they arrive. With sound on (one click: browsers allow audio only after
+//   the moment they arrive. The picture comes over WebRTC (WHEP: video, the spoken
+//   commentary as its sound, and the events on a data channel, each tagged with the RTP
+//   timestamp of its frame and shown when that frame is), with Motion JPEG as the
+//   fallback, shown at once and until WebRTC shows a frame; see "the picture". Without
+//   WebRTC sound works as follows. With sound on (one click: browsers allow audio only after
 //   one), the event stream is reopened with `?sound=on`, which makes the page a listener
 //   (the server speaks only while someone listens), and each `speech` event's WAV clip is
 //   played with Web Audio at its `play_at`: server time, turned into this page's time by
@@ -23,6 +27,8 @@
 // and has a question box: `POST /ask`, whose answer streams into the same list as the
 // comments (from the response body and from the `answer_*` events, which also bring the
 // answers to other viewers' questions).
+//
+// The overview can also publish this device's camera as a new stream over WebRTC (WHIP).
 //
 // The token: browsers cannot put headers on <img>, EventSource or WebSocket. When the
 // server answers 401 the page asks for the token, sends it once as `Authorization:
@@ -59,6 +65,18 @@ const ALERT_RECENT_MS = 15 * 60 * 1000;
 /// An alert clip's pictures a second when played here, for a clip whose pictures carry no
 /// capture time (the server stamps each one; see `clipTime`).
 const CLIP_FPS = 10;
+/// WebRTC: the pause before trying again after a failure, doubling up to the cap.
+const WEBRTC_RETRY_MS = 2000;
+const WEBRTC_RETRY_MAX_MS = 60000;
+/// WebRTC: a connection that shows no frame this long after its answer counts as failed.
+const WEBRTC_FIRST_FRAME_MS = 10000;
+/// WebRTC: a connection "disconnected" this long counts as lost.
+const WEBRTC_DISCONNECTED_MS = 5000;
+/// WebRTC: how long to wait for this browser's ICE candidates before sending the offer
+/// (the server is ICE-lite and takes no trickled candidates; host ones come at once).
+const ICE_GATHER_MS = 1000;
+/// Words from the data channel wait for their frame at most this long (a stalled video).
+const WORDS_WAIT_MAX_MS = 10000;
 
 // Exposed for curious users and for the browser test.
 const kibitz = {
@@ -104,6 +122,17 @@ const kibitz = {
   tiles: {},
   maxStreams: null,
   session: null,
+  // How the picture comes ("webrtc" or "mjpeg") and why; WebRTC's progress: tries,
+  // connections that showed a frame, frames shown, data-channel messages, events held for
+  // their frame and released, whether sound came, the presented frame's RTP timestamp.
+  transport: null,
+  transportWhy: "",
+  webrtc: {
+    state: "off", attempts: 0, connects: 0, frames: 0, messages: 0, held: 0, released: 0,
+    sseSkipped: 0, audio: false, rtp: null, error: null,
+  },
+  // The camera published from this page (WHIP): {id, state, error}.
+  camera: null,
 };
 window.kibitz = kibitz;
 
@@ -331,9 +360,9 @@ sampler.width = 16;
 sampler.height = 9;
 const sampleContext = sampler.getContext("2d", { willReadFrequently: true });
 
-/// A hash of `img`'s pixels, or null while it cannot be drawn.
+/// A hash of `img`'s (or a video's) pixels, or null while it cannot be drawn.
 function sample(img) {
-  if (!img.naturalWidth) return null;
+  if (!img.naturalWidth && !img.videoWidth) return null;
   try {
     sampleContext.drawImage(img, 0, 0, sampler.width, sampler.height);
     const data = sampleContext.getImageData(0, 0, sampler.width, sampler.height).data;
@@ -419,6 +448,12 @@ function startOverview() {
     if (!document.hidden) for (const tile of tiles.values()) pollThumb(tile);
   });
   $("add").addEventListener("submit", addStream);
+  $("camera-start").addEventListener("click", startCamera);
+  $("camera-stop").addEventListener("click", () => {
+    stopCamera();
+    say($("camera-message"), "camera stopped", false);
+  });
+  addEventListener("pagehide", stopCamera);
   for (const input of $("add").querySelectorAll("input, select")) {
     input.addEventListener("input", () => input.removeAttribute("aria-invalid"));
   }
@@ -756,6 +791,105 @@ async function addStream(event) {
   countTiles();
 }
 
+// ---- this device's camera as a new stream (WHIP) ---------------------------------------------
+//
+// getUserMedia, then a send-only RTCPeerConnection whose offer goes to
+// `POST /api/streams/{id}/whip` (H.264 preferred): the server makes a stream of it, which
+// appears among the tiles. It runs while this page stays open; "stop" (or leaving) ends
+// the session. Browsers give a camera only to secure pages (HTTPS, or localhost).
+
+const camera = { pc: null, media: null, location: null };
+
+function cameraState(id, state, error) {
+  kibitz.camera = { id, state, error: error || null };
+}
+
+async function startCamera() {
+  const message = $("camera-message");
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || !window.RTCPeerConnection) {
+    say(message, window.isSecureContext
+      ? "this browser cannot publish a camera"
+      : "browsers give the camera only to pages served over HTTPS (or from localhost)", true);
+    return;
+  }
+  const id = $("add-id").value.trim() || `camera-${Math.random().toString(36).slice(2, 7)}`;
+  $("camera-start").disabled = true;
+  const info = await loadWebrtcInfo();
+  if (info.enabled === false) {
+    $("camera-start").disabled = false;
+    cameraState(id, "failed", "WebRTC off");
+    say(message, "this server has WebRTC off: it takes no camera", true);
+    return;
+  }
+  cameraState(id, "asking");
+  say(message, "asking for the camera…", false);
+  try {
+    camera.media = await navigator.mediaDevices.getUserMedia({
+      video: { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 25 } },
+      audio: false,
+    });
+  } catch (err) {
+    stopCamera();
+    cameraState(id, "failed", err.message || String(err));
+    say(message, `no camera: ${err.message || err.name || err}`, true);
+    return;
+  }
+  const preview = $("camera-preview");
+  preview.srcObject = camera.media;
+  preview.hidden = false;
+  $("camera-stop").hidden = false;
+  say(message, `connecting ${id}…`, false);
+  cameraState(id, "connecting");
+  const pc = new RTCPeerConnection({ iceServers: info.iceServers });
+  camera.pc = pc;
+  for (const track of camera.media.getVideoTracks()) {
+    preferH264(pc.addTransceiver(track, { direction: "sendonly", streams: [camera.media] }), "send");
+  }
+  pc.onconnectionstatechange = () => {
+    if (camera.pc !== pc) return;
+    const state = pc.connectionState;
+    cameraState(id, state);
+    if (state === "connected") say(message, `publishing as ${id}`, false);
+    else if (state === "failed") {
+      stopCamera();
+      cameraState(id, "failed", "the WebRTC connection failed");
+      say(message, "the camera's connection failed", true);
+    }
+  };
+  let sent;
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    sent = await sendOffer(`${streamPath(id)}/whip`, pc.localDescription.sdp);
+    if (camera.pc !== pc) {
+      endSession(sent.location);
+      return;
+    }
+    if (!sent.ok) throw new Error(sent.status === 404 || sent.status === 405
+      ? "this server takes no camera over WebRTC" : sent.reason);
+    camera.location = sent.location;
+    await pc.setRemoteDescription({ type: "answer", sdp: sent.answer });
+  } catch (err) {
+    stopCamera();
+    cameraState(id, "failed", err.message || String(err));
+    say(message, `the camera was refused: ${err.message || err}`, true);
+  }
+}
+
+function stopCamera() {
+  if (camera.pc) camera.pc.close();
+  camera.pc = null;
+  endSession(camera.location);
+  camera.location = null;
+  if (camera.media) for (const track of camera.media.getTracks()) track.stop();
+  camera.media = null;
+  $("camera-preview").srcObject = null;
+  $("camera-preview").hidden = true;
+  $("camera-stop").hidden = true;
+  $("camera-start").disabled = false;
+  if (kibitz.camera && kibitz.camera.state !== "failed") kibitz.camera.state = "stopped";
+}
+
 // ==== one stream: `/streams/{id}` ==========================================================
 
 let base = null;
@@ -772,10 +906,13 @@ function startSingle(id) {
   $("title").textContent = id;
   $("source").hidden = false;
   $("single").hidden = false;
+  showTransport("mjpeg", "WebRTC is connecting");
   startPicture();
+  addEventListener("pagehide", closeViewer);
+  setInterval(() => releaseHeld(null), 500);
   // With sound on the page is one of the stream's listeners.
   const eventsUrl = () => (kibitz.sound ? `${base}/stream?sound=on` : `${base}/stream`);
-  events = listen(eventsUrl, streamEvents, (again) => {
+  events = listen(eventsUrl, sseStreamEvents, (again) => {
     // After an outage the picture connection is likely gone as well.
     if (again) startPicture();
     refreshStatus();
@@ -809,22 +946,46 @@ function startSingle(id) {
   });
 }
 
+/// (Re)starts the picture: Motion JPEG at once unless WebRTC shows it already, and a
+/// WebRTC connection unless one is up or on its way.
 function startPicture() {
+  if (kibitz.transport !== "webrtc") startMjpeg();
+  if (!viewer.pc) startWebrtc();
+}
+
+function startMjpeg() {
   clearTimeout(pictureRetry);
   // A fresh URL each time, so no cache hands back an old connection's picture.
   picture.src = `${base}/mjpeg?since=${Date.now()}`;
 }
 
+function stopMjpeg() {
+  clearTimeout(pictureRetry);
+  picture.removeAttribute("src");
+}
+
 picture.addEventListener("load", () => { $("waiting").hidden = true; });
 picture.addEventListener("error", () => {
-  if (!base) return;
+  // Removing the source (WebRTC took over) fires this too.
+  if (!base || kibitz.transport === "webrtc" || !picture.getAttribute("src")) return;
   $("waiting").hidden = false;
   $("waiting").textContent = kibitz.gone ? "this stream is not running" : "picture lost, reconnecting…";
-  pictureRetry = setTimeout(startPicture, 2000);
+  pictureRetry = setTimeout(startMjpeg, 2000);
 });
 
+function showTransport(transport, why) {
+  kibitz.transport = transport;
+  kibitz.transportWhy = why || "";
+  const label = $("transport");
+  label.dataset.transport = transport;
+  label.textContent = transport === "webrtc" ? "WebRTC" : "Motion JPEG";
+  label.title = why || (transport === "webrtc"
+    ? "picture, sound and words over one WebRTC connection"
+    : "the picture as Motion JPEG");
+}
+
 function samplePicture() {
-  const hash = sample(picture);
+  const hash = sample(kibitz.transport === "webrtc" ? video : picture);
   if (hash === null) return;
   if (kibitz.lastSample !== null && hash !== kibitz.lastSample) kibitz.pictureChanges += 1;
   kibitz.lastSample = hash;
@@ -961,6 +1122,350 @@ const streamEvents = {
     loadRules();
   },
   lagged() {},
+};
+
+// ---- the picture over WebRTC (WHEP) -----------------------------------------------------------
+//
+// One RTCPeerConnection per view: receive-only video and audio, and a data channel
+// ("events") on which the server sends the stream's events as the event stream does, each
+// also tagged with `rtp_timestamp`: the RTP timestamp of the frame its words belong to.
+// The offer goes to `POST {base}/whep` (201, the answer, and a `Location` to DELETE when
+// the view closes). Until WebRTC shows its first frame the Motion JPEG picture shows; a
+// connection that fails or is lost hands the picture back to Motion JPEG and is tried
+// again later (backing off), so the view mends itself either way.
+
+const video = $("video");
+
+/// The WebRTC side of the view. `generation` tells a connection's callbacks whether they
+/// still belong to the current one.
+const viewer = {
+  pc: null,
+  location: null,
+  channelUsed: false,
+  rtpSeen: false,
+  generation: 0,
+  backoff: WEBRTC_RETRY_MS,
+  retry: null,
+  firstFrame: null,
+  lost: null,
+};
+
+/// Events from the data channel waiting for their frame: {rtp, type, event, at}, in order.
+const heldEvents = [];
+
+/// What `GET /api/webrtc` says: {enabled (false: the server has WebRTC off; null: it did
+/// not say), iceServers (STUN/TURN for RTCPeerConnection, `[]` when it names none)}.
+let webrtcInfo = null;
+
+async function loadWebrtcInfo() {
+  if (webrtcInfo) return webrtcInfo;
+  const answer = await api("GET", "/api/webrtc", undefined, { ask: false });
+  const info = {
+    enabled: typeof answer.data.enabled === "boolean" ? answer.data.enabled : null,
+    iceServers: Array.isArray(answer.data.ice_servers) ? answer.data.ice_servers : [],
+  };
+  // A server without the endpoint (404) may still take offers; other failures are asked again.
+  if (answer.ok || answer.status === 404) webrtcInfo = info;
+  return info;
+}
+
+/// Puts H.264 first among a transceiver's codecs (what the server sends and takes), the
+/// others after it; browsers that cannot reorder keep their own order.
+function preferH264(transceiver, kind) {
+  try {
+    const capabilities = (kind === "send" ? RTCRtpSender : RTCRtpReceiver).getCapabilities("video");
+    if (!capabilities || !transceiver.setCodecPreferences) return;
+    const h264 = (c) => /h264/i.test(c.mimeType);
+    const mode1 = (c) => /packetization-mode=1/.test(c.sdpFmtpLine || "");
+    const codecs = [...capabilities.codecs].sort((a, b) =>
+      (h264(b) - h264(a)) || (mode1(b) - mode1(a)));
+    transceiver.setCodecPreferences(codecs);
+  } catch (_) {
+    // Keep the browser's order.
+  }
+}
+
+/// Resolves when the connection has its ICE candidates, or after ICE_GATHER_MS.
+function gathered(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((done) => {
+    const timer = setTimeout(done, ICE_GATHER_MS);
+    pc.addEventListener("icegatheringstatechange", () => {
+      if (pc.iceGatheringState === "complete") {
+        clearTimeout(timer);
+        done();
+      }
+    });
+  });
+}
+
+/// Sends an SDP offer (WHEP or WHIP), signing in if the server asks. Resolves with
+/// {ok, status, answer, location, reason}; never throws.
+async function sendOffer(url, sdp) {
+  const init = { method: "POST", cache: "no-store", headers: { "content-type": "application/sdp" }, body: sdp };
+  try {
+    let response = await fetch(url, init);
+    if (response.status === 401 && (await signIn({ ask: false }))) response = await fetch(url, init);
+    const text = await response.text();
+    if (!response.ok) {
+      let reason = text.trim();
+      try {
+        reason = JSON.parse(text).error || reason;
+      } catch (_) {
+        // Plain text.
+      }
+      return { ok: false, status: response.status, reason: reason || `the server said ${response.status}` };
+    }
+    const at = response.headers.get("location");
+    return { ok: true, status: response.status, answer: text, location: at && new URL(at, location.href).href };
+  } catch (_) {
+    return { ok: false, status: 0, reason: "cannot reach the server" };
+  }
+}
+
+/// Ends a WHEP/WHIP session at `url` (its Location), also while the page unloads.
+function endSession(url) {
+  if (url) fetch(url, { method: "DELETE", keepalive: true }).catch(() => {});
+}
+
+async function startWebrtc() {
+  clearTimeout(viewer.retry);
+  closeViewer();
+  if (!window.RTCPeerConnection) {
+    showTransport("mjpeg", "this browser has no WebRTC");
+    return;
+  }
+  const generation = viewer.generation;
+  const stats = kibitz.webrtc;
+  stats.attempts += 1;
+  stats.state = "connecting";
+  const info = await loadWebrtcInfo();
+  if (generation !== viewer.generation) return;
+  if (info.enabled === false) {
+    stats.state = "off";
+    showTransport("mjpeg", "this server has WebRTC off");
+    return;
+  }
+  const pc = new RTCPeerConnection({ iceServers: info.iceServers });
+  viewer.pc = pc;
+  preferH264(pc.addTransceiver("video", { direction: "recvonly" }), "receive");
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  const channel = pc.createDataChannel("events");
+  channel.onmessage = (message) => {
+    if (generation === viewer.generation) channelMessage(message.data);
+  };
+  const stream = new MediaStream();
+  pc.ontrack = (event) => {
+    if (generation !== viewer.generation) return;
+    stream.addTrack(event.track);
+    if (event.track.kind === "audio") stats.audio = true;
+    if (video.srcObject !== stream) video.srcObject = stream;
+    video.muted = !kibitz.sound;
+    video.play().catch(() => {});
+  };
+  pc.onconnectionstatechange = () => {
+    if (generation === viewer.generation) connectionChanged(pc);
+  };
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+  } catch (err) {
+    webrtcFailed(generation, `WebRTC could not start: ${err.message || err}`);
+    return;
+  }
+  if (generation !== viewer.generation) return;
+  const sent = await sendOffer(`${base}/whep`, pc.localDescription.sdp);
+  if (generation !== viewer.generation) {
+    endSession(sent.location);
+    return;
+  }
+  if (!sent.ok) {
+    const why = sent.status === 404 || sent.status === 405 || sent.status === 501
+      ? "this server offers no WebRTC for the stream"
+      : sent.status === 429 ? "the stream has all the WebRTC viewers it takes" : `WebRTC refused: ${sent.reason}`;
+    webrtcFailed(generation, why);
+    return;
+  }
+  viewer.location = sent.location;
+  try {
+    await pc.setRemoteDescription({ type: "answer", sdp: sent.answer });
+  } catch (err) {
+    webrtcFailed(generation, `the server's WebRTC answer was refused: ${err.message || err}`);
+    return;
+  }
+  watchFrames(generation);
+  viewer.firstFrame = setTimeout(() => webrtcFailed(generation, "no picture came over WebRTC"), WEBRTC_FIRST_FRAME_MS);
+}
+
+/// Counts the video's frames as they are shown, with their RTP timestamps, releasing the
+/// words that wait for them; the first one hands the view to WebRTC. Without
+/// `requestVideoFrameCallback`, the first `loadeddata` does that and words show at once.
+function watchFrames(generation) {
+  const shown = (rtp) => {
+    const stats = kibitz.webrtc;
+    stats.frames += 1;
+    if (typeof rtp === "number") {
+      viewer.rtpSeen = true;
+      stats.rtp = rtp;
+    }
+    if (kibitz.transport !== "webrtc") webrtcShowing();
+    releaseHeld(viewer.rtpSeen ? rtp : null);
+  };
+  if (!video.requestVideoFrameCallback) {
+    video.addEventListener("loadeddata", () => { if (generation === viewer.generation) shown(null); }, { once: true });
+    return;
+  }
+  const step = (_, meta) => {
+    if (generation !== viewer.generation) return;
+    shown(typeof meta.rtpTimestamp === "number" ? meta.rtpTimestamp : null);
+    video.requestVideoFrameCallback(step);
+  };
+  video.requestVideoFrameCallback(step);
+}
+
+/// WebRTC shows a frame: it takes over from Motion JPEG.
+function webrtcShowing() {
+  clearTimeout(viewer.firstFrame);
+  viewer.backoff = WEBRTC_RETRY_MS;
+  kibitz.webrtc.state = "connected";
+  kibitz.webrtc.connects += 1;
+  kibitz.webrtc.error = null;
+  showTransport("webrtc");
+  video.dataset.showing = "true";
+  $("waiting").hidden = true;
+  stopMjpeg();
+}
+
+function connectionChanged(pc) {
+  const state = pc.connectionState;
+  if (state === "connected") {
+    clearTimeout(viewer.lost);
+  } else if (state === "failed" || state === "closed") {
+    webrtcFailed(viewer.generation, `the WebRTC connection ${state}`);
+  } else if (state === "disconnected") {
+    const generation = viewer.generation;
+    clearTimeout(viewer.lost);
+    viewer.lost = setTimeout(() => webrtcFailed(generation, "the WebRTC connection was lost"), WEBRTC_DISCONNECTED_MS);
+  }
+}
+
+/// Hands the picture back to Motion JPEG and tries WebRTC again later.
+function webrtcFailed(generation, why) {
+  if (generation !== viewer.generation) return;
+  closeViewer();
+  const stats = kibitz.webrtc;
+  stats.state = "failed";
+  stats.error = why;
+  if (kibitz.transport === "webrtc" || !picture.getAttribute("src")) startMjpeg();
+  showTransport("mjpeg", `${why}; trying again in ${Math.round(viewer.backoff / 1000)} s`);
+  viewer.retry = setTimeout(() => { if (!kibitz.gone) startWebrtc(); }, viewer.backoff);
+  viewer.backoff = Math.min(viewer.backoff * 2, WEBRTC_RETRY_MAX_MS);
+}
+
+/// Closes the WebRTC connection (if any) and ends its session on the server.
+function closeViewer() {
+  viewer.generation += 1;
+  clearTimeout(viewer.firstFrame);
+  clearTimeout(viewer.lost);
+  if (viewer.pc) viewer.pc.close();
+  endSession(viewer.location);
+  viewer.pc = null;
+  viewer.location = null;
+  viewer.channelUsed = false;
+  viewer.rtpSeen = false;
+  video.dataset.showing = "false";
+  video.srcObject = null;
+  kibitz.webrtc.audio = false;
+  // Words still waiting for a frame that will not come now.
+  releaseHeld(null, true);
+}
+
+/// One data-channel message: a stream event as the event stream has it, plus the RTP
+/// timestamp of its frame. Tagged events wait for that frame (`releaseHeld`); so do
+/// untagged ones behind them, so the order holds.
+function channelMessage(data) {
+  let event;
+  try {
+    event = JSON.parse(data);
+  } catch (_) {
+    return;
+  }
+  if (!event || typeof event.type !== "string") return;
+  kibitz.webrtc.messages += 1;
+  viewer.channelUsed = true;
+  const rtp = typeof event.rtp_timestamp === "number" ? event.rtp_timestamp >>> 0 : null;
+  if ((rtp !== null && viewer.rtpSeen) || heldEvents.length) {
+    kibitz.webrtc.held += 1;
+    heldEvents.push({ rtp, type: event.type, event, at: performance.now() });
+    return;
+  }
+  handleStreamEvent(event.type, event);
+}
+
+/// Shows the held events whose frame is on screen (`rtp`: the presented frame's RTP
+/// timestamp, compared modulo 2^32), those waiting too long, or all (`all`).
+function releaseHeld(rtp, all) {
+  while (heldEvents.length) {
+    const next = heldEvents[0];
+    const due = all || next.rtp === null
+      || (rtp !== null && ((rtp - next.rtp) | 0) >= 0)
+      || performance.now() - next.at > WORDS_WAIT_MAX_MS;
+    if (!due) break;
+    heldEvents.shift();
+    kibitz.webrtc.released += 1;
+    handleStreamEvent(next.type, next.event);
+  }
+}
+
+/// The event stream's events, skipped while the data channel brings the same ones.
+const sseStreamEvents = Object.fromEntries(Object.keys(streamEvents).map((type) => [type, (e) => {
+  if (viewer.channelUsed && type !== "lagged") {
+    kibitz.webrtc.sseSkipped += 1;
+    return;
+  }
+  handleStreamEvent(type, e, "sse");
+}]));
+
+/// cycle → {via, at} of the `cycle_end`s shown lately: when the data channel takes over
+/// from the event stream, the same one may come both ways (a repeat by the same way is a
+/// new cycle of a restarted server).
+const endedCycles = new Map();
+const ENDED_CYCLES_KEPT_MS = 60000;
+
+function handleStreamEvent(type, e, via = "channel") {
+  const handle = streamEvents[type];
+  if (!handle) return;
+  if (type === "cycle_end" && typeof e.cycle === "number") {
+    const now = performance.now();
+    const seen = endedCycles.get(e.cycle);
+    if (seen && seen.via !== via && now - seen.at < ENDED_CYCLES_KEPT_MS) return;
+    endedCycles.set(e.cycle, { via, at: now });
+    for (const [cycle, { at }] of endedCycles) if (now - at > ENDED_CYCLES_KEPT_MS) endedCycles.delete(cycle);
+  }
+  try {
+    handle(e);
+  } catch (err) {
+    console.warn("kibitz: bad event", type, err);
+  }
+}
+
+/// getStats() in short, for the curious and the browser test: frames decoded, audio
+/// packets received, data-channel messages.
+kibitz.webrtcStats = async () => {
+  const out = { framesDecoded: 0, audioPackets: 0, channelMessages: 0, codec: null };
+  if (!viewer.pc) return out;
+  const report = await viewer.pc.getStats();
+  const codecs = new Map();
+  report.forEach((s) => { if (s.type === "codec") codecs.set(s.id, s.mimeType); });
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") {
+      out.framesDecoded += s.framesDecoded || 0;
+      out.codec = codecs.get(s.codecId) || out.codec;
+    }
+    if (s.type === "inbound-rtp" && s.kind === "audio") out.audioPackets += s.packetsReceived || 0;
+    if (s.type === "data-channel") out.channelMessages += s.messagesReceived || 0;
+  });
+  return out;
 };
 
 // ---- questions -------------------------------------------------------------------------------
@@ -1573,12 +2078,16 @@ function toggleSound() {
     // not say within a second is given the benefit of the doubt).
     const resumed = sound.context.resume().catch(() => {});
     kibitz.sound = true;
+    // Over WebRTC the speech is the video's own sound track.
+    video.muted = false;
+    video.play().catch(() => {});
     renderSound();
     Promise.race([resumed, new Promise((done) => setTimeout(done, 1000))]).then(() => {
       if (kibitz.sound) events.reopen();
     });
   } else {
     kibitz.sound = false;
+    video.muted = true;
     for (const clip of [...sound.playing]) stopClip(clip);
     if (sound.context) sound.context.suspend().catch(() => {});
     renderSound();
@@ -1638,6 +2147,11 @@ function wallAt(contextTime) {
 async function playSpeech(e) {
   if (!kibitz.sound || !sound.context) {
     kibitz.speechIgnored += 1;
+    return;
+  }
+  if (kibitz.transport === "webrtc" && kibitz.webrtc.audio) {
+    // The WebRTC connection brings the same speech, already in step with its picture.
+    kibitz.speechViaWebrtc = (kibitz.speechViaWebrtc || 0) + 1;
     return;
   }
   const record = {
