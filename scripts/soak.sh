@@ -23,7 +23,7 @@
 # a viewer mid-reconnect or a blocking-pool thread that has not idled out yet is not a leak;
 # a leak raises the floor.
 #
-# Env: KIBITZ_BIN (default: target/debug/kibitz, built if missing), SOAK_DIR (kept; default
+# Env: STOP_WITHIN (10 s), KIBITZ_BIN (default: target/debug/kibitz, built if missing), SOAK_DIR (kept; default
 # a temporary folder, removed on success), SAMPLE_EVERY (30; 10 for runs under 10 minutes),
 # SSE WEBSOCKET MJPEG SPEECH (client counts), CLIENT_LIFETIME, DROP_EVERY, DROP_FOR.
 #
@@ -62,8 +62,11 @@ stop_all() {
   wait 2>/dev/null || true
 }
 trap stop_all EXIT
+trap 'exit 143' TERM INT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The system python3 (it has GStreamer's bindings, and starts faster than a pyenv shim).
+py=/usr/bin/python3
+free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # The camera: up for DROP_EVERY seconds, down for DROP_FOR, again; its own child is killed
 # with it (the trap), so nothing outlives the soak.
@@ -72,7 +75,7 @@ camera() {
   local pid=""
   trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null; exit 0' TERM
   while true; do
-    /usr/bin/python3 scripts/soak/rtsp-server.py "$camera_port" >>"$dir/camera.log" 2>&1 &
+    "$py" scripts/soak/rtsp-server.py "$camera_port" >>"$dir/camera.log" 2>&1 &
     pid=$!
     sleep "$drop_every" & wait $!
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
@@ -84,17 +87,18 @@ camera &
 camera_pid=$!
 
 "$bin" make-test-model "$dir/model" >/dev/null
+: >"$dir/serve.log"
 HOME="$dir/home" "$bin" serve --bind 127.0.0.1:0 --model "$dir/model" \
   --history "$dir/history.sqlite" --state-dir "$dir/state" --voice espeak \
   --mjpeg-fps "${MJPEG_FPS:-2}" --display-max-width "${DISPLAY_MAX_WIDTH:-320}" \
-  --frames-per-inference "${FRAMES_PER_INFERENCE:-2}" \
+  --frames-per-inference "${FRAMES_PER_INFERENCE:-1}" --cycle-timeout "${CYCLE_TIMEOUT:-300}" \
   --source files=fixtures/testsrc2-360p25.mp4 --source bunny=fixtures/bigbuckbunny.mp4 \
   --source big=fixtures/testsrc2-720p25.mp4 --source cam="rtsp://127.0.0.1:$camera_port/live" \
   >"$dir/serve.log" 2>&1 &
 server_pid=$!
 port=""
 for _ in $(seq 1 120); do
-  port=$(sed -n 's|^kibitz: serving http://127.0.0.1:\([0-9]*\).*|\1|p' "$dir/serve.log" | head -1)
+  port=$(sed -n 's|^kibitz: serving http://127.0.0.1:\([0-9]*\).*|\1|p' "$dir/serve.log" | head -1 || true)
   [[ -n "$port" ]] && break
   kill -0 "$server_pid" 2>/dev/null || break
   sleep 1
@@ -103,7 +107,7 @@ done
 base="http://127.0.0.1:$port"
 echo "soak: $minutes min on $base (pid $server_pid, $bin), samples every ${every}s, warm-up ${warmup}s, in $dir"
 
-python3 scripts/soak/clients.py --base "$base" --streams files,bunny,big,cam \
+"$py" scripts/soak/clients.py --base "$base" --streams files,bunny,big,cam \
   --sse "${SSE:-50}" --ws "${WEBSOCKET:-50}" --mjpeg "${MJPEG:-100}" --speech "${SPEECH:-4}" \
   --lifetime "$lifetime" --seconds "$((total + 60))" --report "$every" >"$dir/clients.log" 2>&1 &
 clients_pid=$!
@@ -118,17 +122,20 @@ sample() {
   metrics=$(curl -s -m 10 "$base/metrics" || true)
   cycles=$(awk '/^kibitz_cycles_total/ {s += $2} END {print s + 0}' <<<"$metrics")
   reconnects=$(awk '/^kibitz_source_reconnects_total\{stream="cam"\}/ {print $2 + 0}' <<<"$metrics")
-  states=$(curl -s -m 10 "$base/api/streams" | python3 -c \
+  states=$(curl -s -m 10 "$base/api/streams" | "$py" -c \
     'import json,sys; print(" ".join(s["id"] + "=" + s["state"] for s in json.load(sys.stdin)["streams"]))' 2>/dev/null || echo "no-answer")
-  viewers=$(tail -1 "$dir/clients.log" 2>/dev/null | python3 -c \
+  viewers=$(grep '^{' "$dir/clients.log" 2>/dev/null | tail -1 | "$py" -c \
     'import json,sys; print(sum(json.loads(sys.stdin.read())["connected"].values()))' 2>/dev/null || echo 0)
   echo "$t,$rss,$fds,$conns,$((fds - conns)),$threads,$cycles,${reconnects:-0},$viewers,$states" >>"$csv"
 }
 
 echo "t_s,rss_kib,fds,connections,fds_net,threads,cycles,cam_reconnects,viewers,states" >"$csv"
 start=$SECONDS
-while ((SECONDS - start < total)); do
-  sleep "$every"
+next=$every
+while ((next <= total)); do
+  # On a schedule, not `sleep $every` after each sample: a slow sample does not stretch it.
+  ((SECONDS - start < next)) && sleep $((next - (SECONDS - start)))
+  next=$((next + every))
   kill -0 "$server_pid" 2>/dev/null || { tail -20 "$dir/serve.log" >&2; echo "soak: FAIL: the server died" >&2; exit 1; }
   sample $((SECONDS - start))
   tail -1 "$csv"
@@ -136,13 +143,20 @@ done
 
 # A clean stop: SIGTERM ends it within 10 s.
 kill "$clients_pid" 2>/dev/null; wait "$clients_pid" 2>/dev/null || true; clients_pid=""
+stop_within="${STOP_WITHIN:-10}"
 kill -TERM "$server_pid"
+stop_start=$(date +%s.%N)
 stopped=0
-for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || { stopped=1; break; }; sleep 0.1; done
-wait "$server_pid" 2>/dev/null || true
+for _ in $(seq 1 $((stop_within * 10))); do kill -0 "$server_pid" 2>/dev/null || { stopped=1; break; }; sleep 0.1; done
+stop_s=$("$py" -c "print(f'{$(date +%s.%N) - $stop_start:.1f}')")
+if ((stopped)); then
+  wait "$server_pid" 2>/dev/null || true
+else
+  kill -KILL "$server_pid" 2>/dev/null || true
+fi
 server_pid=""
 
-verdict=$(python3 - "$csv" "$warmup" <<'EOF'
+verdict=$("$py" - "$csv" "$warmup" <<'EOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 warmup = int(sys.argv[2])
@@ -166,9 +180,10 @@ out.append(f"viewers up to {served}, cycles {rows[-1]['cycles']}, camera reconne
 print(("FAIL (" + ", ".join(bad) + "): " if bad else "PASS: ") + "; ".join(out))
 EOF
 )
-((stopped)) || verdict="FAIL (no stop within 10 s of SIGTERM): $verdict"
+((stopped)) || verdict="FAIL (no stop within ${stop_within} s of SIGTERM): $verdict"
+verdict="$verdict; stopped ${stop_s} s after SIGTERM"
 echo "soak: $verdict"
-echo "soak: clients: $(tail -1 "$dir/clients.log")"
+echo "soak: clients: $(grep '^{' "$dir/clients.log" | tail -1)"
 echo "soak: samples in $csv"
 if [[ "$verdict" == PASS* ]]; then
   [[ -z "${SOAK_DIR:-}" ]] && rm -rf "$dir"

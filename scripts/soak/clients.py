@@ -81,13 +81,15 @@ class Done(Exception):
     """The connection's lifetime is over: close it as a viewer leaving would."""
 
 
-async def until(deadline, awaitable):
-    """Awaits with the server's silence capped at 60 s and the lifetime's end."""
+async def until(deadline, awaitable, silence=60):
+    """Awaits up to the lifetime's end, and up to `silence` seconds of the server saying
+    nothing (None: events may pause for as long as no comment comes)."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
+        awaitable.close()
         raise Done
     try:
-        return await asyncio.wait_for(awaitable, min(60, remaining))
+        return await asyncio.wait_for(awaitable, min(silence or remaining, remaining))
     except asyncio.TimeoutError:
         if time.monotonic() >= deadline - 0.01:
             raise Done from None
@@ -97,7 +99,8 @@ async def until(deadline, awaitable):
 async def read_stream(reader, meter, kind, deadline, separator):
     """Reads a response body until the deadline, counting bytes and messages."""
     while True:
-        chunk = await until(deadline, reader.read(65536))
+        # MJPEG and speech never pause; SSE has its keep-alive comments.
+        chunk = await until(deadline, reader.read(65536), 60)
         if not chunk:
             raise ConnectionError("closed by the server")
         meter.bytes[kind] += len(chunk)
@@ -108,7 +111,8 @@ async def read_ws(reader, writer, meter, deadline):
     """Reads WebSocket frames (unmasked from the server) until the deadline; answers
     pings with a masked pong, and a close with a close."""
     while True:
-        head = await until(deadline, reader.readexactly(2))
+        # The server sends no pings: a WebSocket is quiet until the next event.
+        head = await until(deadline, reader.readexactly(2), None)
         opcode = head[0] & 0x0F
         length = head[1] & 0x7F
         if length == 126:
