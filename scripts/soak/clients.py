@@ -57,16 +57,22 @@ class Meter:
 
 async def open_http(host, port, path, token, extra=b""):
     """Connects and sends one GET; returns (reader, writer, status, headers)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    auth = f"Authorization: Bearer {token}\r\n".encode() if token else b""
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
-        + auth
-        + extra
-        + b"\r\n"
-    )
-    await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+    try:
+        auth = f"Authorization: Bearer {token}\r\n".encode() if token else b""
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+            + auth
+            + extra
+            + b"\r\n"
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    except BaseException:
+        # A server too slow to answer: this viewer gives up and closes, as a browser would
+        # (the socket would otherwise stay open in the event loop, held by nobody).
+        writer.close()
+        raise
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     status = int(status_line.split()[1])
     headers = {}
