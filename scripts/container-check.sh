@@ -111,7 +111,7 @@ build_image() {
   fi
   echo "$(stamp) built in $((SECONDS - start)) s; $(grep -E '^ *Finished' "$work/build.log" | tail -1 | sed 's/^ *//')"
   buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$image"
-  buildah inspect --type image --format '{{.Docker.Config.Healthcheck}} user={{.Docker.Config.User}} env={{.Docker.Config.Env}}' "$image"
+  buildah inspect --type image --format '{{.Docker.Config.Healthcheck}} user={{.Docker.Config.User}} env={{.Docker.Config.Env}}' "$image"; echo
 }
 
 # `buildah run` starts no init and keeps no process after the command, so serve is started
@@ -166,7 +166,7 @@ build_runtime_only() {
     || { tail -40 "$work/build-runtime.log" >&2; echo "container-check: FAIL: the runtime stage did not build" >&2; exit 1; }
   echo "$(stamp) built in $((SECONDS - start)) s"
   buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$image"
-  buildah inspect --type image --format '{{.Docker.Config.Healthcheck}} user={{.Docker.Config.User}} env={{.Docker.Config.Env}}' "$image"
+  buildah inspect --type image --format '{{.Docker.Config.Healthcheck}} user={{.Docker.Config.User}} env={{.Docker.Config.Env}}' "$image"; echo
 }
 
 start=$SECONDS

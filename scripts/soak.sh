@@ -6,7 +6,9 @@
 # GStreamer's RTSP server) that is killed every DROP_EVERY seconds and comes back DROP_FOR
 # seconds later, so the reconnect path runs all through. Voice on (espeak-ng). The engine is
 # the real llama engine on the tiny random-weight model `kibitz make-test-model` writes: no
-# download, no GPU; its words are gibberish, its work and memory are real.
+# download, no GPU; its words are gibberish, its work and memory are real. Cycles are kept
+# cheap (1 frame, 12 tokens, MJPEG at 2 fps and 320 wide) so a 2-core machine answers every
+# stream within the short run's warm-up; the soak is about what is kept, not speed.
 # Viewers (scripts/soak/clients.py): SSE, WEBSOCKET and MJPEG readers (50, 50 and 100) and 4
 # speech readers, spread over the streams; each reconnects after a random lifetime around
 # CLIENT_LIFETIME seconds, so connections open and close all the time.
@@ -17,16 +19,17 @@
 # viewer holds one socket by design; a leaked one is a socket no viewer holds any more).
 #
 # Verdict, after a warm-up of 10 minutes (a third of runs shorter than 30 minutes) and once
-# every stream has answered twice: the floor (lowest of 3 samples) at the end against the
-# floor just after warm-up. FAIL if RSS
-# grew more than 5%, or net descriptors or threads grew at all; also if the server died,
-# did not stop within 10 s of SIGTERM, or no viewer was served. Floors, not single samples:
-# a viewer mid-reconnect or a blocking-pool thread that has not idled out yet is not a leak;
-# a leak raises the floor.
+# every stream has answered twice: the middle of 3 samples at the end against the middle of
+# the 3 just after warm-up. FAIL if net descriptors or threads grew at all, if RSS grew
+# more than 5% (runs of 10 minutes or more: shorter ones end inside the memory's warm-up,
+# ~4 minutes here, and only report it), if a long run never got warm, if the server died,
+# did not stop within STOP_WITHIN s of SIGTERM, or served no viewer.
 #
-# Env: SERVE_ARGS (more `serve` flags), SOAK_VOICE (espeak), STOP_WITHIN (10 s), KIBITZ_BIN (default: target/debug/kibitz, built if missing), SOAK_DIR (kept; default
-# a temporary folder, removed on success), SAMPLE_EVERY (30; 10 for runs under 10 minutes),
-# SSE WEBSOCKET MJPEG SPEECH (client counts), CLIENT_LIFETIME, DROP_EVERY, DROP_FOR.
+# Env: KIBITZ_BIN (default: target/debug/kibitz, built if missing), SOAK_DIR (kept;
+# default a temporary folder, removed on success), SAMPLE_EVERY (30; 10 for runs under 10
+# minutes), SSE WEBSOCKET MJPEG SPEECH (client counts), CLIENT_LIFETIME, DROP_EVERY,
+# DROP_FOR, STOP_WITHIN (10 s), SOAK_VOICE (espeak), SERVE_ARGS (more `serve` flags),
+# MJPEG_FPS, DISPLAY_MAX_WIDTH, FRAMES_PER_INFERENCE, MAX_TOKENS, CYCLE_TIMEOUT.
 #
 # Usage: scripts/soak.sh MINUTES
 set -euo pipefail
@@ -92,7 +95,8 @@ camera_pid=$!
 HOME="$dir/home" "$bin" serve --bind 127.0.0.1:0 --model "$dir/model" \
   --history "$dir/history.sqlite" --state-dir "$dir/state" --voice "${SOAK_VOICE:-espeak}" \
   --mjpeg-fps "${MJPEG_FPS:-2}" --display-max-width "${DISPLAY_MAX_WIDTH:-320}" \
-  --frames-per-inference "${FRAMES_PER_INFERENCE:-1}" --cycle-timeout "${CYCLE_TIMEOUT:-300}" \
+  --frames-per-inference "${FRAMES_PER_INFERENCE:-1}" --max-tokens "${MAX_TOKENS:-12}" \
+  --cycle-timeout "${CYCLE_TIMEOUT:-300}" \
   --source files=fixtures/testsrc2-360p25.mp4 --source bunny=fixtures/bigbuckbunny.mp4 \
   --source big=fixtures/testsrc2-720p25.mp4 --source cam="rtsp://127.0.0.1:$camera_port/live" \
   ${SERVE_ARGS:-} >"$dir/serve.log" 2>&1 &
@@ -158,35 +162,45 @@ else
 fi
 server_pid=""
 
-verdict=$("$py" - "$csv" "$warmup" <<'EOF'
+verdict=$("$py" - "$csv" "$warmup" "$minutes" <<'EOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 warmup = int(sys.argv[2])
 # Warm: past the warm-up time, and every stream has answered twice (the engine's buffers,
 # the voice, the history have all been used); memory first touched later is not a leak.
-out, bad = [], []
+out, bad, notes = [], [], []
+# Runs under 10 minutes end inside the server's warm-up of memory (buffers, the engine's,
+# the allocator's: ~4 minutes here), so they judge descriptors and threads and only report
+# RSS; the long run judges all three.
+short = int(sys.argv[3]) < 10
 after = [r for r in rows if int(r["t_s"]) >= warmup and int(r["least_cycles"]) >= 2]
 if len(after) < 4:
     # Judged from the warm-up time all the same, so a starved run still says what it saw.
-    bad.append(f"never warm: the slowest stream answered {rows[-1]['least_cycles'] if rows else 0} "
-               "times (the engine had too little CPU)")
+    never = (f"never warm: the slowest stream answered {rows[-1]['least_cycles'] if rows else 0} "
+             "times (the engine had too little CPU)")
+    (notes if short else bad).append(never)
     after = [r for r in rows if int(r["t_s"]) >= warmup]
 if len(after) < 4:
     print(f"FAIL: {len(after)} samples after warm-up, need 4")
     sys.exit()
-floor = lambda rs, k: min(int(r[k]) for r in rs)
+# The middle of 3 samples, at the start of the judged span and at its end: one sample may
+# catch a viewer between connections, a camera between reconnects or a blocking-pool thread
+# not yet idled out; a leak moves the middle.
+mid = lambda rs, k: sorted(int(r[k]) for r in rs)[len(rs) // 2]
 first, last = after[:3], after[-3:]
 for key, limit in (("rss_kib", 0.05), ("fds_net", 0), ("threads", 0)):
-    a, b = floor(first, key), floor(last, key)
+    a, b = mid(first, key), mid(last, key)
     grew = (b - a) / a if a else 0
-    out.append(f"{key} {a} -> {b} ({grew:+.1%})")
-    if b > a * (1 + limit):
+    judged = not (short and key == "rss_kib")
+    out.append(f"{key} {a} -> {b} ({grew:+.1%}{'' if judged else ', not judged in a short run'})")
+    if judged and b > a * (1 + limit):
         bad.append(key)
 served = max(int(r["viewers"]) for r in rows)
 if served == 0:
     bad.append("no viewers")
 out.append(f"judged from t={after[0]['t_s']} s; viewers up to {served}, cycles {rows[-1]['cycles']}, "
            f"camera reconnects {rows[-1]['cam_reconnects']}")
+out += notes
 print(("FAIL (" + ", ".join(bad) + "): " if bad else "PASS: ") + "; ".join(out))
 EOF
 )
