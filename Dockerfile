@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # kibitz on Debian 12, CPU only: `docker build -t kibitz .` (docs/deploy.md says how to run
 # it; Dockerfile.cuda is the NVIDIA build). The build stage has Debian's FFmpeg 5.1 headers
 # and the C/C++ tools that llama.cpp, libjpeg-turbo and SQLite are built with; the runtime
