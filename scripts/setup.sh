@@ -15,6 +15,8 @@ packages=(
   # the default voice, and phonemes for piper voices (run as a program: GPL-3, never linked)
   espeak-ng
   python3 python3-pip
+  # scripts/soak.sh's RTSP camera: GStreamer's RTSP server through the system python3
+  gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good python3-gi iproute2 curl
 )
 missing=()
 for p in "${packages[@]}"; do
