@@ -57,6 +57,8 @@ mod speech;
 mod state;
 
 pub use alerts::{hmac_sha256, sink as alert_sink, Webhook};
+#[doc(hidden)]
+pub use api::fuzzing;
 pub use error::{ApiError, ServerError};
 pub use state::{AppState, Parts};
 
