@@ -3,7 +3,7 @@
 //! allocation.
 #![no_main]
 
-use kibitz_engine::models::gguf::read_header_bytes;
+use kibitz_models::gguf::read_header_bytes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

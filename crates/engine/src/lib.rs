@@ -16,6 +16,8 @@
 //!   thread: one KV-cache sequence per stream, fed with frames as they arrive
 //!   ([`Engine::push_frame`]), and every running answer decoded in one batch.
 //! - `openai`: any OpenAI-compatible server over HTTP with SSE.
+//! - [`EngineSlot`]: the place of one of these while its model is downloaded and loaded;
+//!   it says what it waits for ([`Readiness`]) and the scheduler holds turns back meanwhile.
 //! - `fake` (feature `fake`, and in this crate's tests): scripted tokens with delays, for
 //!   tests of everything above the engine. Library builds leave it out.
 
@@ -33,11 +35,14 @@ pub mod fake;
 #[cfg(feature = "llama")]
 pub mod llama;
 pub mod metrics;
-pub mod models;
 pub mod openai;
 pub mod scheduler;
+pub mod slot;
 
+/// Model files (resolution, download, GGUF checks) are their own crate; the old path stays.
+pub use kibitz_models as models;
 pub use scheduler::{Priority, Scheduler, SchedulerStatus, Session, Turn};
+pub use slot::{EngineSlot, Readiness, ReadyState};
 
 /// Which stream a request or frame belongs to, for engines that keep state per stream (the
 /// llama engine keeps each stream's frames in its own KV-cache sequence). The scheduler makes
@@ -276,6 +281,18 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether the engine can serve now.
     fn health(&self) -> BoxFuture<'_, bool>;
+
+    /// Whether the engine is there at all (its model found and loaded). The scheduler grants
+    /// no turns while it is not; cheap, read on every grant. Only an [`EngineSlot`] is ever
+    /// not ready.
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    /// What the engine waits for before it can serve, for status, the page and `/readyz`.
+    fn readiness(&self) -> Readiness {
+        Readiness::ready()
+    }
 
     /// Extra engine-specific state for `/api/status` (per-upstream health, say).
     fn status(&self) -> serde_json::Value {

@@ -35,6 +35,11 @@
 //! with per-stream state (the llama engine's KV-cache sequence per stream) prepares it
 //! before the next request.
 //!
+//! An engine that is not there yet ([`Engine::is_ready`] false: an
+//! [`EngineSlot`](crate::EngineSlot) whose model downloads) has no room: commentary and
+//! alert checks wait for it as for a busy engine, a question is told at once why there is
+//! no answer, and [`Scheduler::wake`] lets the waiting in when it is filled.
+//!
 //! Closing a session (`Session::close`, or dropping its last handle) withdraws its waiting
 //! turns and cancels its running answer, so a removed stream frees the engine for the others
 //! at once. An engine error only ends the answer it belongs to.
@@ -218,6 +223,14 @@ impl Scheduler {
         &self.shared.engine
     }
 
+    /// The engine has more room than when turns were last granted: it became ready (an
+    /// [`EngineSlot`](crate::EngineSlot) filled). Grants waiting callers now rather than at
+    /// the next slot given back.
+    pub fn wake(&self) {
+        let mut state = self.shared.lock();
+        self.shared.dispatch(&mut state);
+    }
+
     pub fn status(&self) -> SchedulerStatus {
         let state = self.shared.lock();
         let mut waiting = Waiting::default();
@@ -265,7 +278,8 @@ impl Session {
     /// Dropping the future withdraws the caller from the queue. Fails with
     /// [`EngineError::Stopped`] when the session is or gets closed, and at once with
     /// [`EngineError::Busy`] when another caller of this session already waits at
-    /// `priority`.
+    /// `priority`. A question fails at once with [`EngineError::Unavailable`] while the
+    /// engine is not ready (its model still downloading); other callers wait for it.
     pub fn turn(
         &self,
         priority: Priority,
@@ -301,6 +315,12 @@ impl Session {
         // first, so a caller that does not wait never passes one that does.
         shared.dispatch(&mut state);
         let concurrency = shared.concurrency();
+        if concurrency == 0 {
+            return Err(EngineError::Busy(format!(
+                "the engine is not ready: {}",
+                shared.engine.readiness().message
+            )));
+        }
         if state.running >= concurrency {
             return Err(EngineError::Busy(format!(
                 "all {concurrency} engine slots are in use"
@@ -337,6 +357,13 @@ impl Session {
         let mut state = shared.lock();
         if self.inner.closed.is_cancelled() {
             return Err(self.inner.closed_error());
+        }
+        if priority == Priority::Question && !shared.engine.is_ready() {
+            // Someone waits for this answer: say why now rather than after a download.
+            return Err(EngineError::Unavailable(format!(
+                "the engine is not ready: {}",
+                shared.engine.readiness().message
+            )));
         }
         let id = self.inner.id;
         if state
@@ -489,8 +516,12 @@ impl Priority {
 
 impl Shared {
     /// What may run at once now: the engine says (it changes while an upstream rests or a
-    /// replica is down).
+    /// replica is down). Nothing while the engine is not there yet (its model is still
+    /// downloading): callers wait as for a busy engine, and [`Scheduler::wake`] lets them in.
     fn concurrency(&self) -> usize {
+        if !self.engine.is_ready() {
+            return 0;
+        }
         self.engine.parallelism().max(1)
     }
 

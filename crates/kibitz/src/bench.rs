@@ -602,15 +602,8 @@ async fn streams_engine(args: &BenchArgs, most: usize) -> anyhow::Result<Arc<dyn
     if args.engine.engine == crate::flags::EngineKind::Llama {
         use crate::flags::FlashAttn;
         use kibitz_engine::llama::{FlashAttention, LlamaConfig, LlamaEngine};
-        use kibitz_engine::models::{self, ModelQuery};
-
         let e = &args.engine;
-        let mut query = ModelQuery::new(e.model.clone(), crate::engine::cache_dir(e));
-        query.mmproj = e.mmproj.clone();
-        query.quant = e.quant.clone();
-        query.endpoint = e.hf_endpoint.trim_end_matches('/').to_string();
-        query.token = e.hf_token.clone();
-        let files = models::resolve(&query).await?;
+        let files = kibitz_engine::models::resolve(&crate::engine::model_query(e)).await?;
         let mut config = LlamaConfig::new(files.llm, files.mmproj);
         config.gpu_layers = e.gpu_layers;
         // Per stream: derived from the system prompt, 4 frames, the question and the answer

@@ -6,17 +6,33 @@ use std::time::Duration;
 
 use anyhow::bail;
 use kibitz_engine::openai::{OpenAiConfig, OpenAiEngine};
-use kibitz_engine::{Engine, Sampling};
+use kibitz_engine::{Engine, EngineInfo, EngineSlot, Readiness, ReadyState, Sampling};
 
-use crate::flags::{EngineArgs, EngineKind, SamplingArgs};
+use crate::flags::{EngineArgs, EngineKind, HubArgs, SamplingArgs};
 
-pub fn cache_dir(args: &EngineArgs) -> PathBuf {
-    args.cache_dir.clone().unwrap_or_else(|| {
+pub fn cache_dir(hub: &HubArgs) -> PathBuf {
+    hub.cache_dir.clone().unwrap_or_else(|| {
         std::env::var_os("HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."))
             .join(".cache/kibitz")
     })
+}
+
+/// What the engine flags ask for as a model: a path, or a hub repo fetched into the cache.
+pub fn model_query(args: &EngineArgs) -> kibitz_engine::models::ModelQuery {
+    let mut query = hub_query(&args.hub, &args.model, &args.quant);
+    query.mmproj = args.mmproj.clone();
+    query
+}
+
+/// `model` of quantization `quant`, from the hub and cache `hub` names.
+pub fn hub_query(hub: &HubArgs, model: &str, quant: &str) -> kibitz_engine::models::ModelQuery {
+    let mut query = kibitz_engine::models::ModelQuery::new(model, cache_dir(hub));
+    query.quant = quant.to_string();
+    query.endpoint = hub.hf_endpoint.trim_end_matches('/').to_string();
+    query.token = hub.hf_token.clone();
+    query
 }
 
 pub fn sampling(args: &SamplingArgs) -> Sampling {
@@ -196,21 +212,132 @@ pub async fn build_for(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<
     }
 }
 
+/// How long `serve` waits before it looks for a missing model again (the network may be
+/// back, or the files put in place).
+#[cfg_attr(not(feature = "media"), allow(dead_code))]
+const MODEL_RETRY: Duration = Duration::from_secs(30);
+
+/// The engine for `serve`, which must not wait for a model download: the openai engine as
+/// it is, the llama engine as an empty [`EngineSlot`] that [`fill_slot`] fills in the
+/// background (returned again, to be handed to it).
+#[cfg_attr(not(feature = "media"), allow(dead_code))]
+pub async fn for_serve(
+    args: &EngineArgs,
+) -> anyhow::Result<(Arc<dyn Engine>, Option<Arc<EngineSlot>>)> {
+    match args.engine {
+        EngineKind::Openai => {
+            let engine = build_for(args, 1).await?;
+            let info = engine.info();
+            tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
+            Ok((engine, None))
+        }
+        EngineKind::Llama => {
+            let slot = Arc::new(EngineSlot::new(EngineInfo {
+                kind: "llama".into(),
+                model: args.model.clone(),
+                backend: "not loaded".into(),
+            }));
+            Ok((slot.clone(), Some(slot)))
+        }
+    }
+}
+
+/// Finds the model (downloading it into the cache if need be, its progress told to the
+/// slot), loads it and fills the slot, then wakes the scheduler so the streams' commentary
+/// starts. A model that cannot be had now (no network and nothing cached) is looked for
+/// again every [`MODEL_RETRY`]; one that cannot be used (a bad file or setting) is told
+/// once and left. Ends early on `shutdown`.
+#[cfg_attr(not(feature = "media"), allow(dead_code))]
+pub async fn fill_slot(
+    slot: Arc<EngineSlot>,
+    args: EngineArgs,
+    streams: usize,
+    scheduler: kibitz_engine::Scheduler,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use kibitz_engine::models::{resolve, ModelError, Report};
+    use std::io::IsTerminal;
+
+    // The slot starts out "looking for model …"; a look again keeps saying what is missing
+    // until something changes (a download begins), so the page does not flicker.
+    let files = loop {
+        let mut query = model_query(&args);
+        query.progress = std::io::stderr().is_terminal();
+        let told = slot.clone();
+        query.report = Some(Report::new(move |t| {
+            told.set(Readiness::downloading(t.clone()))
+        }));
+        let retry = match resolve(&query).await {
+            Ok(files) => break files,
+            Err(e @ (ModelError::Offline { .. } | ModelError::Download { .. })) => e,
+            Err(e) => {
+                tracing::error!("no commentary: {e}");
+                slot.set(Readiness::new(ReadyState::Failed, e.to_string()));
+                return;
+            }
+        };
+        tracing::warn!(
+            "no commentary yet: {retry} (looking again every {}s)",
+            MODEL_RETRY.as_secs()
+        );
+        slot.set(Readiness::new(ReadyState::Missing, retry.to_string()));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MODEL_RETRY) => {}
+        }
+    };
+    slot.set(Readiness::new(
+        ReadyState::Loading,
+        format!("loading {}", files.llm.display()),
+    ));
+    let loaded = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        loaded = load_llama(&args, files, streams) => loaded,
+    };
+    match loaded {
+        Ok(engine) => {
+            let info = engine.info();
+            slot.fill(engine);
+            scheduler.wake();
+            tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
+        }
+        Err(e) => {
+            let line = format!("{e:#}");
+            tracing::error!("no commentary: {line}");
+            slot.set(Readiness::new(ReadyState::Failed, line));
+        }
+    }
+}
+
 #[cfg(feature = "llama")]
 async fn build_llama(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<dyn Engine>> {
+    use std::io::IsTerminal;
+
+    let mut query = model_query(args);
+    query.progress = std::io::stderr().is_terminal();
+    let files = kibitz_engine::models::resolve(&query).await?;
+    load_llama(args, files, streams).await
+}
+
+#[cfg(not(feature = "llama"))]
+async fn build_llama(_: &EngineArgs, _: usize) -> anyhow::Result<Arc<dyn Engine>> {
+    bail!("{NO_LLAMA}")
+}
+
+#[cfg(not(feature = "llama"))]
+const NO_LLAMA: &str = "this kibitz was built without the llama engine; rebuild with --features llama, or use --engine openai";
+
+/// The llama engine on `files`, for up to `streams` streams at once.
+#[cfg(feature = "llama")]
+pub async fn load_llama(
+    args: &EngineArgs,
+    files: kibitz_engine::models::ModelFiles,
+    streams: usize,
+) -> anyhow::Result<Arc<dyn Engine>> {
     use crate::flags::FlashAttn;
     use anyhow::Context;
     use kibitz_engine::llama::{FlashAttention, LlamaConfig, LlamaEngine};
-    use kibitz_engine::models::{self, ModelQuery};
-    use std::io::IsTerminal;
 
-    let mut query = ModelQuery::new(args.model.clone(), cache_dir(args));
-    query.mmproj = args.mmproj.clone();
-    query.quant = args.quant.clone();
-    query.endpoint = args.hf_endpoint.trim_end_matches('/').to_string();
-    query.token = args.hf_token.clone();
-    query.progress = std::io::stderr().is_terminal();
-    let files = models::resolve(&query).await?;
     tracing::info!(llm = %files.llm.display(), mmproj = %files.mmproj.display(), "loading model");
     let mut config = LlamaConfig::new(files.llm, files.mmproj);
     config.gpu_layers = args.gpu_layers;
@@ -243,8 +370,12 @@ async fn build_llama(args: &EngineArgs, streams: usize) -> anyhow::Result<Arc<dy
 }
 
 #[cfg(not(feature = "llama"))]
-async fn build_llama(_: &EngineArgs, _: usize) -> anyhow::Result<Arc<dyn Engine>> {
-    bail!("this kibitz was built without the llama engine; rebuild with --features llama, or use --engine openai")
+pub async fn load_llama(
+    _: &EngineArgs,
+    _: kibitz_engine::models::ModelFiles,
+    _: usize,
+) -> anyhow::Result<Arc<dyn Engine>> {
+    bail!("{NO_LLAMA}")
 }
 
 #[cfg(test)]

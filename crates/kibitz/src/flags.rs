@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Where `serve` listens, and where `healthcheck` looks, unless BIND says otherwise.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8199";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "kibitz",
@@ -44,6 +47,62 @@ pub enum Command {
     /// --inference-interval its seconds.
     #[cfg(feature = "media")]
     Annotate(AnnotateArgs),
+    /// The model cache: list what is there, download a model (with progress), remove one.
+    /// Downloading here is apart from running: `serve` then finds the files in the cache.
+    Models(ModelsArgs),
+    /// Exit 0 when a running `kibitz serve` answers `/healthz` with 200 in time, else 1 with
+    /// one line saying why (for a container's HEALTHCHECK; needs no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ModelsCommand {
+    /// The cached models: each repo's folder, size and files (`.part`: not finished).
+    List {
+        /// One JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a hub repo's LLM of one quantization and its vision projector into the
+    /// cache (resuming a broken download), with progress.
+    Pull {
+        /// The hub repo, owner/name.
+        #[arg(default_value = kibitz_engine::models::DEFAULT_MODEL)]
+        repo: String,
+        /// Quantization of the LLM file to fetch.
+        #[arg(long, env = "QUANT", default_value = kibitz_engine::models::DEFAULT_QUANT)]
+        quant: String,
+    },
+    /// Remove a repo from the cache, or with --quant only its LLM files of that
+    /// quantization (the projector stays for another).
+    Rm {
+        /// The hub repo, owner/name.
+        repo: String,
+        #[arg(long, env = "QUANT")]
+        quant: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The server's address or its health URL [default: http://ADDRESS/healthz from
+    /// --bind, with 127.0.0.1 for an address that listens on all interfaces].
+    #[arg(long, env = "HEALTHCHECK_URL")]
+    pub url: Option<String>,
+    /// The address `kibitz serve` binds, as its --bind (BIND).
+    #[arg(long, env = "BIND", default_value = DEFAULT_BIND)]
+    pub bind: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, env = "HEALTHCHECK_TIMEOUT", default_value_t = 5.0)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,19 +134,8 @@ pub struct EngineArgs {
     /// Quantization of the LLM file to pick from a repo or folder.
     #[arg(long, env = "QUANT", default_value = kibitz_engine::models::DEFAULT_QUANT)]
     pub quant: String,
-    /// Where downloaded models are kept [default: ~/.cache/kibitz].
-    #[arg(long, env = "KIBITZ_CACHE")]
-    pub cache_dir: Option<PathBuf>,
-    /// Hub address for downloads.
-    #[arg(
-        long,
-        env = "HF_ENDPOINT",
-        default_value = "https://huggingface.co",
-        hide = true
-    )]
-    pub hf_endpoint: String,
-    #[arg(long, env = "HF_TOKEN", hide_env_values = true, hide = true)]
-    pub hf_token: Option<String>,
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// Layers to offload to the GPU [default: all when llama.cpp has a GPU backend].
     #[arg(long, env = "GPU_LAYERS")]
     pub gpu_layers: Option<u32>,
@@ -162,6 +210,21 @@ pub struct EngineArgs {
         allow_negative_numbers = true
     )]
     pub engine_max_cooldown: f64,
+}
+
+/// Where models come from and are kept: shared by every command that asks a model and by
+/// `kibitz models`.
+#[derive(Debug, Clone, Args)]
+pub struct HubArgs {
+    /// Where downloaded models are kept [default: ~/.cache/kibitz].
+    #[arg(long, env = "KIBITZ_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Hub address for downloads (a mirror, or a local stand-in).
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
+    /// Hub token for gated or private repos.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
 }
 
 /// How the model samples, shared by every command that generates.
@@ -253,7 +316,7 @@ pub struct ServeArgs {
     /// the API takes network sources only). Command-line sources are not limited.
     #[arg(long, env = "MEDIA_DIR")]
     pub media_dir: Option<PathBuf>,
-    #[arg(long, env = "BIND", default_value = "127.0.0.1:8199")]
+    #[arg(long, env = "BIND", default_value = DEFAULT_BIND)]
     pub bind: String,
     /// An alert rule every stream on the command line starts with, in plain words
     /// ("a person climbs the fence"); repeat for several. Streams-file tables take
@@ -332,6 +395,68 @@ pub struct ServeArgs {
     /// commentary's language (KIBITZ_LANGUAGE, not LANGUAGE, which the system sets).
     #[command(flatten)]
     pub voice: VoiceArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// How `serve` takes connections and which browsers it answers.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Seconds a client gets to send a request's headers (also the keep-alive wait
+    /// between requests).
+    #[arg(
+        long,
+        env = "HEADER_READ_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub header_read_timeout: f64,
+    /// Seconds without a byte either way after which a connection is closed (streams
+    /// that send are never idle).
+    #[arg(
+        long,
+        env = "IDLE_TIMEOUT",
+        default_value_t = 120.0,
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: f64,
+    /// Connections served at once (kept under the open-file limit); past it only
+    /// /healthz is answered.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// A host name the server answers to besides its addresses and localhost (DNS
+    /// names pointing here, e.g. behind a proxy); repeat or separate with commas.
+    #[arg(
+        long = "allowed-host",
+        env = "ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// An origin (`https://panel.example`) whose pages may change things here besides
+    /// the server's own; repeat or separate with commas.
+    #[arg(
+        long = "allowed-origin",
+        env = "ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+    /// A reverse proxy's address whose `X-Forwarded-Proto: https` is believed (the
+    /// session cookie is then `Secure`); repeat or separate with commas.
+    #[arg(
+        long = "trusted-proxy",
+        env = "TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "IP"
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "TLS_CERT", requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

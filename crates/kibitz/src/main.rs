@@ -9,6 +9,8 @@ mod bench;
 mod describe;
 mod engine;
 mod flags;
+mod healthcheck;
+mod models;
 mod say;
 mod selftest;
 #[cfg(feature = "media")]
@@ -44,6 +46,8 @@ fn main() -> ExitCode {
             Command::Say(args) => say::run(args).await,
             #[cfg(feature = "media")]
             Command::Annotate(args) => annotate::run(args).await,
+            Command::Models(args) => models::run(args).await,
+            Command::Healthcheck(args) => healthcheck::run(args).await,
         }
     });
     match result {

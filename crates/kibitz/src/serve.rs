@@ -1,6 +1,7 @@
-//! `kibitz serve`: checks the settings, loads the engine, starts every stream the command
-//! line asks for and the ones the state file kept, serves HTTP, and stops them all on
-//! Ctrl-C or SIGTERM.
+//! `kibitz serve`: checks the settings, starts every stream the command line asks for and
+//! the ones the state file kept, serves HTTP, and stops them all on Ctrl-C or SIGTERM. The
+//! llama engine's model is found, downloaded and loaded in the background meanwhile: the
+//! video plays at once, and the page, `/api/status` and `/readyz` tell how far the model is.
 //!
 //! The stages meet in `kibitz-stream` (one stream's wiring) and `kibitz-server` (the
 //! routes); this is glue only.
@@ -22,24 +23,32 @@ use crate::settings::Settings;
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_args(args)?;
+    // Each connection is a descriptor; Linux's default soft limit (1,024) is too few.
+    let open_files = kibitz_server::listen::raise_open_file_limit();
+    tracing::debug!(?open_files, "open-file limit");
     // Cheap checks first: a taken port should not wait for a model load.
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
 
-    let engine = crate::engine::build_for(&settings.engine, settings.max_streams).await?;
-    let info = engine.info();
-    tracing::info!(engine = %info.kind, model = %info.model, backend = %info.backend, "engine ready");
+    // The llama engine's model may still have to be downloaded: the video is served
+    // meanwhile, and the commentary starts when the engine is there (see `fill_slot`).
+    let (engine, slot) = crate::engine::for_serve(&settings.engine).await?;
     // The engine's one queue, sized by the engine itself.
     let scheduler = Scheduler::new(engine);
 
     // The address actually bound (`--bind 127.0.0.1:0` picks a free port).
     let addr = listener.local_addr()?;
+    let scheme = if settings.serve.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let alert_sink = settings.webhook.clone().map(|(url, secret)| {
         kibitz_server::alert_sink(kibitz_server::Webhook::start(
             url,
             secret,
-            format!("http://{addr}"),
+            format!("{scheme}://{addr}"),
         ))
     });
     let streams = Streams::new(RegistryConfig {
@@ -66,8 +75,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         profiles: Profiles::names().into_iter().map(String::from).collect(),
         shutdown: shutdown.clone(),
         history: history.clone(),
+        origins: settings.origins.clone(),
     });
 
+    if let Some(slot) = slot {
+        tokio::spawn(crate::engine::fill_slot(
+            slot,
+            settings.engine.clone(),
+            settings.max_streams,
+            streams.scheduler().clone(),
+            shutdown.clone(),
+        ));
+    }
     let stop = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -80,11 +99,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .map(|s| format!("{}: {}", s.id(), s.spec().source_shown()))
         .collect();
     if names.is_empty() {
-        println!("kibitz: serving http://{addr} (no streams yet: add one on the page or with POST /api/streams)");
+        println!("kibitz: serving {scheme}://{addr} (no streams yet: add one on the page or with POST /api/streams)");
     } else {
-        println!("kibitz: serving http://{addr} ({})", names.join(", "));
+        println!("kibitz: serving {scheme}://{addr} ({})", names.join(", "));
     }
-    kibitz_server::serve(listener, state).await?;
+    kibitz_server::serve_with(listener, state, settings.serve.clone()).await?;
     shutdown.cancel();
     streams.stop_all().await;
     if let Some(history) = history {

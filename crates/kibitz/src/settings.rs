@@ -26,6 +26,9 @@ pub struct Settings {
     pub webhook: Option<(String, Option<String>)>,
     /// Where the history goes, and for how long; `None` when off.
     pub history: Option<(PathBuf, Duration)>,
+    /// Connection limits and TLS; the hosts and origins answered.
+    pub serve: kibitz_server::ServeOptions,
+    pub origins: kibitz_server::Origins,
 }
 
 impl Settings {
@@ -33,6 +36,7 @@ impl Settings {
     pub fn from_args(args: ServeArgs) -> anyhow::Result<Settings> {
         let mut problems: Vec<String> = Vec::new();
         let bind = check_server(&args, &mut problems);
+        let http = check_http(&args.http, &mut problems);
         let history = history(&args, &mut problems);
         problems.extend(crate::engine::problems(&args.engine));
         let voice = crate::say::options(&args.voice)
@@ -64,8 +68,11 @@ impl Settings {
         let state_dir = args
             .state_dir
             .clone()
-            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine));
+            .unwrap_or_else(|| crate::engine::cache_dir(&args.engine.hub));
+        let (serve, origins) = http.expect("checked above");
         Ok(Settings {
+            serve,
+            origins,
             bind: bind.expect("checked above"),
             streams,
             defaults,
@@ -181,6 +188,51 @@ fn check_server(args: &ServeArgs, problems: &mut Vec<String>) -> Option<SocketAd
         }
     }
     bind
+}
+
+/// The connection limits, TLS, and the hosts, origins and proxies answered.
+fn check_http(
+    args: &crate::flags::HttpArgs,
+    problems: &mut Vec<String>,
+) -> Option<(kibitz_server::ServeOptions, kibitz_server::Origins)> {
+    let before = problems.len();
+    let mut seconds = |value: f64, name: &str| {
+        if value.is_finite() && value > 0.0 && value < 1e9 {
+            Duration::from_secs_f64(value)
+        } else {
+            problems.push(format!(
+                "--{name} must be a positive number of seconds, not {value}"
+            ));
+            Duration::ZERO
+        }
+    };
+    let header_read_timeout = seconds(args.header_read_timeout, "header-read-timeout");
+    let idle_timeout = seconds(args.idle_timeout, "idle-timeout");
+    if args.max_connections == 0 {
+        problems.push("--max-connections (MAX_CONNECTIONS) must be at least 1".into());
+    }
+    let origins = kibitz_server::Origins::new(
+        &args.allowed_hosts,
+        &args.allowed_origins,
+        &args.trusted_proxies,
+    )
+    .map_err(|e| problems.extend(e))
+    .ok();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => kibitz_server::listen::tls_from_pem(cert, key)
+            .map_err(|e| problems.push(format!("--tls-cert/--tls-key: {e}")))
+            .ok(),
+        _ => None,
+    };
+    if problems.len() > before {
+        return None;
+    }
+    let limits = kibitz_server::Limits {
+        header_read_timeout,
+        idle_timeout,
+        max_connections: args.max_connections,
+    };
+    Some((kibitz_server::ServeOptions { limits, tls }, origins?))
 }
 
 /// Where the history goes (`--history`, `off` for none) and how long it keeps entries.

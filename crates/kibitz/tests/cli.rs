@@ -133,7 +133,8 @@ fn bad_models_fail_with_one_clear_line() {
         .output()
         .unwrap();
     assert_clean_failure(&out, "GGUF magic");
-    // No network: the hub is unreachable, and the message says where to put the files.
+    // No network: the hub is unreachable, and the one line says where to put the files and
+    // how to fetch them.
     let out = kibitz()
         .args([
             "describe",
@@ -146,7 +147,11 @@ fn bad_models_fail_with_one_clear_line() {
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .output()
         .unwrap();
-    assert_clean_failure(&out, "hint: download the LLM GGUF");
+    assert_clean_failure(
+        &out,
+        "run `kibitz models pull openbmb/MiniCPM-o-4_5-gguf --quant Q4_K_M`",
+    );
+    assert_clean_failure(&out, "openbmb--MiniCPM-o-4_5-gguf");
 }
 
 #[test]
@@ -238,4 +243,46 @@ fn every_stream_that_cannot_start_is_named() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).1.contains("--token"), "{}", text(&out).1);
+}
+
+/// The connection and browser flags are checked with the rest, every problem named at
+/// once, before any model loads.
+#[test]
+fn bad_http_flags_fail_with_every_problem_named() {
+    let out = kibitz()
+        .args(["serve", "--bind", "127.0.0.1:0", "--source"])
+        .arg(fixture("bigbuckbunny.mp4"))
+        .args([
+            "--idle-timeout",
+            "0",
+            "--max-connections",
+            "0",
+            "--allowed-origin",
+            "panel.example",
+            "--allowed-host",
+            "evil/x",
+            "--tls-cert",
+            "/nonexistent-cert.pem",
+            "--tls-key",
+            "/nonexistent-key.pem",
+        ])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "--idle-timeout");
+    let (_, stderr) = text(&out);
+    for needle in [
+        "--max-connections",
+        "--allowed-origin 'panel.example'",
+        "--allowed-host 'evil/x'",
+        "/nonexistent-cert.pem",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from {stderr}");
+    }
+    // One without the other is a usage error.
+    let out = kibitz()
+        .args(["serve", "--tls-cert", "/x.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("--tls-key"), "{}", text(&out).1);
 }

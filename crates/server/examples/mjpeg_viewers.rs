@@ -252,7 +252,7 @@ async fn viewer(
         .await
         .expect("connect to the server");
     socket
-        .write_all(b"GET /api/mjpeg HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .write_all(b"GET /api/mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let finder = memchr::memmem::Finder::new(CLOSING);

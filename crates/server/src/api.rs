@@ -1,5 +1,5 @@
 //! The JSON endpoints: the stream list and its changes, one stream's status, profiles,
-//! the instruction shortcut, health.
+//! the instruction shortcut, liveness (`/healthz`) and readiness (`/readyz`).
 //!
 //! Bodies are parsed here rather than by axum's `Json`, so every body gets the same
 //! answers: not JSON (or no body) → `400`; JSON of the wrong shape or with a bad value →
@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::LOCATION;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::state::{Meters, Target};
+use crate::state::{Meters, StreamId, Target};
 use crate::{ApiError, AppState};
 
 /// A health check that takes longer than this counts as down.
@@ -31,7 +31,12 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "streams": streams,
         "max_streams": state.streams().max_streams(),
-        "engine": { "kind": info.kind, "model": info.model, "backend": info.backend },
+        "engine": {
+            "kind": info.kind,
+            "model": info.model,
+            "backend": info.backend,
+            "readiness": state.engine().readiness(),
+        },
     }))
 }
 
@@ -55,7 +60,7 @@ pub(crate) async fn add(State(state): State<AppState>, body: Bytes) -> Result<Re
 /// `PATCH /api/streams/{id}`: live settings (profile, instruction, inference_interval).
 pub(crate) async fn change(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StreamId(id): StreamId,
     body: Bytes,
 ) -> Result<Json<StreamSummary>, ApiError> {
     let change: StreamSettings = parse(&body, r#"{"profile": "sports", "instruction": "..."}"#)?;
@@ -67,7 +72,7 @@ pub(crate) async fn change(
 /// `DELETE /api/streams/{id}`: `204`.
 pub(crate) async fn remove(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StreamId(id): StreamId,
 ) -> Result<StatusCode, ApiError> {
     state.streams().remove(&id).await?;
     state.count(|m: &Meters| &m.changes);
@@ -169,6 +174,8 @@ async fn engine_status(state: &AppState) -> Value {
         "model": info.model,
         "backend": info.backend,
         "healthy": healthy,
+        // What it waits for before it can comment: the download, the load, what is missing.
+        "readiness": engine.readiness(),
         "in_flight": engine.in_flight(),
         "status": engine.status(),
         "scheduler": state.streams().scheduler().status(),
@@ -197,20 +204,46 @@ pub(crate) async fn clock() -> Json<Value> {
     Json(json!({ "now_ms": kibitz_stream::unix_ms(std::time::Instant::now()) }))
 }
 
-/// 200 while the engine can serve, 503 when it cannot.
-pub(crate) async fn healthz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+/// `GET /healthz`: 200 while the process serves, whatever the engine does (a model still
+/// downloading, an upstream resting): the liveness probe. Readiness is `/readyz`.
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: 200 when the engine is there and answers its health check, else 503; the
+/// body says which in JSON: `{"ready", "state", "message", "download"?}` (the download's
+/// bytes, total, speed and time left while the model is fetched).
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let engine = state.engine();
-    match tokio::time::timeout(HEALTH_TIMEOUT, engine.health()).await {
-        Ok(true) => Ok("ok\n"),
-        Ok(false) => Err(ApiError::Unavailable(format!(
-            "the {} engine is down",
-            engine.info().kind
-        ))),
-        Err(_) => Err(ApiError::Unavailable(format!(
-            "the {} engine did not answer its health check within {HEALTH_TIMEOUT:?}",
-            engine.info().kind
-        ))),
-    }
+    let readiness = engine.readiness();
+    let mut body = serde_json::to_value(&readiness).unwrap_or_else(|_| json!({}));
+    let ready = if readiness.is_ready() {
+        match tokio::time::timeout(HEALTH_TIMEOUT, engine.health()).await {
+            Ok(true) => true,
+            Ok(false) => {
+                body["state"] = json!("down");
+                body["message"] = json!(format!("the {} engine is down", engine.info().kind));
+                false
+            }
+            Err(_) => {
+                body["state"] = json!("down");
+                body["message"] = json!(format!(
+                    "the {} engine did not answer its health check within {HEALTH_TIMEOUT:?}",
+                    engine.info().kind
+                ));
+                false
+            }
+        }
+    } else {
+        false
+    };
+    body["ready"] = json!(ready);
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 /// The request bodies and WebSocket messages as the handlers read them, without a server,

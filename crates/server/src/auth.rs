@@ -12,7 +12,9 @@
 //!   `POST /api/session` trades it for an `HttpOnly`, `SameSite=Strict` cookie that those
 //!   requests carry by themselves. The token never goes into a URL (logs, history,
 //!   `Referer`) nor into the served page. `SameSite=Strict` also keeps other sites from
-//!   riding on the cookie (CSRF, cross-site WebSocket).
+//!   riding on the cookie (CSRF, cross-site WebSocket); [`crate::browsers`] backs it up
+//!   with `Origin` and `Content-Type` checks that hold for the cookie and for an open
+//!   (no-token) server alike.
 //! - **Sessions** are 32 random bytes from the system (`getrandom`), hex in the cookie, kept in
 //!   memory (a restart signs everyone out) for a fixed [`SESSION_LIFETIME`] from sign-in,
 //!   not sliding: the cookie's `Max-Age` then says exactly what the server will honour,
@@ -34,9 +36,9 @@
 //! checks the bearer token itself, `DELETE` only forgets the caller's own session.
 //!
 //! **WebSocket controls.** The upgrade is a `GET`, so [`guard`] lets it through unless
-//! viewing needs the token. The socket handler must call [`Access::is_authorized`] on the
-//! upgrade request's headers and, when `access.token_required() && !authorized`, answer
-//! every control message with a rejection instead of applying it (events still flow).
+//! viewing needs the token. The socket handler calls [`Access::is_authorized`] on the
+//! upgrade request's headers, before upgrading, and, when not authorized, takes only tiny
+//! messages and answers each with a rejection instead of applying it (events still flow).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -49,9 +51,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::browsers::Scheme;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "kibitz_session";
@@ -64,11 +68,19 @@ pub const MAX_SESSIONS: usize = 4096;
 
 /// Paths a viewer may `GET` even with `--token-for-viewing`. `*` is one non-empty path
 /// segment. The page shell (`/`, `/streams/{id}`, its script and style) holds no data: it
-/// is what asks for the token, so it must load without one. `/healthz` is for probes.
+/// is what asks for the token, so it must load without one. `/healthz` and `/readyz` are
+/// for probes.
 /// Every other path, including unknown ones, needs the token: deny unless listed. The
 /// `/streams/{id}` handler must serve the same shell for any id (no lookup, no 404), or
 /// it would tell a viewer without the token which streams exist.
-const OPEN_FOR_VIEWING: &[&str] = &["/", "/streams/*", "/app.js", "/app.css", "/healthz"];
+const OPEN_FOR_VIEWING: &[&str] = &[
+    "/",
+    "/streams/*",
+    "/app.js",
+    "/app.css",
+    "/healthz",
+    "/readyz",
+];
 
 /// Always reaches its handler, which does its own checking (see the module doc).
 const SESSION_PATH: &str = "/api/session";
@@ -207,7 +219,11 @@ async fn status(State(access): State<Access>, headers: HeaderMap) -> Response {
 
 /// Trades the bearer token for a session cookie. Without a token set there is nothing to
 /// trade: it only reports.
-async fn sign_in(State(access): State<Access>, headers: HeaderMap) -> Response {
+async fn sign_in(
+    State(access): State<Access>,
+    scheme: Option<Extension<Scheme>>,
+    headers: HeaderMap,
+) -> Response {
     if !access.token_required() {
         return no_store(access.report(&headers).into_response());
     }
@@ -228,15 +244,20 @@ async fn sign_in(State(access): State<Access>, headers: HeaderMap) -> Response {
         .sessions()
         .insert(digest(id.as_bytes()), Instant::now());
     let mut response = access.report(&headers).into_response();
-    response
-        .headers_mut()
-        .insert(SET_COOKIE, cookie(&id, SESSION_LIFETIME.as_secs()));
+    response.headers_mut().insert(
+        SET_COOKIE,
+        cookie(&id, SESSION_LIFETIME.as_secs(), secure(scheme)),
+    );
     no_store(response)
 }
 
 /// Forgets the caller's session and clears the cookie. Open to all: it can only end the
 /// session the request itself carries.
-async fn sign_out(State(access): State<Access>, headers: HeaderMap) -> Response {
+async fn sign_out(
+    State(access): State<Access>,
+    scheme: Option<Extension<Scheme>>,
+    headers: HeaderMap,
+) -> Response {
     {
         let mut sessions = access.sessions();
         for id in session_ids(&headers) {
@@ -244,7 +265,9 @@ async fn sign_out(State(access): State<Access>, headers: HeaderMap) -> Response 
         }
     }
     let mut response = access.report(&headers).into_response();
-    response.headers_mut().insert(SET_COOKIE, cookie("", 0));
+    response
+        .headers_mut()
+        .insert(SET_COOKIE, cookie("", 0, secure(scheme)));
     no_store(response)
 }
 
@@ -266,13 +289,20 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-/// The session cookie. No `Secure`: kibitz serves plain HTTP, and browsers drop a
-/// `Secure` cookie set over HTTP (localhost aside), which would make signing in
-/// impossible; behind a TLS proxy the cookie still only travels over that proxy's HTTPS.
-fn cookie(value: &str, max_age: u64) -> HeaderValue {
-    let text =
-        format!("{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}");
+/// The session cookie, `Secure` when the browser reached us over HTTPS (kibitz's own TLS,
+/// or a `--trusted-proxy` saying `X-Forwarded-Proto: https`: [`crate::browsers`]
+/// decides). Not over plain HTTP: browsers drop a `Secure` cookie set over HTTP
+/// (localhost aside), which would make signing in impossible.
+fn cookie(value: &str, max_age: u64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    let text = format!(
+        "{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"
+    );
     HeaderValue::from_str(&text).expect("hex ids make a valid header value")
+}
+
+fn secure(scheme: Option<Extension<Scheme>>) -> bool {
+    scheme.is_some_and(|Extension(s)| s == Scheme::Https)
 }
 
 /// The credentials of `Authorization: Bearer <credentials>` (scheme in any case), if
@@ -320,7 +350,7 @@ fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 /// `pattern` from [`OPEN_FOR_VIEWING`] against a request path; `*` is one non-empty segment.
-fn path_matches(pattern: &str, path: &str) -> bool {
+pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
     let mut want = pattern.split('/');
     let mut have = path.split('/');
     loop {

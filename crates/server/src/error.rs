@@ -1,7 +1,16 @@
 //! Errors: [`ApiError`] is what a request can fail with and maps to one HTTP status;
 //! [`ServerError`] is what running the server can fail with.
+//!
+//! Every error a client gets is `{"error": "..."}`. Handlers return [`ApiError`]; what axum
+//! and tower answer by themselves (no route, wrong method, a body over the limit, an
+//! extractor's rejection, a timeout) is plain text or empty, so [`json_errors`] rewrites
+//! those on the way out.
 
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kibitz_stream::StreamError;
@@ -93,4 +102,64 @@ impl IntoResponse for ApiError {
 pub enum ServerError {
     #[error("the HTTP server stopped: {0}")]
     Serve(#[source] std::io::Error),
+    /// `--tls-cert`/`--tls-key` could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The answer for a path no route has.
+pub(crate) async fn no_route(request: Request) -> ApiError {
+    ApiError::NotFound(format!("no such route: {}", request.uri().path()))
+}
+
+/// The answer for a route asked with a method it does not take (axum adds `Allow`).
+pub(crate) async fn wrong_method(request: Request) -> Response {
+    let message = format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    );
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// Longest plain-text error kept as the reason; axum's rejections are one line.
+const MAX_REASON: usize = 4096;
+
+/// axum middleware: an error response (4xx, 5xx) that is not JSON becomes
+/// `{"error": <its text, or the status's name>}`, keeping its status and other headers
+/// (`Allow`, `WWW-Authenticate`, `Retry-After`).
+pub(crate) async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REASON)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let reason = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    let body = serde_json::json!({ "error": reason }).to_string();
+    parts.headers.remove(CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(body))
 }

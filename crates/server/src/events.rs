@@ -25,6 +25,17 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::state::{Meters, Target};
 use crate::AppState;
 
+/// Largest WebSocket message (and frame) from a client allowed to change settings: a
+/// selection is well under it. Bigger ones close the socket (1009) before they are kept.
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Largest message from a client that may not change anything: every message it sends is
+/// rejected unread, so it gets no room to make the server hold much.
+const MAX_MESSAGE_READ_ONLY: usize = 1024;
+
+/// A ping this often keeps a quiet socket's path open and finds peers that vanished.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<sse::Event, Infallible>> + Send>>;
 type SseStream = Sse<sse::KeepAliveStream<EventStream>>;
 
@@ -165,11 +176,18 @@ pub(crate) async fn ws(
     Query(listen): Query<Listen>,
     headers: HeaderMap,
 ) -> Response {
-    // Decided at the upgrade: a browser's WebSocket carries the session cookie, not a
-    // header the page could set later.
+    // Decided before the upgrade: a browser's WebSocket carries the session cookie, not a
+    // header the page could set later. The message cap follows, so a client without the
+    // token cannot make the server buffer anything big.
     let may_change = state.shared().access.is_authorized(&headers);
+    let cap = if may_change {
+        MAX_MESSAGE
+    } else {
+        MAX_MESSAGE_READ_ONLY
+    };
     let session = handle.attach(WsEvents { state, may_change }, now());
     let listening = listen.attach(&handle);
+    let upgrade = upgrade.max_message_size(cap).max_frame_size(cap);
     upgrade.on_upgrade(move |socket| async move {
         session.run(socket).await;
         drop(listening);
@@ -191,8 +209,16 @@ impl WsSession {
 }
 
 async fn session(mut socket: WebSocket, state: AppState, mut a: OutputContext, may_change: bool) {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.reset();
     loop {
         let outgoing = tokio::select! {
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             _ = state.shutdown().cancelled() => break,
             _ = a.stopped.cancelled() => break,
             item = a.events.recv() => match item {

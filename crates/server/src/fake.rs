@@ -102,6 +102,8 @@ pub struct Options {
     pub alert_sink: Option<Arc<dyn kibitz_stream::AlertSink>>,
     /// A history in memory (recording every stream), or none.
     pub history: bool,
+    /// Host names, origins and proxies answered besides the server's own.
+    pub origins: crate::Origins,
 }
 
 impl Default for Options {
@@ -132,6 +134,7 @@ impl Default for Options {
             engine_override: None,
             alert_sink: None,
             history: false,
+            origins: crate::Origins::default(),
         }
     }
 }
@@ -196,6 +199,7 @@ impl Harness {
             profiles: profiles(),
             shutdown: CancellationToken::new(),
             history,
+            origins: options.origins.clone(),
         });
         Harness {
             state,

@@ -3,8 +3,12 @@
 //!
 //! The server owns no stage of the pipeline: it holds the registry of streams
 //! ([`kibitz_stream::Streams`]) and reads each stream through its handle. Handlers only
-//! extract, call and return; every failure goes through [`ApiError`]. When a token is set,
-//! [`auth::guard`] runs before any handler.
+//! extract, call and return; every failure goes through [`ApiError`], and whatever axum
+//! answers by itself is made JSON too (`error::json_errors`). Before any handler, in order:
+//! [`browsers::guard`] (foreign `Host` → 421, foreign `Origin` → 403, a body not of the
+//! route's type → 415), then [`auth::guard`] (the token). Every response carries the
+//! page's security headers (`page::security_headers`). Connections are accepted by
+//! [`listen`]: header-read and idle timeouts, a connection cap, TLS.
 //!
 //! | route | what |
 //! |---|---|
@@ -28,14 +32,14 @@
 //! | `GET /api/profiles` | profile names, voices offered |
 //! | `GET /api/clock` | the server's time (unix ms), for scheduling speech clips |
 //! | `GET`/`POST`/`DELETE /api/session` | token → cookie for the page |
-//! | `GET /metrics`, `GET /healthz` | Prometheus text (label `stream`), health |
+//! | `GET /metrics` | Prometheus text (label `stream`) |
+//! | `GET /healthz`, `GET /readyz` | alive (200 while serving); engine ready (200, else 503 with what it waits for: download, load, missing model) |
 
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
@@ -45,11 +49,13 @@ mod alerts;
 mod api;
 mod ask;
 pub mod auth;
+pub mod browsers;
 mod error;
 mod events;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod history;
+pub mod listen;
 mod metrics;
 mod mjpeg;
 mod page;
@@ -59,7 +65,9 @@ mod state;
 pub use alerts::{hmac_sha256, sink as alert_sink, Webhook};
 #[doc(hidden)]
 pub use api::fuzzing;
+pub use browsers::Origins;
 pub use error::{ApiError, ServerError};
+pub use listen::{Limits, ServeOptions};
 pub use state::{AppState, Parts};
 
 /// Short requests that take longer than this get 503; streams are exempt.
@@ -71,12 +79,6 @@ pub(crate) const MAX_BODY: usize = 64 * 1024;
 /// After shutdown, how long connections get to finish before `serve` returns anyway (a
 /// stalled MJPEG viewer would otherwise hold it forever).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Kernel send buffer per connection. Linux grows it up to 4 MB for a client that reads
-/// slowly, which is seconds of stale MJPEG queued in front of it, out of sync with the
-/// words. Capped, a slow viewer skips frames instead; 512 KiB (the kernel doubles it)
-/// still carries 720p25 over a 200 ms round trip.
-const SEND_BUFFER: usize = 512 * 1024;
 
 /// Every route, with `state`.
 pub fn router(state: AppState) -> Router {
@@ -114,6 +116,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/clock", get(api::clock))
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -128,40 +131,54 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ws", get(events::ws))
         .route("/api/events", get(events::bus));
     let access = state.shared().access.clone();
+    let origins = state.shared().origins.clone();
     short
         .merge(long)
         .with_state(state)
         .merge(auth::routes(access.clone()))
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(error::wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(access, auth::guard))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            origins,
+            browsers::guard,
+        ))
+        .layer(axum::middleware::from_fn(page::security_headers))
+        .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
+}
+
+/// A 503 is a state, not a fault (no picture yet, `/readyz` while the model downloads, which
+/// the page and probes ask every few seconds): kept out of the error log. Faults are logged
+/// at error, as before (a 500's detail also by [`ApiError`]).
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass::StatusCode as Status;
+    match class {
+        Status(code) if code == StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::debug!(?latency, "answered 503")
+        }
+        class => tracing::error!(%class, ?latency, "response failed"),
+    }
+}
+
+/// Serves with the default [`ServeOptions`] (plain HTTP, default limits) until the
+/// state's shutdown token is cancelled.
+pub async fn serve(listener: TcpListener, state: AppState) -> Result<(), ServerError> {
+    serve_with(listener, state, ServeOptions::default()).await
 }
 
 /// Serves until the state's shutdown token is cancelled. Then streams end, new
 /// connections are refused, and open ones get [`SHUTDOWN_GRACE`] to finish.
-pub async fn serve(listener: TcpListener, state: AppState) -> Result<(), ServerError> {
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AppState,
+    options: ServeOptions,
+) -> Result<(), ServerError> {
     let token = state.shutdown().clone();
-    let listener = listener.tap_io(|tcp| {
-        // Tokens and frame ends are small writes that should leave at once.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-        if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(SEND_BUFFER) {
-            tracing::debug!("cannot set SO_SNDBUF: {e}");
-        }
-    });
-    // The peer's address reaches handlers (rate limits are per client).
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
-    let deadline = async {
-        token.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(ServerError::Serve),
-        () = deadline => {
-            tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; leaving them");
-            Ok(())
-        }
-    }
+    listen::run(listener, router(state), options, token, SHUTDOWN_GRACE).await
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts as RequestParts;
 use kibitz_engine::Engine;
@@ -26,6 +27,8 @@ pub struct Parts {
     pub shutdown: CancellationToken,
     /// What was said, searchable; `None` with `--history off`.
     pub history: Option<kibitz_history::History>,
+    /// Host names and origins answered besides the server's own; trusted proxies.
+    pub origins: crate::Origins,
 }
 
 /// The one state every handler gets. Cheap to clone.
@@ -43,6 +46,7 @@ pub(crate) struct Shared {
     pub started: Instant,
     pub questions: crate::ask::RateLimit,
     pub history: Option<kibitz_history::History>,
+    pub origins: crate::Origins,
 }
 
 /// Server-wide counts for `/metrics`; per-stream counts live in each stream's status.
@@ -68,6 +72,7 @@ impl AppState {
                 started: Instant::now(),
                 questions: crate::ask::RateLimit::default(),
                 history: parts.history,
+                origins: parts.origins,
             }),
         }
     }
@@ -104,11 +109,18 @@ impl FromRequestParts<AppState> for Target {
         parts: &mut RequestParts,
         state: &AppState,
     ) -> Result<Target, ApiError> {
-        let id =
-            Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
-                .await
-                .ok()
-                .and_then(|Path(params)| params.get("id").cloned());
+        // Only a route without parameters means "the first stream". A path whose id is
+        // not UTF-8 (`%ff`) is a rejection, which must not read as "no id" (it once did,
+        // and `/api/streams/%ff/instruction` changed the first stream).
+        let id = match Path::<std::collections::HashMap<String, String>>::from_request_parts(
+            parts, state,
+        )
+        .await
+        {
+            Ok(Path(params)) => params.get("id").cloned(),
+            Err(PathRejection::MissingPathParams(_)) => None,
+            Err(_) => return Err(not_a_stream()),
+        };
         let streams = state.streams();
         match id {
             Some(id) => streams
@@ -120,4 +132,24 @@ impl FromRequestParts<AppState> for Target {
             }),
         }
     }
+}
+
+/// The `{id}` of a stream route as text; an id that is not UTF-8 names no stream (`404`).
+pub(crate) struct StreamId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for StreamId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut RequestParts, state: &S) -> Result<StreamId, ApiError> {
+        match Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+        {
+            Ok(Path(mut params)) => params.remove("id").map(StreamId).ok_or_else(not_a_stream),
+            Err(_) => Err(not_a_stream()),
+        }
+    }
+}
+
+fn not_a_stream() -> ApiError {
+    ApiError::NotFound("no such stream: the id in the path is not valid UTF-8".into())
 }

@@ -1112,6 +1112,7 @@ async fn a_question_is_answered_and_an_alert_shows_in_the_view_and_on_its_tile()
         .http
         .post(site.url("/api/streams/s1/ask"))
         .timeout(WAIT)
+        .header("content-type", "application/json")
         .body(r#"{"question": "Who asked this?"}"#)
         .send()
         .await
@@ -1189,6 +1190,7 @@ async fn a_question_is_answered_and_an_alert_shows_in_the_view_and_on_its_tile()
         .http
         .post(site.url("/api/streams/s2/alerts"))
         .timeout(WAIT)
+        .header("content-type", "application/json")
         .body(r#"{"rule": "the ball is red"}"#)
         .send()
         .await
@@ -1337,4 +1339,73 @@ async fn the_history_is_searched_and_a_view_opens_with_what_was_said() {
 
     drop(browser);
     site.stop().await;
+}
+
+/// A first run: the model is still downloading. The stream's view shows the picture at once
+/// and a banner with the download (its line and bar), then the one line saying what is
+/// missing, and once the engine is there the banner goes and the commentary comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_shows_the_picture_and_the_download_then_the_commentary() {
+    use kibitz_engine::models::Transfer;
+    use kibitz_engine::{EngineInfo, EngineSlot, Readiness, ReadyState};
+
+    let _one = ONE_AT_A_TIME.lock().await;
+    let slot = std::sync::Arc::new(EngineSlot::new(EngineInfo {
+        kind: "llama".into(),
+        model: "openbmb/MiniCPM-o-4_5-gguf".into(),
+        backend: "not loaded".into(),
+    }));
+    slot.set(Readiness::downloading(Transfer {
+        file: "MiniCPM-o-4_5-Q4_K_M.gguf".into(),
+        index: 1,
+        files: 2,
+        bytes: 1 << 30,
+        total: 4 << 30,
+        bytes_per_s: (40 << 20) as f64,
+        eta_s: Some(77.0),
+    }));
+    let site = Site::start(Options {
+        engine_override: Some(slot.clone()),
+        ..streams(&["s1"], None)
+    })
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&site.url("/streams/s1")).await;
+    browser
+        .wait_for(
+            "the picture and the download show",
+            "const banner = document.getElementById('readiness');
+             return document.getElementById('picture').naturalWidth > 0
+               && !banner.hidden
+               && banner.innerText.startsWith('downloading MiniCPM-o-4_5-Q4_K_M.gguf (file 1 of 2): 1.00 GiB of 4.00 GiB at 40.00 MiB/s')
+               && document.getElementById('readiness-bar').value === 0.25
+               && document.getElementById('engine').innerText.endsWith('not loaded · downloading');",
+        )
+        .await;
+    browser
+        .screenshot(&screenshot_path("page-first-run.png"))
+        .await;
+
+    slot.set(Readiness::new(
+        ReadyState::Missing,
+        "model openbmb/MiniCPM-o-4_5-gguf (Q4_K_M) is not in /cache; run `kibitz models pull …`",
+    ));
+    browser
+        .wait_for(
+            "the missing model's line shows, without a bar",
+            "const banner = document.getElementById('readiness');
+             return banner.dataset.state === 'missing'
+               && banner.innerText.includes('kibitz models pull')
+               && document.getElementById('readiness-bar').hidden;",
+        )
+        .await;
+
+    slot.fill(std::sync::Arc::new(site.harness.engine.clone()));
+    site.harness.streams.scheduler().wake();
+    browser
+        .wait_for(
+            "the banner goes and the commentary comes",
+            "return document.getElementById('readiness').hidden && window.kibitz.comments > 0;",
+        )
+        .await;
 }

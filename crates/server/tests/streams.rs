@@ -913,6 +913,7 @@ async fn a_question_is_answered_to_the_asker_and_to_every_viewer() {
 
     let response = client
         .post(format!("http://{addr}/api/streams/b/ask"))
+        .header("content-type", "application/json")
         .body(r#"{"question": "What colour is the bar?"}"#)
         .send()
         .await
@@ -961,6 +962,7 @@ async fn a_question_is_answered_to_the_asker_and_to_every_viewer() {
         async move {
             client
                 .post(format!("http://{addr}/api/streams/b/ask"))
+                .header("content-type", "application/json")
                 .body(body)
                 .send()
                 .await
@@ -982,6 +984,7 @@ async fn a_question_is_answered_to_the_asker_and_to_every_viewer() {
     );
     let nowhere = client
         .post(format!("http://{addr}/api/streams/zzz/ask"))
+        .header("content-type", "application/json")
         .body(r#"{"question": "hello?"}"#)
         .send()
         .await

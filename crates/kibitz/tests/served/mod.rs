@@ -33,18 +33,27 @@ pub fn start(args: &[String], interval: &str) -> Server {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let mut all: Vec<String> = ["--max-tokens", "8", "--inference-interval", interval]
+        .map(String::from)
+        .to_vec();
+    all.extend_from_slice(args);
+    all.push("--model".into());
+    all.push(model.display().to_string());
+    spawn(dir, &all, &[])
+}
+
+/// `kibitz serve --bind 127.0.0.1:0` with `args` and `env`, its state and history in `dir`.
+pub fn spawn(dir: tempfile::TempDir, args: &[String], env: &[(&str, String)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kibitz"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--max-tokens", "8"])
-        .args(["--inference-interval", interval])
+        .args(["serve", "--bind", "127.0.0.1:0"])
         .args(args)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--history")
         .arg(dir.path().join("history.sqlite"))
-        .arg("--model")
-        .arg(&model)
         .env("THREADS", "1")
         .env("LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -78,7 +87,7 @@ pub fn request(
     let mut stream = TcpStream::connect(addr).unwrap();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )

@@ -1442,8 +1442,10 @@ async function refreshStatus() {
   $("skipped").textContent = tally.cycles_skipped || 0;
   if (typeof tally.last_latency === "number") $("latency").textContent = secs(tally.last_latency);
   const engine = status.engine || {};
+  // An engine on its way says where it is (the banner has the details), not "down".
+  const waiting = engine.readiness && engine.readiness.state !== "ready" ? engine.readiness.state : null;
   $("engine").textContent = [engine.kind, engine.model, engine.backend].filter(Boolean).join(" · ")
-    + (engine.healthy === false ? " · down" : "");
+    + (waiting ? ` · ${waiting}` : engine.healthy === false ? " · down" : "");
   showSelection(tally.profile, tally.instruction);
   showVoice(status.settings && status.settings.voice, status.speech);
   if (!statusSeen && tally.last_comment) {
@@ -1776,9 +1778,49 @@ async function changeVoice() {
   refreshStatus();
 }
 
+// ---- the engine on its way ------------------------------------------------------------
+// Until the engine is ready (a first run downloads the model), a banner says what it waits
+// for: the download with its bar, size, speed and time left, then the load, or one line
+// saying what is missing and where it goes. From `/readyz`, which needs no token; the
+// video plays meanwhile.
+
+const READINESS_REFRESH_MS = 1000;
+/// Once ready, a look now and then in case the engine goes down.
+const READY_REFRESH_MS = 15000;
+
+/// Shows what `/readyz` says; true when the engine is ready.
+async function refreshReadiness() {
+  let body;
+  try {
+    const response = await fetch("/readyz", { cache: "no-store" });
+    body = await response.json();
+  } catch {
+    return false; // The server is restarting; the next look will tell.
+  }
+  kibitz.readiness = body;
+  const banner = $("readiness");
+  banner.hidden = body.ready === true;
+  banner.dataset.state = body.state || "";
+  $("readiness-text").textContent = body.ready ? "" : (body.message || body.state || "");
+  const download = body.download;
+  const bar = $("readiness-bar");
+  bar.hidden = body.ready || !(download && download.total > 0);
+  if (!bar.hidden) bar.value = download.bytes / download.total;
+  return body.ready === true;
+}
+
+function startReadiness() {
+  const look = async () => {
+    const ready = await refreshReadiness();
+    setTimeout(look, ready ? READY_REFRESH_MS : READINESS_REFRESH_MS);
+  };
+  look();
+}
+
 // ---- start ---------------------------------------------------------------------------
 
 async function start() {
+  startReadiness();
   await loadSession();
   loadProfiles();
   startSearch();

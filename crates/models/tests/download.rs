@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use kibitz_engine::models::{resolve, ModelQuery};
+use kibitz_models::{resolve, ModelQuery, Report, Transfer};
 use sha2::{Digest, Sha256};
 
 #[derive(Clone, Default)]
@@ -122,7 +122,30 @@ async fn downloads_the_chosen_pair_resuming_a_partial_file() {
     let mut query = ModelQuery::new("test/minicpm", cache.path());
     query.endpoint = endpoint.clone();
     query.quant = "Q8_0".into();
+    let reports: Arc<Mutex<Vec<Transfer>>> = Arc::default();
+    let into = reports.clone();
+    query.report = Some(Report::new(move |t| into.lock().unwrap().push(t.clone())));
     let got = resolve(&query).await.unwrap();
+    // Each file is reported from where it starts (the resumed part counted) to its size.
+    let reports = reports.lock().unwrap().clone();
+    for (index, name, from) in [
+        (1, "model-Q8_0.gguf", 0),
+        (2, "mmproj-model-f16.gguf", projector.len() / 3),
+    ] {
+        let of_file: Vec<&Transfer> = reports.iter().filter(|t| t.file == name).collect();
+        let size = files[name].len() as u64;
+        assert_eq!(
+            of_file.first().map(|t| t.bytes),
+            Some(from as u64),
+            "{of_file:?}"
+        );
+        let last = of_file.last().unwrap();
+        assert_eq!(
+            (last.bytes, last.total, last.index, last.files),
+            (size, size, index, 2)
+        );
+        assert_eq!(last.eta_s.unwrap_or(0.0), 0.0, "{last:?}");
+    }
     assert_eq!(got.llm, repo_dir.join("model-Q8_0.gguf"));
     assert_eq!(got.mmproj, repo_dir.join("mmproj-model-f16.gguf"));
     assert_eq!(std::fs::read(&got.llm).unwrap(), files["model-Q8_0.gguf"]);

@@ -1,21 +1,28 @@
-//! Finding the two GGUF files of a model: a local file or folder, or a Hugging Face repo
-//! downloaded into a cache folder.
+//! Model files, apart from running them: finding the two GGUF files of a model (a local
+//! file or folder, or a Hugging Face repo downloaded into a cache folder), and what the cache
+//! holds (`kibitz models list/pull/rm`).
 //!
 //! A hub repo's file names are not known in advance, so they are chosen from the repo's file
 //! listing: the LLM by its quantization (`Q4_K_M`), the projector by `mmproj` or `vision` in
 //! its name. Downloads resume from a `.part` file and are checked against the listing's size
 //! and SHA-256 before they are used. Every file is checked as GGUF before llama.cpp sees it,
 //! because llama.cpp aborts the whole process on some malformed files.
+//!
+//! A download tells how it goes through [`ModelQuery::report`] (a server shows it on its page
+//! and status) and, on a terminal, as a progress bar.
 
+mod cache;
 pub mod gguf;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
+pub use cache::{list, remove, CachedFile, CachedRepo};
 pub use gguf::GgufInfo;
 
 pub const DEFAULT_MODEL: &str = "openbmb/MiniCPM-o-4_5-gguf";
@@ -43,6 +50,42 @@ pub struct ModelQuery {
     pub token: Option<String>,
     /// Draw a progress bar on stderr while downloading.
     pub progress: bool,
+    /// Told of every piece of a download as it arrives.
+    pub report: Option<Report>,
+}
+
+/// How far the download of one file has come.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Transfer {
+    /// The file's path in the repo.
+    pub file: String,
+    /// Which of the files to download this is (1-based), and how many there are.
+    pub index: usize,
+    pub files: usize,
+    /// Bytes in the cache so far (a resumed file starts at what it had).
+    pub bytes: u64,
+    /// The file's size, 0 when the hub did not say.
+    pub total: u64,
+    /// Since this file's download began (a resumed part not counted).
+    pub bytes_per_s: f64,
+    /// Seconds left at that speed, when it is known.
+    pub eta_s: Option<f64>,
+}
+
+/// A receiver of [`Transfer`]s: called often, from the downloading task, so it must be quick.
+#[derive(Clone)]
+pub struct Report(Arc<dyn Fn(&Transfer) + Send + Sync>);
+
+impl Report {
+    pub fn new(f: impl Fn(&Transfer) + Send + Sync + 'static) -> Report {
+        Report(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Report")
+    }
 }
 
 impl ModelQuery {
@@ -55,6 +98,7 @@ impl ModelQuery {
             endpoint: "https://huggingface.co".into(),
             token: None,
             progress: false,
+            report: None,
         }
     }
 }
@@ -73,10 +117,11 @@ pub enum ModelError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// One line: what is missing, where it goes, and the command that fetches it.
     #[error(
-        "cannot reach {endpoint} to fetch {repo} ({reason}).\n\
-         hint: download the LLM GGUF (*{quant}*.gguf) and the vision projector (*mmproj*.gguf) from \
-         {endpoint}/{repo} into {dir}, or pass --model with a local folder"
+        "model {repo} ({quant}) is not in {dir} and {endpoint} cannot be reached ({reason}); \
+         run `kibitz models pull {repo} --quant {quant}` where the hub is reachable, or put the LLM \
+         (*{quant}*.gguf) and the vision projector (*mmproj*.gguf) from {endpoint}/{repo} into {dir}"
     )]
     Offline {
         endpoint: String,
@@ -195,17 +240,7 @@ fn find_projector(names: &[String], where_: &str, hint: &str) -> Result<PathBuf,
 fn find_llm(names: &[String], quant: &str, where_: &str) -> Result<PathBuf, ModelError> {
     let llms: Vec<&String> = names.iter().filter(|n| !is_projector(n)).collect();
     let q = quant.to_ascii_lowercase();
-    let matching: Vec<&&String> = llms
-        .iter()
-        .filter(|n| {
-            let lower = n.to_ascii_lowercase();
-            // `Q4_K` must not pick `Q4_K_M`: the quant must end at a separator.
-            lower.match_indices(&q).any(|(i, _)| {
-                let after = lower[i + q.len()..].chars().next();
-                matches!(after, None | Some('.') | Some('-'))
-            })
-        })
-        .collect();
+    let matching: Vec<&&String> = llms.iter().filter(|n| has_quant(n, quant)).collect();
     if let Some(name) = matching.iter().min_by_key(|n| n.len()) {
         return Ok(PathBuf::from(name.as_str()));
     }
@@ -231,6 +266,17 @@ fn find_llm(names: &[String], quant: &str, where_: &str) -> Result<PathBuf, Mode
         quant: quant.into(),
         where_: where_.into(),
         available,
+    })
+}
+
+/// Whether a file name is of quantization `quant` (any case). `Q4_K` must not pick `Q4_K_M`:
+/// the quant must end at a separator.
+fn has_quant(name: &str, quant: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let q = quant.to_ascii_lowercase();
+    lower.match_indices(&q).any(|(i, _)| {
+        let after = lower[i + q.len()..].chars().next();
+        matches!(after, None | Some('.') | Some('-'))
     })
 }
 
@@ -266,7 +312,7 @@ struct HubLfs {
 }
 
 fn repo_dir(query: &ModelQuery) -> PathBuf {
-    query.cache.join(query.model.replace('/', "--"))
+    cache::repo_dir(&query.cache, &query.model)
 }
 
 async fn from_hub(query: &ModelQuery) -> Result<ModelFiles, ModelError> {
@@ -309,11 +355,11 @@ async fn from_hub(query: &ModelQuery) -> Result<ModelFiles, ModelError> {
         None => find_projector(&names, &where_, "")?,
     };
     let mut paths = Vec::new();
-    for name in [&llm, &mmproj] {
+    for (i, name) in [&llm, &mmproj].into_iter().enumerate() {
         let name = name.to_string_lossy().into_owned();
         let entry = listing.iter().find(|f| f.path == name);
         match entry {
-            Some(entry) => paths.push(fetch(&client, query, &dir, entry).await?),
+            Some(entry) => paths.push(fetch(&client, query, &dir, entry, (i + 1, 2)).await?),
             None => paths.push(PathBuf::from(&name)), // a local --mmproj
         }
     }
@@ -353,11 +399,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Downloads one file into the cache unless a complete copy is there; resumes a `.part`.
+/// `nth` is (this file, of how many), for the report.
 async fn fetch(
     client: &reqwest::Client,
     query: &ModelQuery,
     dir: &Path,
     file: &HubFile,
+    nth: (usize, usize),
 ) -> Result<PathBuf, ModelError> {
     let size = file
         .lfs
@@ -430,6 +478,22 @@ async fn fetch(
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let mut transfer = Transfer {
+        file: file.path.clone(),
+        index: nth.0,
+        files: nth.1,
+        bytes: have,
+        total: size,
+        bytes_per_s: 0.0,
+        eta_s: None,
+    };
+    let started = Instant::now();
+    let report = |transfer: &Transfer| {
+        if let Some(report) = &query.report {
+            (report.0)(transfer);
+        }
+    };
+    report(&transfer);
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk =
@@ -437,6 +501,8 @@ async fn fetch(
         out.write_all(&chunk)
             .map_err(|e| fail(format!("cannot write '{}': {e}", part.display())))?;
         bar.inc(chunk.len() as u64);
+        transfer.advance(chunk.len() as u64, have, started.elapsed());
+        report(&transfer);
     }
     out.flush().map_err(|e| fail(e.to_string()))?;
     drop(out);
@@ -456,6 +522,19 @@ async fn fetch(
     }
     std::fs::rename(&part, &target).map_err(|e| fail(format!("cannot move into place: {e}")))?;
     Ok(target)
+}
+
+impl Transfer {
+    /// `n` more bytes arrived, `elapsed` after the download began at `resumed_from` bytes.
+    fn advance(&mut self, n: u64, resumed_from: u64, elapsed: Duration) {
+        self.bytes += n;
+        let seconds = elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            self.bytes_per_s = (self.bytes - resumed_from) as f64 / seconds;
+        }
+        self.eta_s = (self.total > 0 && self.bytes_per_s > 0.0)
+            .then(|| self.total.saturating_sub(self.bytes) as f64 / self.bytes_per_s);
+    }
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -529,14 +608,41 @@ mod tests {
         let mut query = ModelQuery::new(DEFAULT_MODEL, cache.path());
         query.endpoint = "http://127.0.0.1:9".into(); // discard port: nothing listens
         let err = resolve(&query).await.unwrap_err().to_string();
+        let dir = cache.path().join("openbmb--MiniCPM-o-4_5-gguf");
         assert!(
-            err.contains("cannot reach http://127.0.0.1:9 to fetch openbmb/MiniCPM-o-4_5-gguf"),
+            err.contains(&format!(
+                "model openbmb/MiniCPM-o-4_5-gguf (Q4_K_M) is not in {} and \
+                 http://127.0.0.1:9 cannot be reached",
+                dir.display()
+            )),
             "{err}"
         );
         assert!(
-            err.contains("*Q4_K_M*.gguf") && err.contains("openbmb--MiniCPM-o-4_5-gguf"),
+            err.contains("`kibitz models pull openbmb/MiniCPM-o-4_5-gguf --quant Q4_K_M`")
+                && err.contains("*Q4_K_M*.gguf"),
             "{err}"
         );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn speed_and_eta_count_only_what_this_download_fetched() {
+        let mut t = Transfer {
+            file: "m.gguf".into(),
+            index: 1,
+            files: 2,
+            bytes: 1000,
+            total: 5000,
+            bytes_per_s: 0.0,
+            eta_s: None,
+        };
+        t.advance(2000, 1000, Duration::from_secs(2));
+        assert_eq!(t.bytes, 3000);
+        assert_eq!(t.bytes_per_s, 1000.0);
+        assert_eq!(t.eta_s, Some(2.0));
+        t.total = 0;
+        t.advance(0, 1000, Duration::from_secs(2));
+        assert_eq!(t.eta_s, None, "no size, no ETA");
     }
 
     #[tokio::test]
