@@ -55,6 +55,50 @@ mod upstream;
 use sse::{excerpt, parse_event, Event, SseParser, ThinkFilter, Timings, Usage};
 use upstream::{Choice, Lease, NoLease, Outcome, Pool};
 
+/// The stream-reading steps of [`read_answer`] without a connection, for the fuzz targets in
+/// `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::sse::{parse_event, Event, SseParser, ThinkFilter};
+
+    /// The data of every event in a body that arrives in `pieces`.
+    pub fn sse_events(pieces: &[&[u8]]) -> Result<Vec<String>, String> {
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
+        for piece in pieces {
+            events.extend(parser.push(piece)?);
+        }
+        events.extend(parser.finish());
+        Ok(events)
+    }
+
+    /// The text pieces of one event's data, and whether it says `[DONE]`.
+    pub fn chunk_contents(data: &str) -> Result<(Vec<String>, bool), String> {
+        let mut contents = Vec::new();
+        for event in parse_event(data)? {
+            match event {
+                Event::Done => return Ok((contents, true)),
+                Event::Chunk(chunk) => contents.extend(
+                    chunk
+                        .choices
+                        .into_iter()
+                        .next()
+                        .and_then(|c| c.delta.content),
+                ),
+            }
+        }
+        Ok((contents, false))
+    }
+
+    /// The text shown for content arriving in `pieces`, `<think>` blocks removed.
+    pub fn strip_think(pieces: &[&str]) -> String {
+        let mut filter = ThinkFilter::default();
+        let mut out: String = pieces.iter().map(|p| filter.push(p)).collect();
+        out.push_str(&filter.finish());
+        out
+    }
+}
+
 /// How long to wait before trying the only upstream again after a connection failure.
 const SAME_UPSTREAM_PAUSE: Duration = Duration::from_millis(200);
 /// How much of an upstream's error body goes into a message.

@@ -36,6 +36,29 @@ pub use source::{Source, SourceConfig, SourceContext, StatusReader};
 pub use spec::SourceSpec;
 pub use status::{SourceState, SourceStatus};
 
+/// The parsers of outside input, for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::io;
+    use std::net::IpAddr;
+
+    use crate::{Allowed, PolicyError, SourcePolicy};
+
+    /// What the MJPEG passthrough reads from a camera's JPEG: width, height, Huffman tables.
+    pub fn jpeg_info(data: &[u8]) -> Option<(u32, u32, bool)> {
+        crate::convert::jpeg_info(data).map(|i| (i.width, i.height, i.has_tables))
+    }
+
+    /// [`SourcePolicy::check`] with host names resolved by `resolve` instead of DNS.
+    pub fn check_source(
+        policy: &SourcePolicy,
+        source: &str,
+        resolve: &dyn Fn(&str, u16) -> io::Result<Vec<IpAddr>>,
+    ) -> Result<Allowed, PolicyError> {
+        policy.check_with(source, resolve)
+    }
+}
+
 /// What can go wrong with a source or an image, phrased for the person who named it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

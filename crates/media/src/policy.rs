@@ -147,7 +147,11 @@ impl SourcePolicy {
         })
     }
 
-    fn check_with(&self, source: &str, resolve: Resolve<'_>) -> Result<Allowed, PolicyError> {
+    pub(crate) fn check_with(
+        &self,
+        source: &str,
+        resolve: Resolve<'_>,
+    ) -> Result<Allowed, PolicyError> {
         let source = source.trim();
         if source.is_empty() {
             return Err(PolicyError::Empty);

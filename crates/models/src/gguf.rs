@@ -55,6 +55,16 @@ impl GgufInfo {
     }
 }
 
+/// The header of a GGUF file held in memory, for the fuzz target in `fuzz/` (not an API):
+/// what [`GgufInfo::read`] reads, without the length check.
+#[doc(hidden)]
+pub fn read_header_bytes(bytes: &[u8]) -> Result<GgufInfo, String> {
+    read_header(&mut Reader {
+        inner: bytes,
+        pos: 0,
+    })
+}
+
 struct Reader<R> {
     inner: R,
     pos: u64,
@@ -194,7 +204,8 @@ fn read_header<R: Read>(r: &mut Reader<R>) -> Result<GgufInfo, String> {
         let offset = r.u64()?;
         match block_size(kind) {
             Some((bytes, per)) => {
-                data_end = data_end.max(offset.saturating_add(elements.div_ceil(per) * bytes))
+                data_end = data_end
+                    .max(offset.saturating_add(elements.div_ceil(per).saturating_mul(bytes)))
             }
             None => sizes_known = false,
         }
@@ -218,8 +229,9 @@ fn read_header<R: Read>(r: &mut Reader<R>) -> Result<GgufInfo, String> {
         has_vision,
         tensors,
         metadata,
+        // Saturating: a header may claim any size; the file's length then refuses it.
         needed_bytes: if sizes_known {
-            data_start + data_end
+            data_start.saturating_add(data_end)
         } else {
             data_start
         },
@@ -290,5 +302,22 @@ mod tests {
         assert!(err.contains("ends inside its header"), "{err}");
         let err = GgufInfo::read(&dir.path().join("missing.gguf")).unwrap_err();
         assert!(err.contains("cannot open"), "{err}");
+    }
+
+    /// Found writing `fuzz/fuzz_targets/gguf_header.rs`: a tensor claiming 2^64-1 elements made
+    /// the size sum overflow (a panic in a debug build, a wrong size in release). The size
+    /// saturates now, and the file is refused as truncated.
+    #[test]
+    fn fuzz_huge_tensor_sizes_are_refused_not_overflowed() {
+        let mut bytes = tiny_gguf("qwen3", true);
+        let dim = bytes
+            .windows(8)
+            .rposition(|w| w == 8u64.to_le_bytes())
+            .unwrap();
+        bytes[dim..dim + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(read_header_bytes(&bytes).unwrap().needed_bytes, u64::MAX);
+        let dir = tempfile::tempdir().unwrap();
+        let err = GgufInfo::read(&write(dir.path(), "huge.gguf", &bytes)).unwrap_err();
+        assert!(err.contains("is truncated"), "{err}");
     }
 }

@@ -115,20 +115,28 @@ pub(crate) async fn apply_selection(
     profile: Option<String>,
     instruction: Option<String>,
 ) -> Result<StreamSummary, ApiError> {
+    let change = selection_change(profile, instruction)?;
+    let handle = state.streams().update(id, change).await?;
+    state.count(|m: &Meters| &m.changes);
+    Ok(handle.summary())
+}
+
+/// The change a selection asks of the stream's settings.
+fn selection_change(
+    profile: Option<String>,
+    instruction: Option<String>,
+) -> Result<StreamSettings, ApiError> {
     if profile.is_none() && instruction.is_none() {
         return Err(ApiError::Invalid {
             field: None,
             message: "nothing to change: give \"profile\", \"instruction\" or both".into(),
         });
     }
-    let change = StreamSettings {
+    Ok(StreamSettings {
         profile,
         instruction,
         ..StreamSettings::default()
-    };
-    let handle = state.streams().update(id, change).await?;
-    state.count(|m: &Meters| &m.changes);
-    Ok(handle.summary())
+    })
 }
 
 /// A WebSocket text message as a selection change.
@@ -236,6 +244,38 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// The request bodies and WebSocket messages as the handlers read them, without a server,
+/// for the fuzz targets in `fuzz/` (not an API). What they lead to is checked by the owner
+/// of each value (`StreamSpec::resolve`/`patch`, `check_rule`), which the targets call.
+#[doc(hidden)]
+pub mod fuzzing {
+    use kibitz_stream::{RuleSettings, StreamSettings};
+
+    use super::{parse, selection_change, Selection};
+    use crate::ApiError;
+
+    /// `POST /api/streams` and `PATCH /api/streams/{id}`.
+    pub fn stream_settings(body: &[u8]) -> Result<StreamSettings, ApiError> {
+        parse(body, "")
+    }
+
+    /// `POST /api/streams/{id}/instruction` and a WebSocket text message: the change asked.
+    pub fn selection(body: &[u8]) -> Result<StreamSettings, ApiError> {
+        let selection: Selection = parse(body, "")?;
+        selection_change(selection.profile, selection.instruction)
+    }
+
+    /// `POST /api/streams/{id}/alerts`.
+    pub fn alert_rule(body: &[u8]) -> Result<RuleSettings, ApiError> {
+        parse(body, "")
+    }
+
+    /// `POST /api/streams/{id}/ask`.
+    pub fn question(body: &[u8]) -> Result<String, ApiError> {
+        parse::<crate::ask::Question>(body, "").map(|q| q.question)
+    }
 }
 
 /// Not JSON → 400; JSON that does not fit `T` → 422 with serde's words (they name the

@@ -31,8 +31,8 @@ const CLIENTS: usize = 10_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Question {
-    question: String,
+pub(crate) struct Question {
+    pub(crate) question: String,
 }
 
 pub(crate) async fn ask(

@@ -69,6 +69,8 @@ mod state;
 mod webrtc;
 
 pub use alerts::{hmac_sha256, sink as alert_sink, Webhook};
+#[doc(hidden)]
+pub use api::fuzzing;
 pub use browsers::Origins;
 pub use error::{ApiError, ServerError};
 pub use listen::{Limits, ServeOptions};

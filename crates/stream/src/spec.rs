@@ -514,6 +514,25 @@ mod tests {
         }
     }
 
+    /// Found by `fuzz/fuzz_targets/streams_file.rs` (`inference_interval =
+    /// 3.63333333333333333333333`): a float read back from JSON was a bit off (serde_json's
+    /// default float parsing is not exact), so a stream came back from the state file changed,
+    /// and a PATCH sending back the `capture_fps` the server showed was refused as a change.
+    #[test]
+    fn fuzz_settings_come_back_the_same_through_json() {
+        let d = StreamDefaults::default();
+        let settings = StreamSettings {
+            capture_fps: Some(3.6333333333333333),
+            inference_interval: Some(3.6333333333333333),
+            ..with_source("a.mp4")
+        };
+        let spec = StreamSpec::resolve(&settings, Some(StreamId::nth(1)), &d).unwrap();
+        let json = serde_json::to_string(&spec.settings()).unwrap();
+        let back: StreamSettings = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec.settings(), "{json}");
+        assert_eq!(spec.patch(&back, &d), Ok(spec.clone()));
+    }
+
     #[test]
     fn defaults_fill_the_gaps() {
         let d = StreamDefaults::default();

@@ -45,6 +45,8 @@ use std::time::{Duration, Instant};
 pub use espeak::{phonemize, Espeak};
 pub use ogg::{OggMuxer, OggOpusWriter, OpusEncoder, OpusFrame, OPUS_RATE};
 pub use openai::OpenAiSpeech;
+#[doc(hidden)]
+pub use piper::read_config as read_piper_config;
 pub use piper::Piper;
 pub use resample::Resampler;
 pub use wav::{read_wav, write_wav};

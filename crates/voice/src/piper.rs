@@ -92,10 +92,7 @@ fn noise_w() -> f32 {
 pub struct Piper {
     // `Session::run` needs `&mut`; one sentence at a time is also what a 2-core box affords.
     session: Mutex<Session>,
-    ids: HashMap<char, Vec<i64>>,
-    pad: Vec<i64>,
-    bos: Vec<i64>,
-    eos: Vec<i64>,
+    symbols: Symbols,
     scales: [f32; 3],
     multi_speaker: bool,
     sample_rate: u32,
@@ -124,28 +121,7 @@ impl Piper {
                 config_path.display()
             ))
         })?;
-        if let Some(kind) = &config.phoneme_type {
-            if kind != "espeak" {
-                return Err(fail(format!(
-                    "phoneme_type '{kind}' (only espeak voices are supported)"
-                )));
-            }
-        }
-        let one = |symbol: &str| {
-            config
-                .phoneme_id_map
-                .get(symbol)
-                .cloned()
-                .ok_or_else(|| fail(format!("phoneme_id_map has no '{symbol}'")))
-        };
-        let (pad, bos, eos) = (one("_")?, one("^")?, one("$")?);
-        let mut ids = HashMap::new();
-        for (symbol, id) in &config.phoneme_id_map {
-            let mut chars = symbol.chars();
-            if let (Some(c), None) = (chars.next(), chars.next()) {
-                ids.insert(c, id.clone());
-            }
-        }
+        let symbols = check_config(&config).map_err(fail)?;
         let file_language = config
             .language
             .as_ref()
@@ -168,10 +144,7 @@ impl Piper {
         let session = load_session(path).map_err(fail)?;
         let piper = Piper {
             session: Mutex::new(session),
-            ids,
-            pad,
-            bos,
-            eos,
+            symbols,
             scales: [
                 config.inference.noise_scale,
                 config.inference.length_scale * rate,
@@ -193,17 +166,7 @@ impl Piper {
 
     /// The model's input ids for one phoneme sentence, as Piper builds them.
     pub fn phoneme_ids(&self, phonemes: &str) -> Vec<i64> {
-        let mut out = self.bos.clone();
-        out.extend(&self.pad);
-        for c in decompose(phonemes) {
-            // Piper skips phonemes its map lacks.
-            if let Some(id) = self.ids.get(&c) {
-                out.extend(id);
-                out.extend(&self.pad);
-            }
-        }
-        out.extend(&self.eos);
-        out
+        self.symbols.input(phonemes)
     }
 
     fn run(&self, ids: Vec<i64>) -> Result<Vec<f32>, VoiceError> {
@@ -251,6 +214,80 @@ impl Voice for Piper {
         }
         Ok(pcm)
     }
+}
+
+/// The ids of a voice's phonemes and of its pad, start and end marks.
+struct Symbols {
+    pad: Vec<i64>,
+    bos: Vec<i64>,
+    eos: Vec<i64>,
+    ids: HashMap<char, Vec<i64>>,
+}
+
+/// Audio rates a voice may have: Piper's voices come at 16 and 22.05 kHz. A rate far off
+/// would make the resampler to 48 kHz turn each clip into hours of audio.
+const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 8_000..=192_000;
+
+/// Checks what [`Piper::open`] needs of a config besides the model, and takes its symbols.
+fn check_config(config: &Config) -> Result<Symbols, String> {
+    if !SAMPLE_RATES.contains(&config.audio.sample_rate) {
+        return Err(format!(
+            "audio.sample_rate {} is not a voice's rate ({} to {} Hz)",
+            config.audio.sample_rate,
+            SAMPLE_RATES.start(),
+            SAMPLE_RATES.end()
+        ));
+    }
+    if let Some(kind) = &config.phoneme_type {
+        if kind != "espeak" {
+            return Err(format!(
+                "phoneme_type '{kind}' (only espeak voices are supported)"
+            ));
+        }
+    }
+    let one = |symbol: &str| {
+        config
+            .phoneme_id_map
+            .get(symbol)
+            .cloned()
+            .ok_or_else(|| format!("phoneme_id_map has no '{symbol}'"))
+    };
+    let (pad, bos, eos) = (one("_")?, one("^")?, one("$")?);
+    let mut ids = HashMap::new();
+    for (symbol, id) in &config.phoneme_id_map {
+        let mut chars = symbol.chars();
+        if let (Some(c), None) = (chars.next(), chars.next()) {
+            ids.insert(c, id.clone());
+        }
+    }
+    Ok(Symbols { pad, bos, eos, ids })
+}
+
+impl Symbols {
+    /// The model's input ids for one phoneme sentence: `^ _ p1 _ p2 _ … pn _ $`.
+    fn input(&self, phonemes: &str) -> Vec<i64> {
+        let mut out = self.bos.clone();
+        out.extend(&self.pad);
+        for c in decompose(phonemes) {
+            // Piper skips phonemes its map lacks.
+            if let Some(id) = self.ids.get(&c) {
+                out.extend(id);
+                out.extend(&self.pad);
+            }
+        }
+        out.extend(&self.eos);
+        out
+    }
+}
+
+/// A voice's `.onnx.json` read and checked as [`Piper::open`] does, for the fuzz target in
+/// `fuzz/` (not an API): the sample rate its audio comes at, and the model input for
+/// `phonemes`.
+#[doc(hidden)]
+pub fn read_config(json: &[u8], phonemes: &str) -> Result<(u32, Vec<i64>), String> {
+    let config: Config = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let symbols = check_config(&config)?;
+    Ok((config.audio.sample_rate, symbols.input(phonemes)))
 }
 
 /// `en_US`, `en-us`, `en` → `en`.
@@ -359,4 +396,30 @@ fn find_in(dir: &Path) -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP: &str = r#""phoneme_id_map": {"_": [0], "^": [1], "$": [2], "a": [3]}"#;
+
+    #[test]
+    fn a_config_gives_the_model_input() {
+        let json = format!(r#"{{"audio": {{"sample_rate": 22050}}, {MAP}}}"#);
+        let (rate, ids) = read_config(json.as_bytes(), "ab").unwrap();
+        assert_eq!((rate, ids), (22050, vec![1, 0, 3, 0, 2]));
+    }
+
+    /// Found writing `fuzz/fuzz_targets/piper_json.rs`, which sends a config's audio rate
+    /// through the speech encoder: at 1 Hz every sample became 48,000 at 48 kHz, and 0
+    /// reaches the resampler's assertion wherever it is not checked first.
+    #[test]
+    fn fuzz_sample_rates_far_off_are_refused() {
+        for rate in [0, 1, 7_999, 192_001, u32::MAX] {
+            let json = format!(r#"{{"audio": {{"sample_rate": {rate}}}, {MAP}}}"#);
+            let e = read_config(json.as_bytes(), "a").unwrap_err();
+            assert!(e.contains("sample_rate"), "{e}");
+        }
+    }
 }
