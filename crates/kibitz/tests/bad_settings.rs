@@ -80,7 +80,9 @@ fn table() -> Vec<Bad> {
 
 fn kibitz() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kibitz"));
+    // WebRTC on a free UDP port: servers of tests side by side would share 8199.
     cmd.env("LOG", "error")
+        .env("WEBRTC_PORT", "0")
         .env_remove("MODEL_PATH")
         .env_remove("ENGINE");
     cmd

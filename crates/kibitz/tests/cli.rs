@@ -11,7 +11,9 @@ use fixture::fixture;
 fn kibitz() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kibitz"));
     // One llama.cpp thread: tests run side by side on small machines.
+    // WebRTC on a free UDP port: servers of tests side by side would share 8199.
     cmd.env("THREADS", "1")
+        .env("WEBRTC_PORT", "0")
         .env("LOG", "warn")
         .env_remove("MODEL_PATH")
         .env_remove("ENGINE");

@@ -30,6 +30,8 @@ impl Drop for Serve {
 fn serve(dir: &Path) -> Serve {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kibitz"))
         .args(["serve", "--bind", "127.0.0.1:0", "--max-tokens", "8"])
+        // WebRTC on a free UDP port: servers of tests side by side would share 8199.
+        .args(["--webrtc-port", "0"])
         .args(["--inference-interval", "0.5"])
         .arg(format!(
             "--source=cam={}",

@@ -52,6 +52,8 @@ pub fn spawn(dir: tempfile::TempDir, args: &[String], env: &[(&str, String)]) ->
         .arg("--history")
         .arg(dir.path().join("history.sqlite"))
         .env("THREADS", "1")
+        // WebRTC on a free UDP port: servers of tests side by side would share 8199.
+        .env("WEBRTC_PORT", "0")
         .env("LOG", "warn")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
