@@ -176,6 +176,7 @@ async fn measure(o: &Options, pid: u32, http: SocketAddr) {
         "/viewer",
         "client core"
     );
+    println!("        (then the 1/5/15-minute load average, and the server's busiest thread)");
     let mut viewers: Vec<Arc<Counters>> = Vec::new();
     let mut tasks = Vec::new();
     let mut previous: Option<(usize, f64)> = None;
@@ -199,7 +200,7 @@ async fn measure(o: &Options, pid: u32, http: SocketAddr) {
             .filter(|&(m, _)| n > m)
             .map(|(m, cores)| (step.server_cores - cores) / (n - m) as f64);
         println!(
-            "{n:>7} {:>9} {:>8.1} {:>8.1} {:>8} {:>10.2} {:>10.2} {:>11.3} {:>10} {:>10.3}  {}",
+            "{n:>7} {:>9} {:>8.1} {:>8.1} {:>8} {:>10.2} {:>10.2} {:>11.3} {:>10} {:>10.3}  {}  {} {:.3}",
             step.connected,
             step.min_fps,
             step.median_fps,
@@ -209,7 +210,9 @@ async fn measure(o: &Options, pid: u32, http: SocketAddr) {
             step.server_cores,
             per_viewer.map_or("-".into(), |c| format!("{c:.4}")),
             step.client_cores,
-            step.load
+            step.load,
+            step.busiest.0,
+            step.busiest.1
         );
         previous = Some((n, step.server_cores));
     }
@@ -245,6 +248,8 @@ struct Step {
     median_mbit_headers: f64,
     server_cores: f64,
     client_cores: f64,
+    /// The server's busiest thread: its name and cores.
+    busiest: (String, f64),
     load: String,
 }
 
@@ -257,6 +262,7 @@ async fn measure_step(o: &Options, pid: u32, viewers: &[Arc<Counters>]) -> Step 
         )
     };
     let before: Vec<_> = viewers.iter().map(|c| snapshot(c)).collect();
+    let threads0 = thread_cpu(pid);
     let (server0, client0, t0) = (
         cpu_seconds(pid),
         cpu_seconds(std::process::id()),
@@ -268,6 +274,15 @@ async fn measure_step(o: &Options, pid: u32, viewers: &[Arc<Counters>]) -> Step 
         cpu_seconds(std::process::id()),
         t0.elapsed().as_secs_f64(),
     );
+    let threads1 = thread_cpu(pid);
+    let busiest = threads1
+        .iter()
+        .map(|(tid, (name, cpu))| {
+            let before = threads0.get(tid).map_or(0.0, |(_, c)| *c);
+            (name.clone(), (cpu - before) / elapsed)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_default();
     let mut fps = Vec::new();
     let mut mbit = Vec::new();
     let mut mbit_headers = Vec::new();
@@ -294,6 +309,7 @@ async fn measure_step(o: &Options, pid: u32, viewers: &[Arc<Counters>]) -> Step 
         median_mbit_headers: median(&mut mbit_headers),
         server_cores: (server1 - server0) / elapsed,
         client_cores: (client1 - client0) / elapsed,
+        busiest,
         load: std::fs::read_to_string("/proc/loadavg")
             .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
             .unwrap_or_default(),
@@ -303,6 +319,27 @@ async fn measure_step(o: &Options, pid: u32, viewers: &[Arc<Counters>]) -> Step 
 /// User + system CPU seconds of process `pid`, all its threads (`/proc/PID/stat`).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process runs");
+    stat_cpu_seconds(&stat)
+}
+
+/// Each thread of `pid`: its name and CPU seconds, by thread id.
+fn thread_cpu(pid: u32) -> std::collections::HashMap<String, (String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Default::default();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let name = stat[stat.find('(')? + 1..stat.rfind(')')?].to_string();
+            let tid = task.file_name().to_string_lossy().into_owned();
+            Some((tid, (name, stat_cpu_seconds(&stat))))
+        })
+        .collect()
+}
+
+/// utime + stime of one `/proc/.../stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> f64 {
     // The command name (field 2) may hold spaces; the fields after its ')' are plain.
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
         .split_whitespace()
