@@ -44,6 +44,10 @@ pub const JSON: &str = "application/json";
 pub const OTHER_BODIES: &[(&str, &str)] = &[
     ("/api/streams/*/whep", "application/sdp"),
     ("/api/streams/*/whip", "application/sdp"),
+    // Trickle ICE (RFC 9725): answered 405, the server being ICE-lite, but with its own type
+    // a WHEP client's PATCH learns that rather than a 415.
+    ("/api/streams/*/whep/*", "application/trickle-ice-sdpfrag"),
+    ("/api/streams/*/whip/*", "application/trickle-ice-sdpfrag"),
 ];
 
 /// The header a trusted proxy names the client's scheme in.
