@@ -2,7 +2,7 @@
 //! 0; `serve` started again on the same state folder and history has the same streams
 //! (command line and API) and every comment said before the stop.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod fixture;
+// The served process's helpers; this test keeps its own folder across two runs, so it
+// starts `serve` itself and takes only the address and the request.
+#[allow(dead_code)]
+mod served;
 use fixture::fixture;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -50,35 +54,14 @@ fn serve(dir: &Path) -> Serve {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
+    let addr = served::address(&mut child);
     Serve { child, addr }
 }
 
 /// One request with `Connection: close`; the status and the body as JSON.
 fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut data = String::new();
-    stream.read_to_string(&mut data).unwrap();
-    let status = data.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let json = data
+    let (status, data) = served::request(addr, method, path, body, WAIT);
+    let json = String::from_utf8_lossy(&data)
         .split_once("\r\n\r\n")
         .and_then(|(_, body)| serde_json::from_str(body).ok())
         .unwrap_or(Value::Null);

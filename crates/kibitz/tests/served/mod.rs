@@ -59,22 +59,26 @@ pub fn spawn(dir: tempfile::TempDir, args: &[String], env: &[(&str, String)]) ->
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
+    let addr = address(&mut child);
     Server {
         child,
         addr,
         _dir: dir,
     }
+}
+
+/// The address a `kibitz serve` child announces on its first line of output.
+pub fn address(child: &mut Child) -> SocketAddr {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap()
 }
 
 /// One HTTP/1.1 request; the status and every byte read within `how_long` (headers
